@@ -1,0 +1,3 @@
+"""connbudget: a Kubernetes operator that keeps PostgreSQL inside a connection budget."""
+
+__version__ = "0.1.0"
