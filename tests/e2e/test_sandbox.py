@@ -19,17 +19,18 @@ from sandbox.fixtures import (
     eventually,
     require_sandbox_kubeconfig,
 )
-from sandbox.network import NETNS, list_netns
+from sandbox.network import LOOPBACK, NETNS, list_netns
 
 pytestmark = pytest.mark.sandbox
 
 
 def backends_by_app(dsn: str) -> dict[str, list[tuple[str | None, str]]]:
-    """application_name → [(client_addr, state)] of client backends, as the monitoring role sees them."""
+    """Map application_name to [(client_addr, state)] of client backends (as the monitor sees)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute(
             "SELECT application_name, host(client_addr), state FROM pg_stat_activity "
-            "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()").fetchall()
+            "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        ).fetchall()
     out: dict[str, list[tuple[str | None, str]]] = {}
     for app, addr, state in rows:
         out.setdefault(app, []).append((addr, state))
@@ -38,8 +39,11 @@ def backends_by_app(dsn: str) -> dict[str, list[tuple[str | None, str]]]:
 
 def evict(core: kubernetes.client.CoreV1Api, namespace: str, pod: str) -> int:
     """POST an Eviction; return the HTTP status (201 evicted, 429 refused by a PDB)."""
-    body = {"apiVersion": "policy/v1", "kind": "Eviction",
-            "metadata": {"name": pod, "namespace": namespace}}
+    body = {
+        "apiVersion": "policy/v1",
+        "kind": "Eviction",
+        "metadata": {"name": pod, "namespace": namespace},
+    }
     try:
         core.create_namespaced_pod_eviction(pod, namespace, body)
     except ApiException as e:
@@ -48,7 +52,8 @@ def evict(core: kubernetes.client.CoreV1Api, namespace: str, pod: str) -> int:
 
 
 def test_leaky_deployment_runs_and_its_connections_are_attributed_to_its_pods(
-        sandbox: Sandbox, workloads: Workloads, namespace: str, pg_dsn: str) -> None:
+    sandbox: Sandbox, workloads: Workloads, namespace: str, pg_dsn: str
+) -> None:
     workloads.deploy(namespace, "leaky", replicas=3, env={"LEAK_RATE": "5", "LEAK_MAX": "4"})
     pods = workloads.pods(namespace, "app=leaky")
     assert len(pods) == 3
@@ -71,74 +76,139 @@ def test_leaky_deployment_runs_and_its_connections_are_attributed_to_its_pods(
 
 
 def test_eviction_honours_the_pdb_and_the_replacement_gets_a_new_process(
-        sandbox: Sandbox, workloads: Workloads, namespace: str, pg_dsn: str,
-        kube_api: kubernetes.client.ApiClient) -> None:
+    sandbox: Sandbox,
+    workloads: Workloads,
+    namespace: str,
+    pg_dsn: str,
+    kube_api: kubernetes.client.ApiClient,
+) -> None:
     core = kubernetes.client.CoreV1Api(kube_api)
     policy = kubernetes.client.PolicyV1Api(kube_api)
     workloads.deploy(namespace, "leaky", replicas=3, env={"LEAK_RATE": "10", "LEAK_MAX": "3"})
-    policy.create_namespaced_pod_disruption_budget(namespace, {
-        "metadata": {"name": "leaky"},
-        "spec": {"minAvailable": 3, "selector": {"matchLabels": {"app": "leaky"}}}})
-    eventually(lambda: policy.read_namespaced_pod_disruption_budget("leaky", namespace)
-               .status.current_healthy == 3, timeout=30, what="PDB status computed")
+    policy.create_namespaced_pod_disruption_budget(
+        namespace,
+        {
+            "metadata": {"name": "leaky"},
+            "spec": {"minAvailable": 3, "selector": {"matchLabels": {"app": "leaky"}}},
+        },
+    )
+    eventually(
+        lambda: (
+            policy.read_namespaced_pod_disruption_budget("leaky", namespace).status.current_healthy
+            == 3
+        ),
+        timeout=30,
+        what="PDB status computed",
+    )
     victim = workloads.pods(namespace, "app=leaky")[0].metadata.name
-    eventually(lambda: len(backends_by_app(pg_dsn).get(victim, [])) == 3, timeout=30,
-               what="victim's connections")
+    eventually(
+        lambda: len(backends_by_app(pg_dsn).get(victim, [])) == 3,
+        timeout=30,
+        what="victim's connections",
+    )
 
     assert evict(core, namespace, victim) == 429
 
     policy.patch_namespaced_pod_disruption_budget("leaky", namespace, {"spec": {"minAvailable": 2}})
-    eventually(lambda: policy.read_namespaced_pod_disruption_budget("leaky", namespace)
-               .status.disruptions_allowed == 1, timeout=30, what="PDB allows one disruption")
+    eventually(
+        lambda: (
+            policy.read_namespaced_pod_disruption_budget(
+                "leaky", namespace
+            ).status.disruptions_allowed
+            == 1
+        ),
+        timeout=30,
+        what="PDB allows one disruption",
+    )
     assert evict(core, namespace, victim) == 201
 
     # The pod's process ends, so its backends leave pg_stat_activity within seconds.
-    eventually(lambda: victim not in backends_by_app(pg_dsn), timeout=15,
-               what="evicted pod's backends gone")
+    eventually(
+        lambda: victim not in backends_by_app(pg_dsn),
+        timeout=15,
+        what="evicted pod's backends gone",
+    )
     log = sandbox.state_dir / "pods" / namespace / victim / "app.log"
     assert '"event": "stopped"' in log.read_text(), "the pod's process got SIGTERM and exited"
 
     def replacement() -> str | None:
         names = {p.metadata.name for p in workloads.pods(namespace, "app=leaky")}
         new = names - {victim}
-        return next(iter(new - set(known)), None) if len(names) == 3 and victim not in names else None
+        return (
+            next(iter(new - set(known)), None) if len(names) == 3 and victim not in names else None
+        )
 
-    known = [p.metadata.name for p in workloads.pods(namespace, "app=leaky") if p.metadata.name != victim]
+    known = [
+        p.metadata.name for p in workloads.pods(namespace, "app=leaky") if p.metadata.name != victim
+    ]
     new_pod = eventually(replacement, timeout=30, what="ReplicaSet replacement pod")
-    eventually(lambda: len(backends_by_app(pg_dsn).get(new_pod, [])) == 3, timeout=30,
-               what="replacement pod's own connections")
+    eventually(
+        lambda: len(backends_by_app(pg_dsn).get(new_pod, [])) == 3,
+        timeout=30,
+        what="replacement pod's own connections",
+    )
 
 
 def test_pod_env_resolves_field_refs_and_the_pod_reaches_pgbouncer(
-        sandbox: Sandbox, workloads: Workloads, namespace: str, pgbouncer_dsn: str,
-        kube_api: kubernetes.client.ApiClient) -> None:
+    sandbox: Sandbox,
+    workloads: Workloads,
+    namespace: str,
+    pgbouncer_dsn: str,
+    kube_api: kubernetes.client.ApiClient,
+) -> None:
     core = kubernetes.client.CoreV1Api(kube_api)
-    core.create_namespaced_pod(namespace, {
-        "metadata": {"name": "envcheck", "labels": {"team": "blue"}},
-        "spec": {"containers": [{
-            "name": "main", "image": "sandbox.local/pause",
-            "command": ["sh", "-c", "echo $(POD) $NS $IP $TEAM; exec sleep infinity"],
-            "env": [
-                {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-                {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-                {"name": "TEAM", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['team']"}}},
-            ]}]}})
+    core.create_namespaced_pod(
+        namespace,
+        {
+            "metadata": {"name": "envcheck", "labels": {"team": "blue"}},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": "sandbox.local/pause",
+                        "command": ["sh", "-c", "echo $(POD) $NS $IP $TEAM; exec sleep infinity"],
+                        "env": [
+                            {
+                                "name": "POD",
+                                "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+                            },
+                            {
+                                "name": "NS",
+                                "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+                            },
+                            {
+                                "name": "IP",
+                                "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
+                            },
+                            {
+                                "name": "TEAM",
+                                "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['team']"}},
+                            },
+                        ],
+                    }
+                ]
+            },
+        },
+    )
     log = sandbox.state_dir / "pods" / namespace / "envcheck" / "main.log"
-    line = eventually(lambda: log.exists() and log.read_text().strip(), timeout=30, what="pod output")
+    line = eventually(
+        lambda: log.exists() and log.read_text().strip(), timeout=30, what="pod output"
+    )
     pod = core.read_namespaced_pod("envcheck", namespace)
     assert line == f"envcheck {namespace} {pod.status.pod_ip} blue"
     assert pod.status.phase == "Running"
     assert all(c.ready for c in pod.status.container_statuses)
 
     # A leaky app behind PgBouncer: the admin console shows each client at its pod's address.
-    workloads.deploy(namespace, "pooled", replicas=2, via_pooler=True,
-                     env={"LEAK_RATE": "10", "LEAK_MAX": "2"})
+    workloads.deploy(
+        namespace, "pooled", replicas=2, via_pooler=True, env={"LEAK_RATE": "10", "LEAK_MAX": "2"}
+    )
     ips = {p.status.pod_ip for p in workloads.pods(namespace, "app=pooled")}
 
     def clients() -> set[str] | None:
-        with psycopg.connect(pgbouncer_dsn, autocommit=True,
-                             cursor_factory=psycopg.ClientCursor) as conn:
+        with psycopg.connect(
+            pgbouncer_dsn, autocommit=True, cursor_factory=psycopg.ClientCursor
+        ) as conn:
             cur = conn.execute("SHOW CLIENTS")
             cols = [d.name for d in cur.description or []]
             rows = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
@@ -151,11 +221,16 @@ def test_pod_env_resolves_field_refs_and_the_pod_reaches_pgbouncer(
 
 
 def test_an_unmapped_image_leaves_the_pod_pending_with_a_reason(
-        namespace: str, kube_api: kubernetes.client.ApiClient) -> None:
+    namespace: str, kube_api: kubernetes.client.ApiClient
+) -> None:
     core = kubernetes.client.CoreV1Api(kube_api)
-    core.create_namespaced_pod(namespace, {
-        "metadata": {"name": "nope"},
-        "spec": {"containers": [{"name": "main", "image": "example.invalid/unknown:1"}]}})
+    core.create_namespaced_pod(
+        namespace,
+        {
+            "metadata": {"name": "nope"},
+            "spec": {"containers": [{"name": "main", "image": "example.invalid/unknown:1"}]},
+        },
+    )
 
     def reason() -> str | None:
         pod = core.read_namespaced_pod("nope", namespace)
@@ -167,17 +242,27 @@ def test_an_unmapped_image_leaves_the_pod_pending_with_a_reason(
 
 
 def test_kubectl_and_helm_work_against_the_api_server(
-        sandbox: Sandbox, namespace: str, tmp_path: Path) -> None:
-    env = {"PATH": f"{sandbox.bin_dir}:/usr/bin:/bin", "KUBECONFIG": sandbox.kubeconfig,
-           "HOME": str(tmp_path)}
+    sandbox: Sandbox, namespace: str, tmp_path: Path
+) -> None:
+    env = {
+        "PATH": f"{sandbox.bin_dir}:/usr/bin:/bin",
+        "KUBECONFIG": sandbox.kubeconfig,
+        "HOME": str(tmp_path),
+    }
 
     def run(*argv: str) -> str:
-        res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+        res = subprocess.run(
+            argv, env=env, capture_output=True, text=True, timeout=120, check=False
+        )
         assert res.returncode == 0, f"{' '.join(argv)}: {res.stderr}"
         return res.stdout
 
     version = json.loads(run("kubectl", "version", "-o", "json"))
-    assert version["clientVersion"]["gitVersion"] == version["serverVersion"]["gitVersion"] == "v1.36.3"
+    assert (
+        version["clientVersion"]["gitVersion"]
+        == version["serverVersion"]["gitVersion"]
+        == "v1.36.3"
+    )
     assert "sandbox-node" in run("kubectl", "get", "nodes")
 
     chart = tmp_path / "tiny"
@@ -186,7 +271,8 @@ def test_kubectl_and_helm_work_against_the_api_server(
     (chart / "values.yaml").write_text("greeting: hello\n")
     (chart / "templates" / "cm.yaml").write_text(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: tiny\n"
-        "data:\n  greeting: {{ .Values.greeting | quote }}\n")
+        "data:\n  greeting: {{ .Values.greeting | quote }}\n"
+    )
 
     def greeting() -> str:
         out = run("kubectl", "-n", namespace, "get", "configmap", "tiny", "-o", "json")
@@ -198,13 +284,21 @@ def test_kubectl_and_helm_work_against_the_api_server(
     assert greeting() == "bye"
     assert "tiny" in run("helm", "list", "-n", namespace, "-q")
     run("helm", "uninstall", "tiny", "-n", namespace, "--wait")
-    res = subprocess.run(["kubectl", "-n", namespace, "get", "configmap", "tiny"], env=env,
-                         capture_output=True, text=True, timeout=60, check=False)
-    assert res.returncode != 0 and "NotFound" in res.stderr
+    res = subprocess.run(
+        ["kubectl", "-n", namespace, "get", "configmap", "tiny"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode != 0
+    assert "NotFound" in res.stderr
 
 
 def test_deleting_a_namespace_with_running_pods_completes(
-        workloads: Workloads, kube_api: kubernetes.client.ApiClient) -> None:
+    workloads: Workloads, kube_api: kubernetes.client.ApiClient
+) -> None:
     core = kubernetes.client.CoreV1Api(kube_api)
     core.create_namespace({"metadata": {"name": "doomed"}})
     eventually(lambda: core.read_namespaced_service_account("default", "doomed"), timeout=30)
@@ -215,23 +309,41 @@ def test_deleting_a_namespace_with_running_pods_completes(
         try:
             core.read_namespace("doomed")
         except ApiException as e:
-            return e.status == 404
+            return bool(e.status == 404)
         return False
 
     eventually(gone, timeout=90, interval=0.5, what="namespace deleted")
 
 
-def test_teardown_leaves_no_process_namespace_link_or_folder(pg_dsn: str) -> None:
-    # A second, small sandbox: start it, run a pod in it, tear it down, look for leftovers.
-    second = Sandbox.up(max_connections=20, owner_pid=os.getpid(),
-                        progress=lambda _: None)
+@pytest.mark.parametrize("mode", [NETNS, LOOPBACK])
+def test_a_second_sandbox_attributes_pods_and_tears_down_without_leftovers(mode: str) -> None:
+    # A second, small sandbox in each network mode: run pods, check what PostgreSQL sees, tear it
+    # down, and look for any process, namespace, link or folder left behind.
+    if mode == NETNS and os.geteuid() != 0:
+        pytest.skip("netns mode needs root")
+    second = Sandbox.up(
+        max_connections=20, owner_pid=os.getpid(), network=mode, progress=lambda _: None
+    )
     try:
+        assert second.network.mode == mode
         wl = Workloads(sandbox=second, api=second.api_client())
         wl.deploy("default", "leaky", replicas=2, env={"LEAK_RATE": "5", "LEAK_MAX": "2"})
+        pods = {p.metadata.name: p.status.pod_ip for p in wl.pods("default", "app=leaky")}
+        seen = eventually(
+            lambda: (
+                (b := backends_by_app(second.db.monitor_dsn))
+                and all(len(b.get(n, [])) == 2 for n in pods)
+                and b
+            ),
+            timeout=30,
+            what="2 connections per pod",
+        )
+        for name, ip in pods.items():
+            expected = ip if mode == NETNS else "127.0.0.1"
+            assert {addr for addr, _ in seen[name]} == {expected}
         assert second.leftovers() != []  # it is really up
-        netns_before = [n for n in list_netns() if n.startswith(f"cb{second.network.index}-")]
-        if second.network.mode == NETNS:
-            assert len(netns_before) == 2
+        netns = [n for n in list_netns() if n.startswith(f"cb{second.network.index}-")]
+        assert len(netns) == (2 if mode == NETNS else 0)
     finally:
         second.down()
     assert second.leftovers() == []
@@ -239,7 +351,8 @@ def test_teardown_leaves_no_process_namespace_link_or_folder(pg_dsn: str) -> Non
 
 
 def test_the_guard_refuses_a_kubeconfig_the_sandbox_did_not_create(
-        tmp_path: Path, kubeconfig: str) -> None:
+    tmp_path: Path, kubeconfig: str
+) -> None:
     foreign = tmp_path / "admin.kubeconfig"
     foreign.write_text(Path(kubeconfig).read_text())  # same content, not the sandbox's file
     with pytest.raises(ForeignKubeconfigError):

@@ -18,8 +18,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sandbox", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start a sandbox and make it the current one")
-    up.add_argument("--max-connections", type=int, default=100,
-                    help="PostgreSQL max_connections (default 100)")
+    up.add_argument(
+        "--max-connections", type=int, default=100, help="PostgreSQL max_connections (default 100)"
+    )
     sub.add_parser("env", help="print export lines for the current sandbox")
     sub.add_parser("status", help="show the current sandbox as JSON")
     down = sub.add_parser("down", help="stop the current sandbox")

@@ -37,8 +37,10 @@ Progress = Callable[[str], None]
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("CONNBUDGET_CACHE_DIR")
-                or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "connbudget")
+    return Path(
+        os.environ.get("CONNBUDGET_CACHE_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "connbudget"
+    )
 
 
 def _pointer() -> Path:
@@ -47,11 +49,14 @@ def _pointer() -> Path:
 
 def build_binaries(progress: Progress) -> Path:
     """Build (or find cached) control-plane binaries; return their folder."""
-    probe = subprocess.run([str(HERE / "build-k8s"), "--print-dir"], capture_output=True, text=True,
-                           check=False)
+    probe = subprocess.run(
+        [str(HERE / "build-k8s"), "--print-dir"], capture_output=True, text=True, check=False
+    )
     if probe.returncode == 0:
         return Path(probe.stdout.strip())
-    progress("control-plane binaries are not built yet: building them (15-25 min on a cold machine)")
+    progress(
+        "control-plane binaries are not built yet: building them (15-25 min on a cold machine)"
+    )
     out = subprocess.run([str(HERE / "build-k8s")], stdout=subprocess.PIPE, text=True, check=True)
     return Path(out.stdout.strip().splitlines()[-1])
 
@@ -66,8 +71,14 @@ class Sandbox:
     # --- lifecycle --------------------------------------------------------------------------
 
     @classmethod
-    def up(cls, *, max_connections: int = postgres.DEFAULT_MAX_CONNECTIONS, owner_pid: int = 0,
-           progress: Progress = print) -> Sandbox:
+    def up(
+        cls,
+        *,
+        max_connections: int = postgres.DEFAULT_MAX_CONNECTIONS,
+        owner_pid: int = 0,
+        network: str | None = None,
+        progress: Progress = print,
+    ) -> Sandbox:
         """Start a new sandbox; on any failure, remove what was made and re-raise."""
         t0 = time.monotonic()
         reap_orphans(progress)
@@ -76,47 +87,68 @@ class Sandbox:
         state_dir.chmod(0o711)  # the postgres user must traverse it to reach its own folder
         (state_dir / "logs").mkdir()
         state: dict[str, Any] = {
-            "tag": str(state_dir), "ownerPid": owner_pid, "created": time.time(),
-            "binDir": str(bin_dir), "pids": {}, "network": {"mode": "loopback", "index": -1},
+            "tag": str(state_dir),
+            "ownerPid": owner_pid,
+            "created": time.time(),
+            "binDir": str(bin_dir),
+            "pids": {},
+            "network": {"mode": "loopback", "index": -1},
         }
         _write_state(state_dir, state)
         try:
-            mode = choose_mode()
+            mode = network or choose_mode()
             net = PodNetwork.create(mode)
             state["network"] = {"mode": net.mode, "index": net.index, "hostIP": net.host_ip}
             _write_state(state_dir, state)
             progress(f"network mode {net.mode}: services on {net.host_ip}")
 
-            db, db_pids = postgres.start(state_dir, tag=str(state_dir), host_ip=net.host_ip,
-                                         max_connections=max_connections)
+            db, db_pids = postgres.start(
+                state_dir, tag=str(state_dir), host_ip=net.host_ip, max_connections=max_connections
+            )
             state["pids"].update({"postgres": db_pids[0], "pgbouncer": db_pids[1]})
             state["db"] = db.__dict__
             _write_state(state_dir, state)
-            progress(f"PostgreSQL 15 on port {db.pg_port} (max_connections={max_connections}), "
-                     f"PgBouncer on port {db.bouncer_port}")
+            progress(
+                f"PostgreSQL 15 on port {db.pg_port} (max_connections={max_connections}), "
+                f"PgBouncer on port {db.bouncer_port}"
+            )
 
             cp = controlplane.start(state_dir, bin_dir, tag=str(state_dir), host_ip=net.host_ip)
-            state["pids"].update(zip(("etcd", "kube-apiserver", "kube-controller-manager"),
-                                     cp.pids, strict=True))
+            state["pids"].update(
+                zip(("etcd", "kube-apiserver", "kube-controller-manager"), cp.pids, strict=True)
+            )
             state["kubeconfig"] = cp.kubeconfig
-            state["apiServer"] = {"server": cp.server, "host": net.host_ip,
-                                  "port": int(cp.server.rsplit(":", 1)[1]), "caFile": cp.ca_file}
+            state["apiServer"] = {
+                "server": cp.server,
+                "host": net.host_ip,
+                "port": int(cp.server.rsplit(":", 1)[1]),
+                "caFile": cp.ca_file,
+            }
             state["images"] = images_mod.load_images()
             _write_state(state_dir, state)
             progress(f"kube-apiserver ready at {cp.server}")
 
             kubelet_log = state_dir / "logs" / "kubelet.log"
             env = dict(os.environ, PYTHONPATH=str(HERE.parent))
-            kubelet = spawn([sys.executable, "-m", "sandbox.kubelet", str(state_dir)],
-                            tag=str(state_dir), log=kubelet_log, env=env)
+            kubelet = spawn(
+                [sys.executable, "-m", "sandbox.kubelet", str(state_dir)],
+                tag=str(state_dir),
+                log=kubelet_log,
+                env=env,
+            )
             state["pids"]["kubelet"] = kubelet.pid
             _write_state(state_dir, state)
             sb = cls(state_dir)
-            wait_for("node and default ServiceAccount", sb._node_and_sa_ready,
-                     timeout=NODE_READY_TIMEOUT, interval=0.25, proc=kubelet, log=kubelet_log)
+            wait_for(
+                "node and default ServiceAccount",
+                sb._node_and_sa_ready,
+                timeout=NODE_READY_TIMEOUT,
+                interval=0.25,
+                proc=kubelet,
+                log=kubelet_log,
+            )
         except BaseException:
-            progress("sandbox failed to start; cleaning up (logs were in "
-                     f"{state_dir / 'logs'})")
+            progress(f"sandbox failed to start; cleaning up (logs were in {state_dir / 'logs'})")
             with contextlib.suppress(Exception):
                 _dump_logs(state_dir, progress)
             Sandbox(state_dir).down()
@@ -136,7 +168,14 @@ class Sandbox:
         forced: list[str] = []
         pids: dict[str, int] = self.state.get("pids", {})
         # The kubelet first: it stops the pods' processes and removes their namespaces.
-        order = ["kubelet", "kube-controller-manager", "kube-apiserver", "etcd", "pgbouncer", "postgres"]
+        order = [
+            "kubelet",
+            "kube-controller-manager",
+            "kube-apiserver",
+            "etcd",
+            "pgbouncer",
+            "postgres",
+        ]
         for name in order:
             pid = pids.get(name)
             if pid and alive(pid):
@@ -217,8 +256,10 @@ class Sandbox:
             "apiServer": self.state.get("apiServer", {}).get("server"),
             "postgres": {"port": self.db.pg_port, "maxConnections": self.db.max_connections},
             "pgbouncer": {"port": self.db.bouncer_port},
-            "processes": {name: {"pid": pid, "alive": alive(pid)}
-                          for name, pid in self.state.get("pids", {}).items()},
+            "processes": {
+                name: {"pid": pid, "alive": alive(pid)}
+                for name, pid in self.state.get("pids", {}).items()
+            },
         }
 
     def mark_current(self) -> None:
@@ -239,7 +280,7 @@ def is_sandbox_kubeconfig(path: str | os.PathLike[str]) -> bool:
     """Tell whether ``path`` is the admin kubeconfig of a live sandbox on this machine."""
     p = Path(path).resolve()
     state_file = p.parent / "state.json"
-    if not p.name == "admin.kubeconfig" or not p.parent.name.startswith(STATE_PREFIX):
+    if p.name != "admin.kubeconfig" or not p.parent.name.startswith(STATE_PREFIX):
         return False
     try:
         state = json.loads(state_file.read_text())

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from pathlib import Path
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import kubernetes
@@ -36,12 +36,14 @@ def require_sandbox_kubeconfig(path: str) -> str:
     if not is_sandbox_kubeconfig(path):
         raise ForeignKubeconfigError(
             f"refusing to run tests against {path}: it was not created by the connbudget sandbox "
-            "(start one with `tests/sandbox/sandbox up`, or unset CONNBUDGET_SANDBOX_DIR)")
+            "(start one with `tests/sandbox/sandbox up`, or unset CONNBUDGET_SANDBOX_DIR)"
+        )
     return path
 
 
-def eventually(check: Callable[[], T | None], *, timeout: float, interval: float = 0.2,
-               what: str = "condition") -> T:
+def eventually(
+    check: Callable[[], T | None], *, timeout: float, interval: float = 0.2, what: str = "condition"
+) -> T:
     """Poll ``check`` until it returns something truthy; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
@@ -54,8 +56,10 @@ def eventually(check: Callable[[], T | None], *, timeout: float, interval: float
             if result:
                 return result
         time.sleep(interval)
-    pytest.fail(f"{what} not reached within {timeout:.0f}s" +
-                (f" (last error: {last_error})" if last_error else ""))
+    pytest.fail(
+        f"{what} not reached within {timeout:.0f}s"
+        + (f" (last error: {last_error})" if last_error else "")
+    )
 
 
 @dataclass
@@ -73,9 +77,18 @@ class Workloads:
     def apps(self) -> kubernetes.client.AppsV1Api:
         return kubernetes.client.AppsV1Api(self.api)
 
-    def deploy(self, namespace: str, name: str, *, image: str = LEAKY_IMAGE, replicas: int = 1,
-               env: dict[str, str] | None = None, via_pooler: bool = False,
-               labels: dict[str, str] | None = None, wait: bool = True) -> dict[str, Any]:
+    def deploy(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        image: str = LEAKY_IMAGE,
+        replicas: int = 1,
+        env: dict[str, str] | None = None,
+        via_pooler: bool = False,
+        labels: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> dict[str, Any]:
         """Create a Deployment of ``image`` whose pods get ``DATABASE_URL`` from a Secret.
 
         ``PGAPPNAME`` is the pod's name (a fieldRef), as the operator's attribution expects.
@@ -96,15 +109,18 @@ class Workloads:
             {"name": "DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": secret, "key": "url"}}},
         ] + [{"name": k, "value": v} for k, v in (env or {}).items()]
         deployment = {
-            "apiVersion": "apps/v1", "kind": "Deployment",
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
             "metadata": {"name": name, "labels": {"app": name}},
             "spec": {
                 "replicas": replicas,
                 "selector": {"matchLabels": {"app": name}},
                 "template": {
                     "metadata": {"labels": pod_labels},
-                    "spec": {"terminationGracePeriodSeconds": 5, "containers": [
-                        {"name": "app", "image": image, "env": container_env}]},
+                    "spec": {
+                        "terminationGracePeriodSeconds": 5,
+                        "containers": [{"name": "app", "image": image, "env": container_env}],
+                    },
                 },
             },
         }
@@ -116,15 +132,20 @@ class Workloads:
     def wait_available(self, namespace: str, name: str, replicas: int, timeout: float = 60) -> None:
         def ready() -> bool:
             d = self.apps.read_namespaced_deployment(name, namespace)
-            return bool((d.status.available_replicas or 0) >= replicas
-                        and (d.status.updated_replicas or 0) >= replicas
-                        and d.status.observed_generation == d.metadata.generation)
+            return bool(
+                (d.status.available_replicas or 0) >= replicas
+                and (d.status.updated_replicas or 0) >= replicas
+                and d.status.observed_generation == d.metadata.generation
+            )
+
         eventually(ready, timeout=timeout, what=f"deployment {namespace}/{name} Available")
 
     def pods(self, namespace: str, selector: str) -> list[Any]:
         """Running pods matching ``selector`` that are not being deleted."""
         items = self.core.list_namespaced_pod(namespace, label_selector=selector).items
-        return [p for p in items if p.status.phase == "Running" and not p.metadata.deletion_timestamp]
+        return [
+            p for p in items if p.status.phase == "Running" and not p.metadata.deletion_timestamp
+        ]
 
 
 def sandbox_fixture() -> Iterator[Sandbox]:
@@ -172,7 +193,7 @@ def kube_api(sandbox: Sandbox) -> kubernetes.client.ApiClient:
 
 @pytest.fixture(scope="session")
 def pg_dsn(sandbox: Sandbox) -> str:
-    """DSN of the monitoring role (``pg_monitor``, ``pg_signal_backend``) on the sandbox PostgreSQL."""
+    """DSN of the sandbox PostgreSQL's monitoring role (``pg_monitor``, ``pg_signal_backend``)."""
     return sandbox.db.monitor_dsn
 
 
@@ -195,8 +216,11 @@ def namespace(kube_api: kubernetes.client.ApiClient) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"metadata": {"name": name}})
     # The ServiceAccount admission plugin rejects pods until the namespace's default SA exists.
-    eventually(lambda: core.read_namespaced_service_account("default", name), timeout=30,
-               what=f"default ServiceAccount in {name}")
+    eventually(
+        lambda: core.read_namespaced_service_account("default", name),
+        timeout=30,
+        what=f"default ServiceAccount in {name}",
+    )
     yield name
     try:
         core.delete_namespace(name)

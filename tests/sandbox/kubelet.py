@@ -7,8 +7,10 @@ Run as ``python -m sandbox.kubelet STATE_DIR``. It
 - starts each container's command as a local process, in the pod's own network namespace in netns
   mode, with the pod's environment resolved (``value``, ``fieldRef``, ``secretKeyRef``,
   ``configMapKeyRef``, ``envFrom``, ``$(VAR)`` expansion, ``KUBERNETES_SERVICE_HOST/PORT``);
-- reports ``Running`` and ``Ready`` with the pod IP, restarts exited containers per ``restartPolicy``;
-- when a pod is deleted or evicted, sends SIGTERM, waits up to the grace period, sends SIGKILL, removes
+- reports ``Running`` and ``Ready`` with the pod IP, restarts exited containers per
+  ``restartPolicy``;
+- when a pod is deleted or evicted, sends SIGTERM, waits up to the grace period, sends SIGKILL,
+  removes
   the pod's network namespace (so its TCP connections close, as in a real cluster) and finalizes the
   deletion with a zero grace period, guarded by the pod's UID.
 
@@ -48,7 +50,9 @@ NO_PROCESS_ANNOTATION = "sandbox.connbudget.io/process"
 MAX_GRACE_SECONDS = 30.0  # the Kubernetes default terminationGracePeriodSeconds
 RESYNC_SECONDS = 10.0  # full re-list, in case a watch event was missed
 WATCH_TIMEOUT_SECONDS = 60  # server-side watch timeout before re-watching
-RESTART_BACKOFF_MAX = 10.0  # seconds between restarts of a crashing container (the kubelet's is 300)
+RESTART_BACKOFF_MAX = (
+    10.0  # seconds between restarts of a crashing container (the kubelet's is 300)
+)
 
 log = logging.getLogger("sandbox.kubelet")
 
@@ -96,7 +100,9 @@ class Kubelet:
         self.images: dict[str, images_mod.Image] = state["images"]
         self.api_host, self.api_port = state["apiServer"]["host"], state["apiServer"]["port"]
         config = kubernetes.client.Configuration()
-        kubernetes.config.load_kube_config(config_file=state["kubeconfig"], client_configuration=config)
+        kubernetes.config.load_kube_config(
+            config_file=state["kubeconfig"], client_configuration=config
+        )
         self.api = kubernetes.client.ApiClient(config)
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.runtimes: dict[str, PodRuntime] = {}
@@ -111,37 +117,63 @@ class Kubelet:
         node = {
             "apiVersion": "v1",
             "kind": "Node",
-            "metadata": {"name": NODE_NAME, "labels": {
-                "kubernetes.io/hostname": NODE_NAME, "kubernetes.io/os": "linux",
-                "kubernetes.io/arch": "amd64", "sandbox.connbudget.io/network": self.net.mode,
-            }},
+            "metadata": {
+                "name": NODE_NAME,
+                "labels": {
+                    "kubernetes.io/hostname": NODE_NAME,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    "sandbox.connbudget.io/network": self.net.mode,
+                },
+            },
         }
         with contextlib.suppress(ApiException):
             self.core.create_node(node)
         self.core.patch_node(NODE_NAME, [{"op": "replace", "path": "/spec/taints", "value": []}])
         capacity = {"cpu": "32", "memory": "256Gi", "pods": "1000", "ephemeral-storage": "100Gi"}
-        status = {"status": {
-            "capacity": capacity,
-            "allocatable": capacity,
-            "conditions": [
-                {"type": t, "status": s, "reason": r, "message": m,
-                 "lastHeartbeatTime": now_iso(), "lastTransitionTime": now_iso()}
-                for t, s, r, m in [
-                    ("Ready", "True", "KubeletReady", "sandbox kubelet is posting ready status"),
-                    ("MemoryPressure", "False", "KubeletHasSufficientMemory", ""),
-                    ("DiskPressure", "False", "KubeletHasNoDiskPressure", ""),
-                    ("PIDPressure", "False", "KubeletHasSufficientPID", ""),
-                ]
-            ],
-            "addresses": [{"type": "InternalIP", "address": self.net.host_ip},
-                          {"type": "Hostname", "address": NODE_NAME}],
-            "nodeInfo": {
-                "machineID": "sandbox", "systemUUID": "sandbox", "bootID": self.tag[-12:],
-                "kernelVersion": os.uname().release, "osImage": "connbudget sandbox",
-                "containerRuntimeVersion": "sandbox://processes", "kubeletVersion": "v1.36.3",
-                "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64",
-            },
-        }}
+        status = {
+            "status": {
+                "capacity": capacity,
+                "allocatable": capacity,
+                "conditions": [
+                    {
+                        "type": t,
+                        "status": s,
+                        "reason": r,
+                        "message": m,
+                        "lastHeartbeatTime": now_iso(),
+                        "lastTransitionTime": now_iso(),
+                    }
+                    for t, s, r, m in [
+                        (
+                            "Ready",
+                            "True",
+                            "KubeletReady",
+                            "sandbox kubelet is posting ready status",
+                        ),
+                        ("MemoryPressure", "False", "KubeletHasSufficientMemory", ""),
+                        ("DiskPressure", "False", "KubeletHasNoDiskPressure", ""),
+                        ("PIDPressure", "False", "KubeletHasSufficientPID", ""),
+                    ]
+                ],
+                "addresses": [
+                    {"type": "InternalIP", "address": self.net.host_ip},
+                    {"type": "Hostname", "address": NODE_NAME},
+                ],
+                "nodeInfo": {
+                    "machineID": "sandbox",
+                    "systemUUID": "sandbox",
+                    "bootID": self.tag[-12:],
+                    "kernelVersion": os.uname().release,
+                    "osImage": "connbudget sandbox",
+                    "containerRuntimeVersion": "sandbox://processes",
+                    "kubeletVersion": "v1.36.3",
+                    "kubeProxyVersion": "",
+                    "operatingSystem": "linux",
+                    "architecture": "amd64",
+                },
+            }
+        }
         self.core.patch_node_status(NODE_NAME, status)
         log.info("node registered", extra={"node": NODE_NAME, "network": self.net.mode})
 
@@ -187,9 +219,13 @@ class Kubelet:
                     listed = self.core.list_pod_for_all_namespaces()
                     rv = listed.metadata.resource_version
                 w = kubernetes.watch.Watch()
-                for ev in w.stream(self.core.list_pod_for_all_namespaces, resource_version=rv,
-                                   timeout_seconds=WATCH_TIMEOUT_SECONDS,
-                                   allow_watch_bookmarks=True, _preload_content=False):
+                for ev in w.stream(
+                    self.core.list_pod_for_all_namespaces,
+                    resource_version=rv,
+                    timeout_seconds=WATCH_TIMEOUT_SECONDS,
+                    allow_watch_bookmarks=True,
+                    _preload_content=False,
+                ):
                     obj = ev["raw_object"]
                     rv = obj.get("metadata", {}).get("resourceVersion", rv)
                     if ev["type"] in ("ADDED", "MODIFIED", "DELETED"):
@@ -228,13 +264,19 @@ class Kubelet:
             self._start_pod(pod)
 
     def _bind(self, namespace: str, name: str) -> None:
-        body = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
-                "target": {"apiVersion": "v1", "kind": "Node", "name": NODE_NAME}}
+        body = {
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": name},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": NODE_NAME},
+        }
         try:
             self.core.create_namespaced_binding(namespace, body, _preload_content=False)
         except ApiException as e:
             if e.status not in (404, 409):
-                log.warning("binding failed", extra={"pod": f"{namespace}/{name}", "error": e.reason})
+                log.warning(
+                    "binding failed", extra={"pod": f"{namespace}/{name}", "error": e.reason}
+                )
 
     # --- starting pods ----------------------------------------------------------------------
 
@@ -248,15 +290,41 @@ class Kubelet:
         try:
             plans = [(c, self._resolve_image(c)) for c in spec.get("containers", [])]
         except LookupError as e:
-            self._patch_status(ns, name, {"status": {"phase": "Pending", "conditions": [
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": now_iso()},
-                {"type": "Ready", "status": "False", "reason": "ImageNotMapped",
-                 "message": str(e), "lastTransitionTime": now_iso()}]}})
+            self._patch_status(
+                ns,
+                name,
+                {
+                    "status": {
+                        "phase": "Pending",
+                        "conditions": [
+                            {
+                                "type": "PodScheduled",
+                                "status": "True",
+                                "lastTransitionTime": now_iso(),
+                            },
+                            {
+                                "type": "Ready",
+                                "status": "False",
+                                "reason": "ImageNotMapped",
+                                "message": str(e),
+                                "lastTransitionTime": now_iso(),
+                            },
+                        ],
+                    }
+                },
+            )
             return
         with self.lock:
             slot = self._free_slot()
-            rt = PodRuntime(uid=uid, namespace=ns, name=name, slot=slot, ip=self.net.pod_ip(slot),
-                            restart_policy=spec.get("restartPolicy", "Always"), start_time=now_iso())
+            rt = PodRuntime(
+                uid=uid,
+                namespace=ns,
+                name=name,
+                slot=slot,
+                ip=self.net.pod_ip(slot),
+                restart_policy=spec.get("restartPolicy", "Always"),
+                start_time=now_iso(),
+            )
             self.runtimes[uid] = rt
         no_process = meta.get("annotations", {}).get(NO_PROCESS_ANNOTATION) == "false"
         try:
@@ -268,25 +336,54 @@ class Kubelet:
                 env = self._resolve_env(pod, c, rt.ip, image["env"])
                 argv = [_expand(a, env) for a in (c.get("command") or image["entrypoint"])]
                 argv += [_expand(a, env) for a in (c.get("args") if "args" in c else image["cmd"])]
-                rt.containers.append(Container(
-                    name=c["name"], image=c.get("image", ""), argv=argv, env=env,
-                    cwd=c.get("workingDir") or str(pod_dir), log_path=pod_dir / f"{c['name']}.log"))
+                rt.containers.append(
+                    Container(
+                        name=c["name"],
+                        image=c.get("image", ""),
+                        argv=argv,
+                        env=env,
+                        cwd=c.get("workingDir") or str(pod_dir),
+                        log_path=pod_dir / f"{c['name']}.log",
+                    )
+                )
             if not no_process:
                 for cont in rt.containers:
                     self._spawn(rt, cont)
         except Exception as e:
             log.exception("starting pod failed", extra={"pod": f"{ns}/{name}"})
-            self._patch_status(ns, name, {"status": {"phase": "Pending", "conditions": [
-                {"type": "Ready", "status": "False", "reason": "SandboxStartFailed",
-                 "message": str(e)[:500], "lastTransitionTime": now_iso()}]}})
+            self._patch_status(
+                ns,
+                name,
+                {
+                    "status": {
+                        "phase": "Pending",
+                        "conditions": [
+                            {
+                                "type": "Ready",
+                                "status": "False",
+                                "reason": "SandboxStartFailed",
+                                "message": str(e)[:500],
+                                "lastTransitionTime": now_iso(),
+                            }
+                        ],
+                    }
+                },
+            )
             self._stop_runtime(uid, grace=0.0, reason="start failed")
             return
         if no_process:
             for cont in rt.containers:
                 cont.started_at = now_iso()
         self._report(rt)
-        log.info("pod started", extra={"pod": f"{ns}/{name}", "ip": rt.ip, "slot": slot,
-                                      "processes": 0 if no_process else len(rt.containers)})
+        log.info(
+            "pod started",
+            extra={
+                "pod": f"{ns}/{name}",
+                "ip": rt.ip,
+                "slot": slot,
+                "processes": 0 if no_process else len(rt.containers),
+            },
+        )
 
     def _resolve_image(self, container: dict[str, Any]) -> images_mod.Image:
         key = images_mod.image_key(container.get("image", ""))
@@ -295,21 +392,30 @@ class Kubelet:
         if container.get("command"):
             # An unmapped image with an explicit command runs the command as is.
             return images_mod.Image(entrypoint=[], cmd=[], env={})
-        raise LookupError(f"image {container.get('image')!r} is not mapped to a local command "
-                          f"(known: {', '.join(sorted(self.images))})")
+        raise LookupError(
+            f"image {container.get('image')!r} is not mapped to a local command "
+            f"(known: {', '.join(sorted(self.images))})"
+        )
 
     def _spawn(self, rt: PodRuntime, cont: Container) -> None:
         env = dict(cont.env)
         env["CONNBUDGET_SANDBOX"] = self.tag
         with cont.log_path.open("ab") as out:
             cont.proc = subprocess.Popen(
-                self.net.exec_prefix(rt.slot) + cont.argv, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, env=env, cwd=cont.cwd, start_new_session=True)
+                self.net.exec_prefix(rt.slot) + cont.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cont.cwd,
+                start_new_session=True,
+            )
         cont.started_at = now_iso()
         cont.last_exit = None
 
-    def _resolve_env(self, pod: dict[str, Any], c: dict[str, Any], ip: str,
-                     image_env: dict[str, str]) -> dict[str, str]:
+    def _resolve_env(
+        self, pod: dict[str, Any], c: dict[str, Any], ip: str, image_env: dict[str, str]
+    ) -> dict[str, str]:
         meta = pod["metadata"]
         env: dict[str, str] = {
             "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
@@ -325,11 +431,15 @@ class Kubelet:
         for src in c.get("envFrom", []) or []:
             prefix = src.get("prefix", "")
             if "configMapRef" in src:
-                data = self._read_config_map(ns, src["configMapRef"]["name"],
-                                             optional=src["configMapRef"].get("optional", False))
+                data = self._read_config_map(
+                    ns,
+                    src["configMapRef"]["name"],
+                    optional=src["configMapRef"].get("optional", False),
+                )
             else:
-                data = self._read_secret(ns, src["secretRef"]["name"],
-                                         optional=src["secretRef"].get("optional", False))
+                data = self._read_secret(
+                    ns, src["secretRef"]["name"], optional=src["secretRef"].get("optional", False)
+                )
             env.update({prefix + k: v for k, v in data.items()})
         for item in c.get("env", []) or []:
             if "value" in item or "valueFrom" not in item:
@@ -342,11 +452,13 @@ class Kubelet:
             elif "secretKeyRef" in vf:
                 ref = vf["secretKeyRef"]
                 value = self._read_secret(ns, ref["name"], optional=ref.get("optional", False)).get(
-                    ref["key"])
+                    ref["key"]
+                )
             elif "configMapKeyRef" in vf:
                 ref = vf["configMapKeyRef"]
-                value = self._read_config_map(ns, ref["name"], optional=ref.get("optional", False)).get(
-                    ref["key"])
+                value = self._read_config_map(
+                    ns, ref["name"], optional=ref.get("optional", False)
+                ).get(ref["key"])
             else:
                 raise ValueError(f"env {item['name']}: unsupported valueFrom {sorted(vf)}")
             if value is not None:
@@ -384,18 +496,28 @@ class Kubelet:
                     cont.finished_at = now_iso()
                     cont.proc = None
                     changed = True
-                    log.info("container exited", extra={
-                        "pod": f"{rt.namespace}/{rt.name}", "container": cont.name,
-                        "code": cont.last_exit})
+                    log.info(
+                        "container exited",
+                        extra={
+                            "pod": f"{rt.namespace}/{rt.name}",
+                            "container": cont.name,
+                            "code": cont.last_exit,
+                        },
+                    )
                     restart = rt.restart_policy == "Always" or (
-                        rt.restart_policy == "OnFailure" and cont.last_exit != 0)
+                        rt.restart_policy == "OnFailure" and cont.last_exit != 0
+                    )
                     if restart:
-                        cont.next_start = time.monotonic() + min(2.0 ** cont.restarts,
-                                                                 RESTART_BACKOFF_MAX)
+                        cont.next_start = time.monotonic() + min(
+                            2.0**cont.restarts, RESTART_BACKOFF_MAX
+                        )
                     else:
                         cont.next_start = float("inf")
-                if (cont.proc is None and cont.last_exit is not None
-                        and time.monotonic() >= cont.next_start):
+                if (
+                    cont.proc is None
+                    and cont.last_exit is not None
+                    and time.monotonic() >= cont.next_start
+                ):
                     cont.restarts += 1
                     self._spawn(rt, cont)
                     changed = True
@@ -411,32 +533,50 @@ class Kubelet:
         for cont in rt.containers:
             running = cont.proc is not None or (cont.started_at and cont.last_exit is None)
             st: dict[str, Any] = {
-                "name": cont.name, "image": cont.image, "imageID": f"sandbox://{cont.image}",
-                "containerID": f"sandbox://{rt.uid}/{cont.name}", "restartCount": cont.restarts,
-                "ready": bool(running), "started": bool(running),
+                "name": cont.name,
+                "image": cont.image,
+                "imageID": f"sandbox://{cont.image}",
+                "containerID": f"sandbox://{rt.uid}/{cont.name}",
+                "restartCount": cont.restarts,
+                "ready": bool(running),
+                "started": bool(running),
             }
             if running:
                 st["state"] = {"running": {"startedAt": cont.started_at}}
             elif cont.next_start != float("inf"):
                 st["state"] = {"waiting": {"reason": "CrashLoopBackOff"}}
             else:
-                st["state"] = {"terminated": {"exitCode": cont.last_exit or 0,
-                                              "finishedAt": cont.finished_at,
-                                              "startedAt": cont.started_at}}
+                st["state"] = {
+                    "terminated": {
+                        "exitCode": cont.last_exit or 0,
+                        "finishedAt": cont.finished_at,
+                        "startedAt": cont.started_at,
+                    }
+                }
             statuses.append(st)
         ready = "True" if statuses and all(s["ready"] for s in statuses) else "False"
-        body = {"status": {
-            "phase": rt.phase, "hostIP": self.net.host_ip, "hostIPs": [{"ip": self.net.host_ip}],
-            "podIP": rt.ip, "podIPs": [{"ip": rt.ip}], "startTime": rt.start_time,
-            "conditions": [
-                {"type": "PodReadyToStartContainers", "status": "True", "lastTransitionTime": t},
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
-                {"type": "Initialized", "status": "True", "lastTransitionTime": t},
-                {"type": "ContainersReady", "status": ready, "lastTransitionTime": t},
-                {"type": "Ready", "status": ready, "lastTransitionTime": t},
-            ],
-            "containerStatuses": statuses,
-        }}
+        body = {
+            "status": {
+                "phase": rt.phase,
+                "hostIP": self.net.host_ip,
+                "hostIPs": [{"ip": self.net.host_ip}],
+                "podIP": rt.ip,
+                "podIPs": [{"ip": rt.ip}],
+                "startTime": rt.start_time,
+                "conditions": [
+                    {
+                        "type": "PodReadyToStartContainers",
+                        "status": "True",
+                        "lastTransitionTime": t,
+                    },
+                    {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
+                    {"type": "Initialized", "status": "True", "lastTransitionTime": t},
+                    {"type": "ContainersReady", "status": ready, "lastTransitionTime": t},
+                    {"type": "Ready", "status": ready, "lastTransitionTime": t},
+                ],
+                "containerStatuses": statuses,
+            }
+        }
         self._patch_status(rt.namespace, rt.name, body)
 
     def _patch_status(self, ns: str, name: str, body: dict[str, Any]) -> None:
@@ -455,9 +595,12 @@ class Kubelet:
             if uid in self.terminations:
                 return
             grace = float(meta.get("deletionGracePeriodSeconds") or 0)
-            t = threading.Thread(target=self._terminate, args=(meta["namespace"], meta["name"], uid,
-                                                               min(grace, MAX_GRACE_SECONDS)),
-                                 name=f"terminate-{meta['name']}", daemon=True)
+            t = threading.Thread(
+                target=self._terminate,
+                args=(meta["namespace"], meta["name"], uid, min(grace, MAX_GRACE_SECONDS)),
+                name=f"terminate-{meta['name']}",
+                daemon=True,
+            )
             self.terminations[uid] = t
         t.start()
 
@@ -468,8 +611,9 @@ class Kubelet:
             self.core.delete_namespaced_pod(name, ns, body=body, grace_period_seconds=0)
         except ApiException as e:
             if e.status not in (404, 409):
-                log.warning("finalizing deletion failed", extra={"pod": f"{ns}/{name}",
-                                                                 "error": e.reason})
+                log.warning(
+                    "finalizing deletion failed", extra={"pod": f"{ns}/{name}", "error": e.reason}
+                )
         log.info("pod deleted", extra={"pod": f"{ns}/{name}"})
         with self.lock:
             self.terminations.pop(uid, None)
@@ -481,8 +625,9 @@ class Kubelet:
                 return
             rt.terminating = True
         procs = [c.proc for c in rt.containers if c.proc is not None]
-        threads = [threading.Thread(target=stop_pid, args=(p.pid,), kwargs={"grace": grace})
-                   for p in procs]
+        threads = [
+            threading.Thread(target=stop_pid, args=(p.pid,), kwargs={"grace": grace}) for p in procs
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -493,15 +638,22 @@ class Kubelet:
         self.net.remove_pod(rt.slot)
         with self.lock:
             self.runtimes.pop(uid, None)
-        log.info("pod stopped", extra={"pod": f"{rt.namespace}/{rt.name}", "reason": reason,
-                                      "processes": len(procs)})
+        log.info(
+            "pod stopped",
+            extra={"pod": f"{rt.namespace}/{rt.name}", "reason": reason, "processes": len(procs)},
+        )
 
     def shutdown(self) -> None:
         with self.lock:
             uids = list(self.runtimes)
-        threads = [threading.Thread(target=self._stop_runtime, args=(u,),
-                                    kwargs={"grace": 5.0, "reason": "kubelet stopping"})
-                   for u in uids]
+        threads = [
+            threading.Thread(
+                target=self._stop_runtime,
+                args=(u,),
+                kwargs={"grace": 5.0, "reason": "kubelet stopping"},
+            )
+            for u in uids
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -512,25 +664,31 @@ _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)|\$\$")
 
 
 def _expand(text: str, env: dict[str, str]) -> str:
-    """Expand ``$(VAR)`` references as Kubernetes does; ``$$`` escapes; unknown ones stay as written."""
+    """Expand ``$(VAR)`` as Kubernetes does: ``$$`` escapes, unknown references stay as written."""
+
     def sub(m: re.Match[str]) -> str:
         if m.group(0) == "$$":
             return "$"
         return env.get(m.group(1), m.group(0))
+
     return _VAR.sub(sub, text)
 
 
 def _field_ref(pod: dict[str, Any], path: str, ip: str, host_ip: str) -> str:
     meta, spec = pod["metadata"], pod["spec"]
     simple = {
-        "metadata.name": meta["name"], "metadata.namespace": meta["namespace"],
-        "metadata.uid": meta["uid"], "spec.nodeName": NODE_NAME,
+        "metadata.name": meta["name"],
+        "metadata.namespace": meta["namespace"],
+        "metadata.uid": meta["uid"],
+        "spec.nodeName": NODE_NAME,
         "spec.serviceAccountName": spec.get("serviceAccountName", "default"),
-        "status.podIP": ip, "status.podIPs": ip, "status.hostIP": host_ip,
+        "status.podIP": ip,
+        "status.podIPs": ip,
+        "status.hostIP": host_ip,
         "status.hostIPs": host_ip,
     }
     if path in simple:
-        return simple[path]
+        return str(simple[path])
     m = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
     if m:
         return str(meta.get(m.group(1), {}).get(m.group(2), ""))

@@ -33,7 +33,9 @@ def choose_mode() -> str:
     """Pick the network mode: ``CONNBUDGET_SANDBOX_NETWORK`` if set, else netns when possible."""
     wanted = os.environ.get("CONNBUDGET_SANDBOX_NETWORK", "auto")
     if wanted not in ("auto", NETNS, LOOPBACK):
-        raise ValueError(f"CONNBUDGET_SANDBOX_NETWORK must be auto, netns or loopback, not {wanted!r}")
+        raise ValueError(
+            f"CONNBUDGET_SANDBOX_NETWORK must be auto, netns or loopback, not {wanted!r}"
+        )
     if wanted != "auto":
         return wanted
     if os.geteuid() == 0 and shutil.which("ip") is not None:
@@ -88,7 +90,7 @@ class PodNetwork:
         return net
 
     def add_pod(self, slot: int) -> None:
-        """Create the network namespace and veth of pod slot ``slot``, with its address and route."""
+        """Create pod slot ``slot``'s network namespace and veth, with its address and route."""
         if self.mode == LOOPBACK:
             return
         ns, veth = self.netns_name(slot), self._veth(slot)

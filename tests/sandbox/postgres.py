@@ -5,7 +5,8 @@ as root), listen on loopback and on the pod network's host address, on free port
 files in the sandbox's state folder.
 
 Roles created in PostgreSQL:
-- ``connbudget_monitor``: ``pg_monitor`` and ``pg_signal_backend``, nothing else (what the operator needs);
+- ``connbudget_monitor``: ``pg_monitor`` and ``pg_signal_backend``, nothing else (what the operator
+  needs);
 - ``app``: owner of database ``app``, used by the workloads;
 - the superuser ``postgres``, reachable only through the Unix socket in the state folder.
 PgBouncer pools database ``app`` in session mode; its admin console (database ``pgbouncer``) admits
@@ -75,7 +76,8 @@ class DatabaseInfo:
     @property
     def superuser_dsn(self) -> str:
         """The superuser, through the Unix socket (for test setup only)."""
-        return f"postgresql:///postgres?host={quote(self.socket_dir, safe='')}&port={self.pg_port}&user=postgres"
+        host = quote(self.socket_dir, safe="")
+        return f"postgresql:///postgres?host={host}&port={self.pg_port}&user=postgres"
 
 
 def ensure_packages() -> None:
@@ -88,7 +90,9 @@ def ensure_packages() -> None:
     if not missing:
         return
     if os.geteuid() != 0:
-        raise RuntimeError(f"missing Debian packages {missing}: run `sudo apt-get install {' '.join(missing)}`")
+        raise RuntimeError(
+            f"missing Debian packages {missing}: run `sudo apt-get install {' '.join(missing)}`"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     run(["apt-get", "update", "-qq"], env=env)
     run(["apt-get", "install", "-y", "-qq", *missing], env=env)
@@ -105,7 +109,9 @@ def _own(path: Path, user: str | None) -> None:
         os.chown(path, pw.pw_uid, pw.pw_gid)
 
 
-def start(state: Path, *, tag: str, host_ip: str, max_connections: int) -> tuple[DatabaseInfo, list[int]]:
+def start(
+    state: Path, *, tag: str, host_ip: str, max_connections: int
+) -> tuple[DatabaseInfo, list[int]]:
     """Initialise and start PostgreSQL and PgBouncer under ``state``; return their info and pids."""
     ensure_packages()
     user = _server_user()
@@ -127,9 +133,21 @@ def start(state: Path, *, tag: str, host_ip: str, max_connections: int) -> tuple
     )
     listen = "127.0.0.1" if host_ip == "127.0.0.1" else f"127.0.0.1,{host_ip}"
     run(
-        [str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-E", "UTF8", "--no-sync",
-         "--auth-local=trust", "--auth-host=scram-sha-256", "--locale=C.UTF-8"],
-        user=user, cwd=root,
+        [
+            str(PG_BIN / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "--locale=C.UTF-8",
+        ],
+        user=user,
+        cwd=root,
     )
     with (data / "postgresql.conf").open("a") as conf:
         conf.write(
@@ -148,17 +166,35 @@ def start(state: Path, *, tag: str, host_ip: str, max_connections: int) -> tuple
     pg = spawn([str(PG_BIN / "postgres"), "-D", str(data)], tag=tag, log=log, user=user, cwd=root)
     wait_for(
         "PostgreSQL",
-        lambda: run([str(PG_BIN / "pg_isready"), "-q", "-h", str(sock), "-p", str(info.pg_port),
-                     "-U", "postgres"],
-                    check=False).returncode == 0,
-        timeout=START_TIMEOUT, proc=pg, log=log,
+        lambda: (
+            run(
+                [
+                    str(PG_BIN / "pg_isready"),
+                    "-q",
+                    "-h",
+                    str(sock),
+                    "-p",
+                    str(info.pg_port),
+                    "-U",
+                    "postgres",
+                ],
+                check=False,
+            ).returncode
+            == 0
+        ),
+        timeout=START_TIMEOUT,
+        proc=pg,
+        log=log,
     )
-    _psql(info, f"""
+    _psql(
+        info,
+        f"""
         CREATE ROLE {MONITOR_ROLE} LOGIN PASSWORD '{info.monitor_password}';
         GRANT pg_monitor, pg_signal_backend TO {MONITOR_ROLE};
         CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{info.app_password}';
         CREATE DATABASE {APP_DB} OWNER {APP_ROLE};
-    """)
+    """,
+    )
     bouncer = _start_pgbouncer(root, info, listen=listen, tag=tag, state=state, user=user)
     return info, [pg.pid, bouncer.pid]
 
@@ -192,12 +228,27 @@ def _start_pgbouncer(
     proc = spawn([str(PGBOUNCER), str(conf)], tag=tag, log=log, user=user, cwd=root)
     wait_for(
         "PgBouncer",
-        lambda: run(
-            [str(PG_BIN / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(info.bouncer_port),
-             "-U", APP_ROLE, "-d", APP_DB],
-            check=False,
-        ).returncode == 0,
-        timeout=START_TIMEOUT, proc=proc, log=log,
+        lambda: (
+            run(
+                [
+                    str(PG_BIN / "pg_isready"),
+                    "-q",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(info.bouncer_port),
+                    "-U",
+                    APP_ROLE,
+                    "-d",
+                    APP_DB,
+                ],
+                check=False,
+            ).returncode
+            == 0
+        ),
+        timeout=START_TIMEOUT,
+        proc=proc,
+        log=log,
     )
     return proc
 
@@ -205,8 +256,22 @@ def _start_pgbouncer(
 def _psql(info: DatabaseInfo, script: str) -> None:
     """Run ``script`` as the superuser; statements go through stdin, one transaction each."""
     run(
-        [shutil.which("psql") or str(PG_BIN / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
-         "-h", info.socket_dir, "-p", str(info.pg_port), "-U", "postgres", "-d", "postgres",
-         "-f", "-"],
+        [
+            shutil.which("psql") or str(PG_BIN / "psql"),
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            info.socket_dir,
+            "-p",
+            str(info.pg_port),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-f",
+            "-",
+        ],
         input=script,
     )

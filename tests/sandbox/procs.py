@@ -36,7 +36,7 @@ def spawn(
     cwd: Path | None = None,
     user: str | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``argv`` detached in its own session, tagged, with stdout and stderr appended to ``log``."""
+    """Start ``argv`` detached in its own session, tagged, its output appended to ``log``."""
     full_env = dict(os.environ if env is None else env)
     full_env[TAG_VAR] = tag
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,7 @@ def alive(pid: int) -> bool:
 def stop_pid(
     pid: int, *, grace: float = 10.0, group: bool = True, sig: int = signal.SIGTERM
 ) -> None:
-    """Send ``sig`` to ``pid`` (its process group if ``group``), then SIGKILL after ``grace`` seconds."""
+    """Send ``sig`` to ``pid`` (its process group if ``group``), SIGKILL after ``grace`` seconds."""
     send: Callable[[int, int], None] = os.killpg if group else os.kill
     with contextlib.suppress(ProcessLookupError, PermissionError):
         send(pid, sig)
@@ -131,7 +131,7 @@ def wait_for(
     proc: subprocess.Popen[bytes] | None = None,
     log: Path | None = None,
 ) -> None:
-    """Poll ``check`` until it returns True; fail with the tail of ``log`` if ``proc`` dies or time runs out."""
+    """Poll ``check`` until True; fail with the tail of ``log`` if ``proc`` dies or time is up."""
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(Exception):
@@ -151,7 +151,9 @@ def _tail(log: Path | None, lines: int = 25) -> str:
     return f"; last lines of {log}:\n" + "\n".join(text)
 
 
-def run(argv: Sequence[str], *, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: Sequence[str], *, check: bool = True, **kwargs: object
+) -> subprocess.CompletedProcess[str]:
     """Run a short command and capture its output as text; raise with its stderr on failure."""
     res = subprocess.run(list(argv), capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload]
     if check and res.returncode != 0:

@@ -12,7 +12,10 @@ import threading
 
 def log(event: str, **fields: object) -> None:
     """Print one JSON log line (never a DSN: only counts, states and error classes)."""
-    line = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), "event": event}
+    line: dict[str, object] = {
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+        "event": event,
+    }
     line.update(fields)
     print(json.dumps(line, default=str), flush=True)
 

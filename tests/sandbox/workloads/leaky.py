@@ -39,16 +39,22 @@ def main() -> None:
     while not stop.is_set():
         if len(held) < cap:
             try:
-                conn = psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT, autocommit=True,
-                                       prepare_threshold=None)
+                conn = psycopg.connect(
+                    url, connect_timeout=CONNECT_TIMEOUT, autocommit=True, prepare_threshold=None
+                )
                 if query:
                     conn.execute("SELECT 1")
                 held.append(conn)
                 log("leaked", open=len(held))
             except psycopg.Error as e:
                 failures += 1
-                log("connect_failed", error=type(e).__name__, detail=str(e).strip()[:200],
-                    failures=failures, open=len(held))
+                log(
+                    "connect_failed",
+                    error=type(e).__name__,
+                    detail=str(e).strip()[:200],
+                    failures=failures,
+                    open=len(held),
+                )
         # Drop connections the server ended (terminated backends), as a real app's GC would.
         held = [c for c in held if not c.closed and not c.broken]
         next_at += 1.0 / rate if rate > 0 else 1.0

@@ -38,16 +38,23 @@ def main() -> None:
         conn = pool[i]
         try:
             if conn is None or (reconnect and (conn.closed or conn.broken)):
-                conn = pool[i] = psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT,
-                                                 autocommit=True, prepare_threshold=None)
+                conn = pool[i] = psycopg.connect(
+                    url, connect_timeout=CONNECT_TIMEOUT, autocommit=True, prepare_threshold=None
+                )
             conn.execute("SELECT 1")
             ok += 1
             if ok % 30 == 1:
                 log("queries_ok", ok=ok, errors=errors)
         except psycopg.Error as e:
             errors += 1
-            log("query_failed", slot=i, error=type(e).__name__, detail=str(e).strip()[:200],
-                ok=ok, errors=errors)
+            log(
+                "query_failed",
+                slot=i,
+                error=type(e).__name__,
+                detail=str(e).strip()[:200],
+                ok=ok,
+                errors=errors,
+            )
         t = time.monotonic()
         stop.wait(max(0.0, interval - (time.monotonic() - t)))
     for c in pool:
