@@ -329,15 +329,12 @@ def test_a_second_sandbox_attributes_pods_and_tears_down_without_leftovers(mode:
         wl = Workloads(sandbox=second, api=second.api_client())
         wl.deploy("default", "leaky", replicas=2, env={"LEAK_RATE": "5", "LEAK_MAX": "2"})
         pods = {p.metadata.name: p.status.pod_ip for p in wl.pods("default", "app=leaky")}
-        seen = eventually(
-            lambda: (
-                (b := backends_by_app(second.db.monitor_dsn))
-                and all(len(b.get(n, [])) == 2 for n in pods)
-                and b
-            ),
-            timeout=30,
-            what="2 connections per pod",
-        )
+
+        def all_connected() -> dict[str, list[tuple[str | None, str]]] | None:
+            b = backends_by_app(second.db.monitor_dsn)
+            return b if all(len(b.get(n, [])) == 2 for n in pods) else None
+
+        seen = eventually(all_connected, timeout=30, what="2 connections per pod")
         for name, ip in pods.items():
             expected = ip if mode == NETNS else "127.0.0.1"
             assert {addr for addr, _ in seen[name]} == {expected}
