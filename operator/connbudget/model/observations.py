@@ -1,0 +1,89 @@
+"""What the probes saw: PostgreSQL backends, PgBouncer pools and clients, and the governed pods.
+
+Pure data. Times are seconds since the epoch (floats) as the source reported them; ages are
+computed by the source (PostgreSQL's ``now()``), so the policy never reads a clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackendGroup:
+    """Client backends that share database, user, application name, client address and state.
+
+    ``idle`` lists ``(pid, idle_seconds, backend_start)`` of the group's backends when the state is
+    ``idle``, longest idle first: the candidates for termination.
+    """
+
+    database: str | None
+    user: str | None
+    application_name: str
+    client_addr: str | None
+    state: str | None
+    count: int
+    max_idle_seconds: float
+    oldest_backend_start: float
+    idle: tuple[tuple[int, float, float], ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSample:
+    """One probe of a PostgreSQL server."""
+
+    sampled_at: float  # the server's now(), epoch seconds
+    database: str  # the DSN's database (scope Database counts this one)
+    max_connections: int
+    reserved: int  # superuser_reserved_connections (+ reserved_connections on PostgreSQL 16+)
+    groups: tuple[BackendGroup, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(g.count for g in self.groups)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolerClient:
+    """One PgBouncer client (``SHOW CLIENTS``)."""
+
+    addr: str | None
+    user: str
+    database: str
+    state: str  # active, waiting, idle, used, ...
+    application_name: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolerSample:
+    """One probe of every pooler pod's admin console."""
+
+    replicas: int
+    clients: tuple[PoolerClient, ...] = ()
+    clients_waiting: int = 0
+    server_connections: int = 0
+    errors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PodInfo:
+    """What the pod index knows of a pod."""
+
+    namespace: str
+    name: str
+    uid: str
+    ip: str | None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    owner_kind: str = "Pod"  # Deployment, StatefulSet, ReplicaSet, DaemonSet, Job or Pod
+    owner_name: str = ""
+    started_at: float | None = None  # status.startTime, epoch seconds
+    created_at: float = 0.0
+    phase: str = "Running"
+    ready: bool = True
+    terminating: bool = False
+
+    @property
+    def owner(self) -> str:
+        """``Kind/name`` of the workload that owns the pod (the pod itself if none)."""
+        return f"{self.owner_kind}/{self.owner_name or self.name}"

@@ -1,0 +1,1 @@
+"""Pure decisions: attribution, usage, forecast, remediation plans. No I/O, no clock."""
