@@ -5,8 +5,8 @@ Pure: no I/O, no clock; all inputs are arguments (``now`` is epoch seconds from 
 The rules, and the failure each prevents:
 
 - **Levels with hysteresis.** ``Warning`` from ``warningPercent`` of the budget, ``OverBudget``
-  above the budget; after a breach the budget counts as recovered only below the warning line, so a usage
-  hovering at the budget does not flap between states and Events.
+  above the budget; after a breach the budget counts as recovered only below the warning line, so
+  a usage hovering at the budget does not flap between states and Events.
 - **Breach timing.** Act when usage has stayed over the budget for ``breachSeconds`` (a short spike
   is no leak), or at once when the growth rate says the usable slots run out before that window
   would end (a fast leak fills 100 slots in about 15 s; waiting it out means an outage).
