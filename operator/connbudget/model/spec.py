@@ -277,7 +277,12 @@ def _parse_selector(r: _Reader, data: object) -> LabelSelector:
             )
         else:
             exprs.append(LabelRequirement(key=key, operator=op, values=tuple(values)))
-    if sel and not labels and not exprs and not any("spec.selector" in p for p in r.problems):
+    if (
+        data is not None
+        and not labels
+        and not exprs
+        and not any("spec.selector" in p for p in r.problems)
+    ):
         r.problems.append(
             "spec.selector must not be empty: an empty selector would govern every "
             "pod in the namespace"
@@ -298,7 +303,7 @@ def parse_spec(spec: Mapping[str, object]) -> BudgetSpec:
     b = r.obj(spec.get("budget"), "spec.budget", required=True)
     max_conn = r.integer(b, "maxConnections", "spec.budget", default=None, low=1, high=1_000_000)
     max_pct = r.integer(b, "maxPercent", "spec.budget", default=None, low=1, high=100)
-    if b and (max_conn is None) == (max_pct is None):
+    if spec.get("budget") is not None and (max_conn is None) == (max_pct is None):
         r.problems.append("spec.budget: give exactly one of maxConnections and maxPercent")
     limit = BudgetLimit(
         max_connections=max_conn,

@@ -138,6 +138,7 @@ def _idle_by_pod(
             a.via is Via.POOLER
             or a.group.state != "idle"
             or pod is None
+            or pod.terminating
             or not is_governed(pod, spec.selector, namespace)
         ):
             continue

@@ -1,0 +1,64 @@
+"""Condition types, reasons and phases of a ConnectionBudget's status.
+
+Pure data. Conditions follow the ``metav1.Condition`` shape, so kstatus (Flux, Argo CD) and
+``kubectl wait --for=condition=Ready`` understand them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class ConditionType(enum.StrEnum):
+    READY = "Ready"  # the controller can do its job (not: usage is within the budget)
+    DATABASE_REACHABLE = "DatabaseReachable"
+    WITHIN_BUDGET = "WithinBudget"
+    REMEDIATING = "Remediating"
+    PAUSED = "Paused"
+
+
+class Reason(enum.StrEnum):
+    # Ready / DatabaseReachable
+    PROBE_SUCCEEDED = "ProbeSucceeded"
+    PROBE_FAILED = "ProbeFailed"
+    PROBE_STALE = "ProbeStale"
+    SPEC_INVALID = "SpecInvalid"
+    SECRET_MISSING = "SecretMissing"
+    DSN_INVALID = "DsnInvalid"
+    AUTHENTICATION_FAILED = "AuthenticationFailed"
+    DATABASE_UNREACHABLE = "DatabaseUnreachable"
+    PERMISSION_DENIED = "PermissionDenied"
+    NO_PODS_SELECTED = "NoPodsSelected"
+    POOLER_TARGET_INVALID = "PoolerTargetInvalid"
+    PENDING = "Pending"
+    # WithinBudget
+    BUDGET_OK = "WithinBudget"
+    BUDGET_WARNING = "BudgetWarning"
+    BUDGET_EXCEEDED = "BudgetExceeded"
+    # Remediating
+    IDLE = "Idle"
+    ACTING = "Acting"
+    WAITING = "Waiting"
+    DRY_RUN = "DryRun"
+    # Paused
+    NOT_PAUSED = "NotPaused"
+    PAUSED = "PausedByAnnotation"
+
+
+class Phase(enum.StrEnum):
+    PENDING = "Pending"
+    WITHIN_BUDGET = "WithinBudget"
+    WARNING = "Warning"
+    OVER_BUDGET = "OverBudget"
+    REMEDIATING = "Remediating"
+    PAUSED = "Paused"
+    DEGRADED = "Degraded"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Condition:
+    type: ConditionType
+    status: bool
+    reason: Reason
+    message: str = ""

@@ -1,0 +1,298 @@
+"""Render a ConnectionBudget's status from one cycle's outcome, and read the memory back from it.
+
+Pure: no I/O, no clock; ``now`` comes in as an argument. ``lastTransitionTime`` of a condition moves
+only when the condition's status flips, so kstatus and humans see when something really changed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from connbudget.model.conditions import Condition, ConditionType, Phase, Reason
+from connbudget.model.observations import PoolerSample
+from connbudget.policy.plan import Decision, Level, Memory
+from connbudget.policy.usage import Usage
+
+
+@dataclass(frozen=True, kw_only=True)
+class LastAction:
+    type: str  # TerminateIdle, RestartPods, ScalePooler
+    targets: tuple[str, ...]
+    result: str  # Succeeded, Failed, Blocked, Planned (dry-run), Partial
+    dry_run: bool
+    time: float
+    message: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """What one cycle found and did, as the status needs it."""
+
+    generation: int
+    now: float
+    problem: tuple[Reason, str] | None = None  # the controller cannot do its job: Ready=False
+    database_reachable: bool | None = None  # None: not tried (e.g. the Secret is missing)
+    usage: Usage | None = None
+    decision: Decision | None = None
+    paused: bool = False
+    last_action: LastAction | None = None  # None: keep the previous one
+    pooler: PoolerSample | None = None
+    pooler_desired: int | None = None
+    probe_time: float | None = None
+
+
+def rfc3339(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: object) -> float | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
+    except ValueError:
+        return None
+
+
+def merge_conditions(
+    old: Sequence[Mapping[str, Any]], new: Sequence[Condition], *, now: float, generation: int
+) -> list[dict[str, Any]]:
+    """Render ``new`` conditions, keeping each ``lastTransitionTime`` unless its status flipped."""
+    previous = {c.get("type"): c for c in old if isinstance(c, Mapping)}
+    out = []
+    for c in new:
+        status = "True" if c.status else "False"
+        before = previous.get(c.type.value)
+        since = (
+            before.get("lastTransitionTime") if before and before.get("status") == status else None
+        )
+        out.append(
+            {
+                "type": c.type.value,
+                "status": status,
+                "reason": c.reason.value,
+                "message": c.message[:1024],
+                "observedGeneration": generation,
+                "lastTransitionTime": since or rfc3339(now),
+            }
+        )
+    return out
+
+
+def memory_from_status(status: Mapping[str, Any] | None) -> Memory:
+    """Read the decision memory back from a status (after an operator restart, say)."""
+    status = status or {}
+    rem = status.get("remediation") or {}
+    level_raw = rem.get("level")
+    level = Level(level_raw) if level_raw in {lv.value for lv in Level} else Level.WITHIN
+    escalation = rem.get("escalation")
+    cleaned = rem.get("cleanedPods") or []
+    return Memory(
+        level=level,
+        breach_since=parse_time(rem.get("breachSince")),
+        cooldown_until=parse_time(status.get("cooldownUntil")),
+        episode_since=parse_time(rem.get("episodeSince")),
+        escalation=escalation if isinstance(escalation, int) and escalation >= 0 else 0,
+        cleaned_pods=tuple(str(p) for p in cleaned if isinstance(p, str)),
+    )
+
+
+def _phase(o: Outcome) -> Phase:
+    if o.problem is not None:
+        return Phase.DEGRADED
+    if o.usage is None or o.decision is None:
+        return Phase.PENDING
+    if o.paused:
+        return Phase.PAUSED
+    d = o.decision
+    if d.actions or (d.remediating and d.level is not Level.WITHIN):
+        return Phase.REMEDIATING
+    return {
+        Level.OVER: Phase.OVER_BUDGET,
+        Level.WARNING: Phase.WARNING,
+        Level.WITHIN: Phase.WITHIN_BUDGET,
+    }[d.level]
+
+
+def _conditions(o: Outcome) -> list[Condition]:
+    conds: list[Condition] = []
+    if o.problem is not None:
+        reason, message = o.problem
+        conds.append(
+            Condition(type=ConditionType.READY, status=False, reason=reason, message=message)
+        )
+    elif o.usage is None:
+        conds.append(
+            Condition(
+                type=ConditionType.READY,
+                status=False,
+                reason=Reason.PENDING,
+                message="waiting for the first probe",
+            )
+        )
+    else:
+        conds.append(
+            Condition(
+                type=ConditionType.READY,
+                status=True,
+                reason=Reason.PROBE_SUCCEEDED,
+                message="probing and ready to act",
+            )
+        )
+    if o.database_reachable is True:
+        conds.append(
+            Condition(
+                type=ConditionType.DATABASE_REACHABLE,
+                status=True,
+                reason=Reason.PROBE_SUCCEEDED,
+                message="the last probe succeeded",
+            )
+        )
+    elif o.database_reachable is False:
+        reason, message = o.problem or (Reason.PROBE_FAILED, "the probe failed")
+        conds.append(
+            Condition(
+                type=ConditionType.DATABASE_REACHABLE, status=False, reason=reason, message=message
+            )
+        )
+    u, d = o.usage, o.decision
+    if u is not None and d is not None:
+        text = f"{u.connections}/{u.budget} connections ({u.percent:.0f}% of the budget)"
+        if d.level is Level.OVER:
+            conds.append(
+                Condition(
+                    type=ConditionType.WITHIN_BUDGET,
+                    status=False,
+                    reason=Reason.BUDGET_EXCEEDED,
+                    message=text,
+                )
+            )
+        elif d.level is Level.WARNING:
+            conds.append(
+                Condition(
+                    type=ConditionType.WITHIN_BUDGET,
+                    status=True,
+                    reason=Reason.BUDGET_WARNING,
+                    message=text,
+                )
+            )
+        else:
+            conds.append(
+                Condition(
+                    type=ConditionType.WITHIN_BUDGET,
+                    status=True,
+                    reason=Reason.BUDGET_OK,
+                    message=text,
+                )
+            )
+        why = "; ".join(d.reasons + tuple(h[2] for h in d.holds))
+        if d.actions:
+            conds.append(
+                Condition(
+                    type=ConditionType.REMEDIATING,
+                    status=True,
+                    reason=Reason.DRY_RUN if d.dry_run else Reason.ACTING,
+                    message=why,
+                )
+            )
+        elif d.remediating and d.level is not Level.WITHIN:
+            conds.append(
+                Condition(
+                    type=ConditionType.REMEDIATING, status=True, reason=Reason.WAITING, message=why
+                )
+            )
+        else:
+            conds.append(
+                Condition(
+                    type=ConditionType.REMEDIATING,
+                    status=False,
+                    reason=Reason.IDLE,
+                    message=why or "nothing to do",
+                )
+            )
+    conds.append(
+        Condition(
+            type=ConditionType.PAUSED,
+            status=o.paused,
+            reason=Reason.PAUSED if o.paused else Reason.NOT_PAUSED,
+            message="actions are paused by the connbudget.io/paused annotation" if o.paused else "",
+        )
+    )
+    return conds
+
+
+def render_status(old: Mapping[str, Any] | None, o: Outcome) -> dict[str, Any]:
+    """The whole new status (a merge patch: fields not rendered keep their old values)."""
+    old = old or {}
+    status: dict[str, Any] = {
+        "observedGeneration": o.generation,
+        "phase": _phase(o).value,
+        "conditions": merge_conditions(
+            old.get("conditions") or [], _conditions(o), now=o.now, generation=o.generation
+        ),
+    }
+    if o.probe_time is not None:
+        status["lastProbeTime"] = rfc3339(o.probe_time)
+    u, d = o.usage, o.decision
+    if u is not None:
+        status["usage"] = {
+            "connections": u.connections,
+            "budget": u.budget,
+            "serverMaxConnections": u.server_max_connections,
+            "reserved": u.reserved,
+            "percent": round(u.percent),
+            "leaked": u.leaked,
+            "unattributed": u.unattributed,
+            "secondsToFull": (
+                round(d.seconds_to_full, 1)
+                if d is not None and d.seconds_to_full is not None
+                else None
+            ),
+            "byOwner": [
+                {
+                    "owner": w.owner,
+                    "pods": w.pods,
+                    "connections": w.connections,
+                    "idle": w.idle,
+                    "leaked": w.leaked,
+                }
+                for w in u.by_owner
+            ],
+        }
+    if d is not None:
+        m = d.memory
+        status["remediation"] = {
+            "level": m.level.value,
+            "breachSince": rfc3339(m.breach_since) if m.breach_since else None,
+            "episodeSince": rfc3339(m.episode_since) if m.episode_since else None,
+            "escalation": m.escalation,
+            "cleanedPods": list(m.cleaned_pods),
+            "reasons": list(d.reasons),
+            "holds": [
+                {"step": s.value, "reason": h.value, "message": msg} for s, h, msg in d.holds
+            ],
+        }
+        status["cooldownUntil"] = rfc3339(m.cooldown_until) if m.cooldown_until else None
+    if o.last_action is not None:
+        a = o.last_action
+        status["lastAction"] = {
+            "type": a.type,
+            "targets": list(a.targets),
+            "result": a.result,
+            "dryRun": a.dry_run,
+            "time": rfc3339(a.time),
+            "message": a.message[:1024],
+        }
+    if o.pooler is not None:
+        status["pooler"] = {
+            "replicas": o.pooler.replicas,
+            "desiredReplicas": o.pooler_desired
+            if o.pooler_desired is not None
+            else o.pooler.replicas,
+            "clientsWaiting": o.pooler.clients_waiting,
+            "serverConnections": o.pooler.server_connections,
+        }
+    return status
