@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+# The application_name of the operator's own monitoring connections; they never count.
+PROBE_APPLICATION_NAME = "connbudget-probe"
+
 
 @dataclass(frozen=True, kw_only=True)
 class BackendGroup:

@@ -14,14 +14,18 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from connbudget.model.observations import BackendGroup, PodInfo, PoolerClient
+from connbudget.model.observations import (
+    PROBE_APPLICATION_NAME,
+    BackendGroup,
+    PodInfo,
+    PoolerClient,
+)
 from connbudget.model.spec import AttributionMode
 
 # How far a backend may seem to predate its pod and still be the pod's: PostgreSQL's and the API
 # server's clocks may differ a little; a dead pod's backends are older than this anyway, since the
 # kernel closed them when its process died.
 CLOCK_SKEW_TOLERANCE_SECONDS = 2.0
-PROBE_APPLICATION_NAME = "connbudget-probe"
 
 
 class Via(enum.StrEnum):

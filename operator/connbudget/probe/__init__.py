@@ -1,0 +1,1 @@
+"""PostgreSQL and PgBouncer probes (psycopg 3, async): the only layer that talks to databases."""

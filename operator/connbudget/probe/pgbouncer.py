@@ -1,0 +1,102 @@
+"""PgBouncer probe: ``SHOW POOLS`` and ``SHOW CLIENTS`` on the admin console of each pooler pod.
+
+Talks to PgBouncer through psycopg 3 (async). The admin console speaks only the simple query
+protocol, so it is queried with a client-side cursor, in autocommit, without prepared statements,
+and without the ``options`` startup parameter (which it refuses). A connection is opened per poll
+and pod and closed at once: pooler pods come and go, and none of them may be held busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any, LiteralString
+
+import psycopg
+from psycopg import conninfo
+
+from connbudget.model.observations import PROBE_APPLICATION_NAME, PoolerClient, PoolerSample
+from connbudget.probe import queries
+from connbudget.probe.errors import ProbeError
+from connbudget.probe.postgres import CONNECT_TIMEOUT_SECONDS, classify
+
+SERVER_STATES = ("sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login")
+
+
+def dsn_for_host(template: str, host: str) -> str:
+    """The admin console DSN of one pooler pod: the template with its host replaced."""
+    params = conninfo.conninfo_to_dict(template)
+    params["host"] = host
+    params.pop("hostaddr", None)
+    return conninfo.make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
+
+
+async def _show(dsn: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    async with await psycopg.AsyncConnection.connect(
+        dsn,
+        autocommit=True,
+        connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        application_name=PROBE_APPLICATION_NAME,
+        prepare_threshold=None,
+        cursor_factory=psycopg.AsyncClientCursor,
+    ) as conn:
+        pools = await _rows(conn, queries.SHOW_POOLS)
+        clients = await _rows(conn, queries.SHOW_CLIENTS)
+    return pools, clients
+
+
+async def _rows(conn: psycopg.AsyncConnection[Any], query: LiteralString) -> list[dict[str, Any]]:
+    cur = await conn.execute(query)
+    names = [d.name for d in cur.description or []]
+    return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+
+
+def summarise(
+    pools: Iterable[dict[str, Any]], clients: Iterable[dict[str, Any]]
+) -> tuple[int, int, list[PoolerClient]]:
+    """Clients waiting, server connections, and the clients (admin console sessions left out)."""
+    waiting = servers = 0
+    for p in pools:
+        if p.get("database") == "pgbouncer":
+            continue
+        waiting += int(p.get("cl_waiting") or 0)
+        servers += sum(int(p.get(k) or 0) for k in SERVER_STATES)
+    out = [
+        PoolerClient(
+            addr=c.get("addr"),
+            user=str(c.get("user", "")),
+            database=str(c.get("database", "")),
+            state=str(c.get("state", "")),
+            application_name=str(c.get("application_name") or ""),
+        )
+        for c in clients
+        if c.get("database") != "pgbouncer"
+    ]
+    return waiting, servers, out
+
+
+async def sample_poolers(template: str, hosts: Iterable[str], *, replicas: int) -> PoolerSample:
+    """Query every pooler pod at ``hosts``; pods that fail are named in ``errors``."""
+    hosts = list(hosts)
+    results = await asyncio.gather(
+        *(_show(dsn_for_host(template, h)) for h in hosts), return_exceptions=True
+    )
+    waiting = servers = 0
+    clients: list[PoolerClient] = []
+    errors: list[str] = []
+    for host, result in zip(hosts, results, strict=True):
+        if isinstance(result, BaseException):
+            err = result if isinstance(result, ProbeError) else classify(result, template)
+            errors.append(f"{host}: {err}")
+            continue
+        w, s, c = summarise(*result)
+        waiting += w
+        servers += s
+        clients.extend(c)
+    return PoolerSample(
+        replicas=replicas,
+        clients=tuple(clients),
+        clients_waiting=waiting,
+        server_connections=servers,
+        errors=tuple(errors),
+    )

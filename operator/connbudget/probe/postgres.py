@@ -1,0 +1,244 @@
+"""PostgreSQL probe: one long-lived monitoring connection per database, reused by every budget.
+
+Talks to PostgreSQL through psycopg 3 (async). Raises ``ProbeError`` with a redacted message.
+
+Why long-lived: when a leak has filled the server, a new connection is refused like everyone
+else's; a connection opened before keeps working, so the operator still sees and acts. Why one per
+database: the operator must not become a leak itself, however many budgets point at a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, LiteralString
+
+import psycopg
+from psycopg import conninfo
+
+from connbudget.model.actions import IdleBackend
+from connbudget.model.observations import PROBE_APPLICATION_NAME, BackendGroup, ServerSample
+from connbudget.probe import queries
+from connbudget.probe.errors import ProbeError, ProbeFailure
+
+CONNECT_TIMEOUT_SECONDS = 5
+STATEMENT_TIMEOUT_MS = 5000  # a probe that takes longer than this is a failed probe
+BACKOFF_FIRST_SECONDS = 1.0
+BACKOFF_MAX_SECONDS = 30.0
+
+
+def dsn_key(dsn: str) -> str:
+    """A stable, non-reversible name for a DSN (for logs, metrics and pooling; never the DSN)."""
+    return hashlib.sha256(dsn.encode()).hexdigest()[:12]
+
+
+def redact(text: str, dsn: str) -> str:
+    """Remove the DSN and its password from ``text``."""
+    secrets = [dsn]
+    try:
+        password = conninfo.conninfo_to_dict(dsn).get("password")
+    except psycopg.Error:
+        password = None
+    if password:
+        secrets.append(str(password))
+    for s in sorted(secrets, key=len, reverse=True):
+        if s:
+            text = text.replace(s, "***")
+    return text
+
+
+def classify(error: BaseException, dsn: str) -> ProbeError:
+    """Map a psycopg error to the probe's vocabulary, with a message safe to show."""
+    if isinstance(error, ProbeError):
+        return error
+    text = redact(str(error).strip(), dsn)
+    if isinstance(error, psycopg.ProgrammingError) and not isinstance(
+        error, psycopg.errors.InsufficientPrivilege
+    ):
+        # libpq's parser may echo parts of a malformed DSN: say nothing of its content.
+        return ProbeError(
+            ProbeFailure.DSN_INVALID, "the DSN is not a valid libpq connection string or URI"
+        )
+    if isinstance(error, psycopg.errors.InsufficientPrivilege):
+        return ProbeError(
+            ProbeFailure.PERMISSION_DENIED,
+            f"{text} (grant pg_monitor and pg_signal_backend to the monitoring role)",
+        )
+    lowered = text.lower()
+    if (
+        "password authentication failed" in lowered
+        or "no pg_hba.conf entry" in lowered
+        or ("role" in lowered and "does not exist" in lowered)
+    ):
+        return ProbeError(ProbeFailure.AUTHENTICATION_FAILED, text)
+    if isinstance(error, psycopg.OperationalError | OSError | asyncio.TimeoutError):
+        return ProbeError(ProbeFailure.DATABASE_UNREACHABLE, text or type(error).__name__)
+    return ProbeError(ProbeFailure.PROBE_FAILED, text or type(error).__name__)
+
+
+def validate_dsn(dsn: str) -> None:
+    """Raise ``ProbeError(DSN_INVALID)`` if ``dsn`` is not a libpq connection string or URI."""
+    try:
+        conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error as e:
+        raise classify(e, dsn) from None
+
+
+def _group(raw: Sequence[Any]) -> BackendGroup:
+    database, user, app, addr, state, n, max_idle, oldest, idle = raw
+    return BackendGroup(
+        database=database,
+        user=user,
+        application_name=app or "",
+        client_addr=addr,
+        state=state,
+        count=int(n),
+        max_idle_seconds=float(max_idle or 0.0),
+        oldest_backend_start=float(oldest),
+        idle=tuple((int(p), float(s), float(t)) for p, s, t in (idle or ())),
+    )
+
+
+class Monitor:
+    """The monitoring connection to one database; reconnects with backoff after a failure."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self.key = dsn_key(dsn)
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._lock = asyncio.Lock()
+        self._retry_at = 0.0
+        self._backoff = BACKOFF_FIRST_SECONDS
+        self._last_error: ProbeError | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.closed and not self._conn.broken
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is not None and not self._conn.closed and not self._conn.broken:
+            return self._conn
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+        now = time.monotonic()
+        if now < self._retry_at and self._last_error is not None:
+            raise ProbeError(
+                self._last_error.failure,
+                f"{self._last_error} (next attempt in {self._retry_at - now:.0f}s)",
+            )
+        validate_dsn(self._dsn)
+        try:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._dsn,
+                autocommit=True,
+                connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                application_name=PROBE_APPLICATION_NAME,
+                # Never let a server-wide idle_session_timeout close the monitoring connection.
+                options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c idle_session_timeout=0",
+            )
+        except (psycopg.Error, OSError) as e:
+            self._fail(classify(e, self._dsn))
+            raise self._last_error from None  # type: ignore[misc]
+        self._backoff = BACKOFF_FIRST_SECONDS
+        self._last_error = None
+        return self._conn
+
+    def _fail(self, err: ProbeError) -> None:
+        self._last_error = err
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX_SECONDS)
+
+    async def _run(
+        self, query: LiteralString, params: dict[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        async with self._lock:
+            conn = await self._connection()
+            try:
+                cur = await conn.execute(query, params)
+                return await cur.fetchall()
+            except (psycopg.Error, OSError) as e:
+                err = classify(e, self._dsn)
+                if conn.broken or conn.closed or isinstance(e, psycopg.OperationalError):
+                    await conn.close()
+                    self._conn = None
+                    self._fail(err)
+                raise err from None
+
+    async def sample(self) -> ServerSample:
+        """Sample the server's client backends (one query)."""
+        (row,) = await self._run(queries.BACKENDS)
+        now, database, max_conn, reserved, groups = row
+        return ServerSample(
+            sampled_at=float(now),
+            database=str(database),
+            max_connections=int(max_conn),
+            reserved=int(reserved),
+            groups=tuple(_group(g) for g in groups),
+        )
+
+    async def terminate(
+        self, backends: Iterable[IdleBackend], *, min_idle_seconds: float
+    ) -> list[int]:
+        """Terminate the given backends if they are still the same and still idle; return pids."""
+        chosen = list(backends)
+        if not chosen:
+            return []
+        rows = await self._run(
+            queries.TERMINATE_IDLE,
+            {
+                "pids": [b.pid for b in chosen],
+                "starts": [b.backend_start for b in chosen],
+                "min_idle": float(min_idle_seconds),
+            },
+        )
+        return [int(pid) for pid, ok in rows if ok]
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._conn is not None:
+                await self._conn.close()
+                self._conn = None
+
+
+class MonitorPool:
+    """One ``Monitor`` per distinct DSN, shared by every budget that names that DSN.
+
+    Budgets bind to a DSN; when no budget is bound to a DSN any more (a budget was deleted, or its
+    Secret now holds another DSN), its connection is closed.
+    """
+
+    def __init__(self) -> None:
+        self._monitors: dict[str, Monitor] = {}
+        self._bound: dict[str, str] = {}  # budget id -> DSN key
+
+    async def bind(self, budget: str, dsn: str) -> Monitor:
+        key = dsn_key(dsn)
+        previous = self._bound.get(budget)
+        self._bound[budget] = key
+        if previous is not None and previous != key:
+            await self._drop_if_unused(previous)
+        if key not in self._monitors:
+            self._monitors[key] = Monitor(dsn)
+        return self._monitors[key]
+
+    async def unbind(self, budget: str) -> None:
+        key = self._bound.pop(budget, None)
+        if key is not None:
+            await self._drop_if_unused(key)
+
+    async def _drop_if_unused(self, key: str) -> None:
+        if key not in self._bound.values() and key in self._monitors:
+            await self._monitors.pop(key).close()
+
+    @property
+    def open_connections(self) -> int:
+        return sum(1 for m in self._monitors.values() if m.connected)
+
+    async def close(self) -> None:
+        for monitor in list(self._monitors.values()):
+            await monitor.close()
+        self._monitors.clear()
+        self._bound.clear()

@@ -1,0 +1,65 @@
+"""Every SQL statement the operator runs: literal strings only, parameters bound by psycopg.
+
+Nothing from the database or from a spec is ever formatted into these texts.
+"""
+
+from __future__ import annotations
+
+from typing import Final, LiteralString
+
+# One round trip per poll: the server's clock, its limits, and client backends grouped by
+# database, user, application, address and state. Idle groups carry their backends (pid, idle
+# seconds, start), longest idle first, as termination candidates. The probe's own backend is left
+# out by pid; other connbudget probes are left out by application_name in the policy.
+BACKENDS: Final[LiteralString] = """
+WITH b AS (
+    SELECT pid,
+           datname,
+           usename,
+           coalesce(application_name, '') AS app,
+           host(client_addr) AS addr,
+           state,
+           CASE WHEN state = 'idle'
+                THEN extract(epoch FROM now() - coalesce(state_change, backend_start))::float8
+                ELSE 0 END AS idle_s,
+           extract(epoch FROM backend_start)::float8 AS started
+    FROM pg_stat_activity
+    WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+), g AS (
+    SELECT datname, usename, app, addr, state,
+           count(*)::int AS n,
+           max(idle_s) AS max_idle,
+           min(started) AS oldest,
+           CASE WHEN state = 'idle'
+                THEN json_agg(json_build_array(pid, idle_s, started) ORDER BY idle_s DESC)
+           END AS idle
+    FROM b
+    GROUP BY datname, usename, app, addr, state
+)
+SELECT extract(epoch FROM now())::float8,
+       current_database(),
+       current_setting('max_connections')::int,
+       current_setting('superuser_reserved_connections')::int
+           + coalesce(current_setting('reserved_connections', true)::int, 0),
+       coalesce((SELECT json_agg(json_build_array(datname, usename, app, addr, state, n,
+                                                  max_idle, oldest, idle)) FROM g), '[]'::json)
+"""
+
+# Terminate backends only if they are still the same backends (pid and start time) and still idle
+# for at least the given seconds: between the probe and this call a backend may have become busy.
+TERMINATE_IDLE: Final[LiteralString] = """
+SELECT a.pid, pg_terminate_backend(a.pid)
+FROM unnest(%(pids)s::int[], %(starts)s::float8[]) AS t(pid, started)
+JOIN pg_stat_activity a
+  ON a.pid = t.pid
+ AND abs(extract(epoch FROM a.backend_start) - t.started) < 0.001
+WHERE a.backend_type = 'client backend'
+  AND a.state = 'idle'
+  AND a.state_change <= now() - make_interval(secs => %(min_idle)s)
+"""
+
+# The cheapest look at the same data: the floor the probe's cost is compared to (benchmarks).
+COUNT_FLOOR: Final[LiteralString] = "SELECT count(*) FROM pg_stat_activity"
+
+SHOW_POOLS: Final[LiteralString] = "SHOW POOLS"
+SHOW_CLIENTS: Final[LiteralString] = "SHOW CLIENTS"
