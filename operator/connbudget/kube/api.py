@@ -1,0 +1,230 @@
+"""Calls to the Kubernetes API: Secrets, evictions, deletions, rollout restarts and ``/scale``.
+
+Uses the official (synchronous) client in a worker thread, so the operator's event loop never
+blocks. ``ApiException`` never leaves this module: callers get ``KubeError`` with a status code and
+a message, or a typed result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import enum
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+
+from connbudget.model.spec import ObjectRef, SecretRef
+
+T = TypeVar("T")
+RESTARTED_AT_ANNOTATION = "connbudget.io/restartedAt"
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class SecretProblem(Exception):
+    """The Secret or its key is missing, or unreadable (message says which, never the value)."""
+
+
+class EvictionResult(enum.StrEnum):
+    EVICTED = "Evicted"
+    BLOCKED = "Blocked"  # a PodDisruptionBudget refused (HTTP 429)
+    GONE = "Gone"  # the pod (with that UID) no longer exists
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scale:
+    replicas: int
+    selector: str  # status.selector: the label selector of the target's pods
+
+
+def _reason(e: ApiException) -> str:
+    try:
+        import json
+
+        return str(json.loads(e.body).get("message", e.reason))
+    except (ValueError, TypeError, AttributeError):
+        return str(e.reason)
+
+
+class Kube:
+    """One API client, shared by every budget."""
+
+    def __init__(self, api: kubernetes.client.ApiClient) -> None:
+        self.api = api
+        self.core = kubernetes.client.CoreV1Api(api)
+        self.apps = kubernetes.client.AppsV1Api(api)
+        self.custom = kubernetes.client.CustomObjectsApi(api)
+        self._plurals: dict[tuple[str, str], str] = {}
+
+    @classmethod
+    def from_environment(cls, kubeconfig: str | None = None) -> Kube:
+        """In a pod: its ServiceAccount; elsewhere: ``kubeconfig`` or ``$KUBECONFIG``."""
+        config = kubernetes.client.Configuration()
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=config)
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=config)
+        return cls(kubernetes.client.ApiClient(config))
+
+    async def _call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        try:
+            return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
+        except ApiException as e:
+            raise KubeError(int(e.status or 0), _reason(e)) from None
+
+    async def read_secret_value(self, namespace: str, ref: SecretRef) -> str:
+        """Read one key of a Secret; raise ``SecretProblem`` naming what is missing."""
+        try:
+            secret = await self._call(self.core.read_namespaced_secret, ref.name, namespace)
+        except KubeError as e:
+            if e.status == 404:
+                raise SecretProblem(f"Secret {namespace}/{ref.name} not found") from None
+            if e.status == 403:
+                raise SecretProblem(
+                    f"not allowed to read Secret {namespace}/{ref.name}: grant the "
+                    "operator get on secrets in this namespace"
+                ) from None
+            raise
+        data = secret.data or {}
+        if ref.key not in data:
+            raise SecretProblem(f"Secret {namespace}/{ref.name} has no key {ref.key!r}")
+        try:
+            return base64.b64decode(data[ref.key]).decode().strip()
+        except (ValueError, UnicodeDecodeError):
+            raise SecretProblem(
+                f"key {ref.key!r} of Secret {namespace}/{ref.name} is not UTF-8 text"
+            ) from None
+
+    async def evict_pod(
+        self, namespace: str, name: str, uid: str, *, dry_run: bool
+    ) -> EvictionResult:
+        """Evict through the Eviction API (PodDisruptionBudgets apply); only the pod ``uid``."""
+        body = {
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": name, "namespace": namespace},
+            "deleteOptions": {
+                "preconditions": {"uid": uid},
+                **({"dryRun": ["All"]} if dry_run else {}),
+            },
+        }
+        try:
+            await self._call(
+                self.core.create_namespaced_pod_eviction,
+                name,
+                namespace,
+                body,
+                **({"dry_run": "All"} if dry_run else {}),
+            )
+        except KubeError as e:
+            if e.status == 429:
+                return EvictionResult.BLOCKED
+            if e.status in (404, 409):
+                return EvictionResult.GONE
+            raise
+        return EvictionResult.EVICTED
+
+    async def delete_pod(
+        self, namespace: str, name: str, uid: str, *, dry_run: bool
+    ) -> EvictionResult:
+        body = {"preconditions": {"uid": uid}, **({"dryRun": ["All"]} if dry_run else {})}
+        try:
+            await self._call(
+                self.core.delete_namespaced_pod,
+                name,
+                namespace,
+                body=body,
+                **({"dry_run": "All"} if dry_run else {}),
+            )
+        except KubeError as e:
+            if e.status in (404, 409):
+                return EvictionResult.GONE
+            raise
+        return EvictionResult.EVICTED
+
+    async def rollout_restart(
+        self, namespace: str, kind: str, name: str, *, now: float, dry_run: bool
+    ) -> None:
+        """Restart a Deployment, StatefulSet or DaemonSet as ``kubectl rollout restart`` does."""
+        stamp = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        patch = {
+            "spec": {"template": {"metadata": {"annotations": {RESTARTED_AT_ANNOTATION: stamp}}}}
+        }
+        fn = {
+            "Deployment": self.apps.patch_namespaced_deployment,
+            "StatefulSet": self.apps.patch_namespaced_stateful_set,
+            "DaemonSet": self.apps.patch_namespaced_daemon_set,
+        }.get(kind)
+        if fn is None:
+            raise KubeError(422, f"{kind} cannot be rollout-restarted")
+        await self._call(fn, name, namespace, patch, **({"dry_run": "All"} if dry_run else {}))
+
+    async def _plural(self, api_version: str, kind: str) -> str:
+        key = (api_version, kind)
+        if key not in self._plurals:
+            group, _, version = api_version.rpartition("/")
+            path = f"/apis/{group}/{version}" if group else f"/api/{version}"
+            resp = await self._call(
+                self.api.call_api,
+                path,
+                "GET",
+                response_type="object",
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+            )
+            for r in resp.get("resources", []):
+                if r.get("kind") == kind and "/" not in r.get("name", ""):
+                    self._plurals[key] = r["name"]
+                    break
+            else:
+                raise KubeError(404, f"no resource of kind {kind} in {api_version}")
+        return self._plurals[key]
+
+    async def read_scale(self, namespace: str, target: ObjectRef) -> Scale:
+        """Read the target's ``/scale`` subresource."""
+        group, _, version = target.api_version.rpartition("/")
+        plural = await self._plural(target.api_version, target.kind)
+        obj = await self._call(
+            self.custom.get_namespaced_custom_object_scale,
+            group,
+            version,
+            namespace,
+            plural,
+            target.name,
+        )
+        if not isinstance(obj, dict):
+            obj = self.api.sanitize_for_serialization(obj)
+        return Scale(
+            replicas=int(
+                (obj.get("status") or {}).get("replicas")
+                or (obj.get("spec") or {}).get("replicas")
+                or 0
+            ),
+            selector=str((obj.get("status") or {}).get("selector") or ""),
+        )
+
+    async def patch_scale(
+        self, namespace: str, target: ObjectRef, replicas: int, *, dry_run: bool
+    ) -> None:
+        group, _, version = target.api_version.rpartition("/")
+        plural = await self._plural(target.api_version, target.kind)
+        await self._call(
+            self.custom.patch_namespaced_custom_object_scale,
+            group,
+            version,
+            namespace,
+            plural,
+            target.name,
+            {"spec": {"replicas": replicas}},
+            **({"dry_run": "All"} if dry_run else {}),
+        )

@@ -1,0 +1,58 @@
+"""Turn a pod's raw body (as kopf or the API gives it) into a ``PodInfo``.
+
+Pure conversion, no API calls: a ReplicaSet's Deployment is found from the pod-template-hash
+label (the ReplicaSet is named ``<deployment>-<hash>``), so attribution needs no extra reads.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from connbudget.model.observations import PodInfo
+
+
+def _epoch(value: object) -> float | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def owner_of(meta: Mapping[str, Any]) -> tuple[str, str]:
+    """The pod's workload as ``(kind, name)``: Deployment behind a ReplicaSet, else the owner."""
+    refs = [r for r in meta.get("ownerReferences") or [] if r.get("controller")]
+    if not refs:
+        return "Pod", str(meta.get("name", ""))
+    kind, name = str(refs[0].get("kind", "")), str(refs[0].get("name", ""))
+    pod_hash = (meta.get("labels") or {}).get("pod-template-hash")
+    if kind == "ReplicaSet" and pod_hash and name.endswith(f"-{pod_hash}"):
+        return "Deployment", name[: -len(pod_hash) - 1]
+    return kind, name
+
+
+def pod_info_from_body(body: Mapping[str, Any]) -> PodInfo:
+    meta = body.get("metadata") or {}
+    status = body.get("status") or {}
+    kind, name = owner_of(meta)
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+    return PodInfo(
+        namespace=str(meta.get("namespace", "")),
+        name=str(meta.get("name", "")),
+        uid=str(meta.get("uid", "")),
+        ip=status.get("podIP") or None,
+        labels=dict(meta.get("labels") or {}),
+        owner_kind=kind,
+        owner_name=name,
+        started_at=_epoch(status.get("startTime")),
+        created_at=_epoch(meta.get("creationTimestamp")) or 0.0,
+        phase=str(status.get("phase", "")),
+        ready=ready,
+        terminating=bool(meta.get("deletionTimestamp")),
+    )

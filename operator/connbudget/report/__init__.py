@@ -1,0 +1,1 @@
+"""Reporting: status rendering (pure), Event reasons and messages, Prometheus metrics."""

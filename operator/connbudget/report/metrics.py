@@ -1,0 +1,147 @@
+"""Prometheus metrics of the operator (``connbudget_`` prefix, base units, no pod-name labels)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter as Tally
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from connbudget.model.observations import BackendGroup
+from connbudget.policy.usage import Usage
+
+LABELS = ("namespace", "budget")
+
+
+class Metrics:
+    """Every metric, in one registry (a fresh one per operator, so tests can make their own)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge(
+            "connbudget_connections",
+            "Client backends counted against the budget, by state.",
+            [*LABELS, "state"],
+            registry=r,
+        )
+        self.budget = Gauge(
+            "connbudget_budget_connections", "The budget, in connections.", LABELS, registry=r
+        )
+        self.usage_ratio = Gauge(
+            "connbudget_usage_ratio",
+            "Counted connections divided by the budget.",
+            LABELS,
+            registry=r,
+        )
+        self.leaked = Gauge(
+            "connbudget_leaked_connections",
+            "Idle backends of governed pods idle longer than idleSeconds.",
+            LABELS,
+            registry=r,
+        )
+        self.unattributed = Gauge(
+            "connbudget_unattributed_connections",
+            "Counted backends attributed to no pod.",
+            LABELS,
+            registry=r,
+        )
+        self.server_max = Gauge(
+            "connbudget_server_max_connections", "The server's max_connections.", LABELS, registry=r
+        )
+        self.seconds_to_full = Gauge(
+            "connbudget_seconds_to_full",
+            "Forecast seconds until the server is full (NaN: not growing).",
+            LABELS,
+            registry=r,
+        )
+        self.actions = Counter(
+            "connbudget_actions_total",
+            "Actions taken, by type and result.",
+            [*LABELS, "action", "result"],
+            registry=r,
+        )
+        self.probe_duration = Histogram(
+            "connbudget_probe_duration_seconds",
+            "Time to probe the database.",
+            LABELS,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.probe_errors = Counter(
+            "connbudget_probe_errors_total",
+            "Failed probes, by reason.",
+            [*LABELS, "reason"],
+            registry=r,
+        )
+        self.db_connections = Gauge(
+            "connbudget_monitor_connections",
+            "Monitoring connections the operator holds open.",
+            registry=r,
+        )
+        self._states: dict[tuple[str, str], set[str]] = {}
+        self._actions: dict[tuple[str, str], set[tuple[str, str]]] = {}
+        self._reasons: dict[tuple[str, str], set[str]] = {}
+
+    def record_usage(
+        self,
+        namespace: str,
+        budget: str,
+        usage: Usage,
+        counted: Iterable[BackendGroup],
+        seconds_to_full: float | None,
+    ) -> None:
+        key = (namespace, budget)
+        by_state = Tally[str]()
+        for g in counted:
+            by_state[g.state or "unknown"] += g.count
+        for state in self._states.get(key, set()) - set(by_state):
+            self.connections.labels(namespace, budget, state).set(0)
+        for state, n in by_state.items():
+            self.connections.labels(namespace, budget, state).set(n)
+        self._states.setdefault(key, set()).update(by_state)
+        self.budget.labels(namespace, budget).set(usage.budget)
+        self.usage_ratio.labels(namespace, budget).set(
+            usage.connections / usage.budget if usage.budget else 0.0
+        )
+        self.leaked.labels(namespace, budget).set(usage.leaked)
+        self.unattributed.labels(namespace, budget).set(usage.unattributed)
+        self.server_max.labels(namespace, budget).set(usage.server_max_connections)
+        self.seconds_to_full.labels(namespace, budget).set(
+            float("nan") if seconds_to_full is None else seconds_to_full
+        )
+
+    def record_probe(self, namespace: str, budget: str, seconds: float) -> None:
+        self.probe_duration.labels(namespace, budget).observe(seconds)
+
+    def record_probe_error(self, namespace: str, budget: str, reason: str) -> None:
+        self._reasons.setdefault((namespace, budget), set()).add(reason)
+        self.probe_errors.labels(namespace, budget, reason).inc()
+
+    def record_action(
+        self, namespace: str, budget: str, action: str, result: str, n: int = 1
+    ) -> None:
+        self._actions.setdefault((namespace, budget), set()).add((action, result))
+        self.actions.labels(namespace, budget, action, result).inc(n)
+
+    def forget(self, namespace: str, budget: str) -> None:
+        """Drop every series of a deleted budget."""
+        key = (namespace, budget)
+        for state in self._states.pop(key, set()):
+            self.connections.remove(namespace, budget, state)
+        for action, result in self._actions.pop(key, set()):
+            self.actions.remove(namespace, budget, action, result)
+        for reason in self._reasons.pop(key, set()):
+            self.probe_errors.remove(namespace, budget, reason)
+        for g in (
+            self.budget,
+            self.usage_ratio,
+            self.leaked,
+            self.unattributed,
+            self.server_max,
+            self.seconds_to_full,
+            self.probe_duration,
+        ):
+            with contextlib.suppress(KeyError):
+                g.remove(namespace, budget)
