@@ -1,0 +1,325 @@
+"""The ``connbudget`` command: run the operator, probe a database, check manifests.
+
+connbudget run [--namespace NS ...] [--metrics-port N] [--log-format json|text]
+connbudget probe DSN [--pgbouncer DSN] [--json]
+connbudget check FILE...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, cast
+
+import yaml
+
+from connbudget import __version__
+from connbudget.config import DEFAULT_LIVENESS, DEFAULT_METRICS_PORT, OperatorConfig
+from connbudget.model.observations import PROBE_APPLICATION_NAME, PoolerSample, ServerSample
+from connbudget.model.schema import validate
+from connbudget.model.spec import GROUP, KIND, VERSION, SpecError, parse_spec
+from connbudget.probe.errors import ProbeError
+
+CRD_RESOURCE = "connectionbudgets.connbudget.io.yaml"
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any ``extra`` fields."""
+
+    _standard = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        out.update(
+            {
+                k: v
+                for k, v in record.__dict__.items()
+                if k not in self._standard and not k.startswith("_")
+            }
+        )
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(fmt: str, level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import kopf
+
+    from connbudget.handlers import lifecycle
+
+    setup_logging(args.log_format)
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    namespaces = tuple(args.namespace or ())
+    lifecycle.CONFIG = OperatorConfig(
+        namespaces=namespaces,
+        all_namespaces=not namespaces,
+        metrics_port=args.metrics_port,
+        liveness=args.liveness or None,
+        log_format=args.log_format,
+        kubeconfig=args.kubeconfig,
+        standalone=args.standalone,
+    )
+    logging.getLogger("connbudget").info(
+        "starting", extra={"version": __version__, "namespaces": list(namespaces) or "all"}
+    )
+    kopf.run(
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        liveness_endpoint=args.liveness or None,
+        standalone=args.standalone,
+    )
+    return EXIT_OK
+
+
+# --- probe ------------------------------------------------------------------------------------
+
+
+def probe_report(sample: ServerSample, pooler: PoolerSample | None) -> dict[str, Any]:
+    """The JSON document ``connbudget probe --json`` prints."""
+    groups = [g for g in sample.groups if g.application_name != PROBE_APPLICATION_NAME]
+    out: dict[str, Any] = {
+        "connections": sum(g.count for g in groups),
+        "maxConnections": sample.max_connections,
+        "reserved": sample.reserved,
+        "database": sample.database,
+        "groups": [
+            {
+                "applicationName": g.application_name,
+                "clientAddr": g.client_addr,
+                "user": g.user,
+                "database": g.database,
+                "state": g.state,
+                "count": g.count,
+                "maxIdleSeconds": round(g.max_idle_seconds, 1),
+            }
+            for g in sorted(
+                groups,
+                key=lambda g: (-g.count, g.application_name, g.client_addr or "", g.state or ""),
+            )
+        ],
+    }
+    if pooler is not None:
+        out["pgbouncer"] = {
+            "clients": len(pooler.clients),
+            "clientsWaiting": pooler.clients_waiting,
+            "serverConnections": pooler.server_connections,
+            "errors": list(pooler.errors),
+            "clientsByAddr": _count_by(c.addr or "" for c in pooler.clients),
+        }
+    return out
+
+
+def _count_by(values: Iterator[str] | Sequence[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def render_probe_table(report: Mapping[str, Any]) -> str:
+    lines = [
+        f"{report['connections']} client connections on a server with max_connections "
+        f"{report['maxConnections']} ({report['reserved']} reserved)",
+        "",
+    ]
+    header = ("APPLICATION", "CLIENT", "USER", "DATABASE", "STATE", "COUNT", "MAX IDLE")
+    rows = [header] + [
+        (
+            g["applicationName"] or "-",
+            g["clientAddr"] or "local",
+            g["user"] or "-",
+            g["database"] or "-",
+            g["state"] or "-",
+            str(g["count"]),
+            f"{g['maxIdleSeconds']:.0f}s" if g["state"] == "idle" else "",
+        )
+        for g in report["groups"]
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    if "pgbouncer" in report:
+        p = report["pgbouncer"]
+        lines += [
+            "",
+            f"PgBouncer: {p['clients']} clients ({p['clientsWaiting']} waiting), "
+            f"{p['serverConnections']} server connections",
+        ]
+        lines += [f"  {addr or '-'}: {n}" for addr, n in p["clientsByAddr"].items()]
+        lines += [f"  error: {e}" for e in p["errors"]]
+    return "\n".join(lines)
+
+
+async def _probe(dsn: str, pgbouncer: str | None) -> dict[str, Any]:
+    from psycopg import conninfo
+
+    from connbudget.probe.pgbouncer import sample_poolers
+    from connbudget.probe.postgres import Monitor
+
+    monitor = Monitor(dsn)
+    try:
+        sample = await monitor.sample()
+    finally:
+        await monitor.close()
+    pooler = None
+    if pgbouncer:
+        host = str(conninfo.conninfo_to_dict(pgbouncer).get("host") or "localhost")
+        pooler = await sample_poolers(pgbouncer, [host], replicas=1)
+    return probe_report(sample, pooler)
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    try:
+        report = asyncio.run(_probe(args.dsn, args.pgbouncer))
+    except ProbeError as e:
+        print(f"connbudget probe: {e.failure}: {e}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    print(json.dumps(report, indent=2) if args.json else render_probe_table(report))
+    return EXIT_OK
+
+
+# --- check ------------------------------------------------------------------------------------
+
+
+def crd_schema() -> Mapping[str, Any]:
+    """The ConnectionBudget's openAPIV3Schema, from the CRD shipped with the package."""
+    text = resources.files("connbudget").joinpath("data", CRD_RESOURCE).read_text()
+    crd = yaml.safe_load(text)
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == VERSION)
+    return cast(Mapping[str, Any], version["schema"]["openAPIV3Schema"])
+
+
+def check_manifest(doc: object, schema: Mapping[str, Any]) -> list[str]:
+    """Every problem of one ConnectionBudget manifest: schema first, then the operator's rules."""
+    if not isinstance(doc, Mapping):
+        return ["<root>: a manifest must be a mapping"]
+    problems = []
+    if doc.get("apiVersion") != f"{GROUP}/{VERSION}":
+        problems.append(f"apiVersion: must be {GROUP}/{VERSION}")
+    meta = doc.get("metadata")
+    if not isinstance(meta, Mapping) or not meta.get("name"):
+        problems.append("metadata.name: required")
+    body = {k: v for k, v in doc.items() if k not in ("apiVersion", "kind")}
+    problems += validate(schema, body)
+    spec = doc.get("spec")
+    if isinstance(spec, Mapping):
+        try:
+            parse_spec(spec)
+        except SpecError as e:
+            problems += [p for p in e.problems if not any(p.split(":")[0] in q for q in problems)]
+    return problems
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    schema = crd_schema()
+    found = failed = 0
+    for name in args.files:
+        path = Path(name)
+        try:
+            docs = list(yaml.safe_load_all(path.read_text()))
+        except (OSError, yaml.YAMLError) as e:
+            print(f"{name}: cannot read: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        for i, doc in enumerate(docs):
+            if not isinstance(doc, Mapping) or doc.get("kind") != KIND:
+                continue
+            found += 1
+            label = f"{name}#{i + 1} {((doc.get('metadata') or {}).get('name')) or '<unnamed>'}"
+            problems = check_manifest(doc, schema)
+            if problems:
+                failed += 1
+                for p in problems:
+                    print(f"{label}: {p}", file=sys.stderr)
+            else:
+                print(f"{label}: ok")
+    if failed:
+        print(f"{failed} of {found} ConnectionBudgets (or files) have problems", file=sys.stderr)
+        return EXIT_PROBLEMS
+    if not found:
+        print("no ConnectionBudget found", file=sys.stderr)
+        return EXIT_PROBLEMS
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="connbudget", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"connbudget {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the operator")
+    run.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        help="watch this namespace (repeat for more); default: all namespaces",
+    )
+    run.add_argument(
+        "--all-namespaces",
+        "-A",
+        action="store_true",
+        help="watch every namespace (the default when no --namespace is given)",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help=f"Prometheus metrics port, 0 to disable (default {DEFAULT_METRICS_PORT})",
+    )
+    run.add_argument(
+        "--liveness",
+        default=DEFAULT_LIVENESS,
+        help=f"liveness endpoint URL, empty to disable (default {DEFAULT_LIVENESS})",
+    )
+    run.add_argument("--log-format", choices=("json", "text"), default="json")
+    run.add_argument("--kubeconfig", help="kubeconfig outside a cluster (default: $KUBECONFIG)")
+    run.add_argument(
+        "--standalone",
+        action="store_true",
+        help="no peering: only for a single replica without the peering CRDs",
+    )
+    run.set_defaults(func=cmd_run)
+    probe = sub.add_parser("probe", help="show who holds a database's connections")
+    probe.add_argument("dsn", help="libpq DSN or URI of a role with pg_monitor")
+    probe.add_argument("--pgbouncer", help="PgBouncer admin console DSN")
+    probe.add_argument("--json", action="store_true", help="print JSON")
+    probe.set_defaults(func=cmd_probe)
+    check = sub.add_parser("check", help="validate ConnectionBudget manifests offline")
+    check.add_argument("files", nargs="+", help="YAML files (several documents each allowed)")
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

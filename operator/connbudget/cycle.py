@@ -1,0 +1,445 @@
+"""One reconcile pass of a ConnectionBudget: probe, attribute, decide, act, report.
+
+The imperative shell around the pure policy. Everything it touches comes in through ``Deps``
+(Kubernetes calls, database monitors, the pod index, Events, metrics, the clock), so tests drive
+it with fakes and the handlers with the real thing. It never raises for what only the operator can
+judge (missing Secret, unreachable database, selector matching nothing): those become conditions
+and Events, and no action is taken on them.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from connbudget.kube.api import EvictionResult, KubeError, Scale, SecretProblem
+from connbudget.model.actions import (
+    Action,
+    IdleBackend,
+    RestartPod,
+    ScalePooler,
+    TerminateBackends,
+)
+from connbudget.model.conditions import Reason
+from connbudget.model.observations import PodInfo, PoolerSample, ServerSample
+from connbudget.model.spec import (
+    BudgetSpec,
+    ObjectRef,
+    RestartMethod,
+    SecretRef,
+    SpecError,
+    is_paused,
+    parse_spec,
+)
+from connbudget.policy import attribution, plan, usage
+from connbudget.probe.errors import ProbeError, ProbeFailure
+from connbudget.report import events, status
+from connbudget.report.events import NORMAL, WARNING, EventReason
+from connbudget.report.metrics import Metrics
+
+log = logging.getLogger("connbudget.cycle")
+HISTORY_LENGTH = 64  # samples kept for the growth-rate forecast (it uses the last 30 s of them)
+PACING_SLACK_SECONDS = 0.05  # a timer tick this early still counts as on time
+IDLE_RECHECK_SLACK_SECONDS = 0.5  # rounding between the probe's idle ages and the re-check
+
+
+class KubeCalls(Protocol):
+    async def read_secret_value(self, namespace: str, ref: SecretRef) -> str: ...
+
+    async def evict_pod(
+        self, namespace: str, name: str, uid: str, *, dry_run: bool
+    ) -> EvictionResult: ...
+
+    async def delete_pod(
+        self, namespace: str, name: str, uid: str, *, dry_run: bool
+    ) -> EvictionResult: ...
+
+    async def rollout_restart(
+        self, namespace: str, kind: str, name: str, *, now: float, dry_run: bool
+    ) -> None: ...
+
+    async def read_scale(self, namespace: str, target: ObjectRef) -> Scale: ...
+
+    async def patch_scale(
+        self, namespace: str, target: ObjectRef, replicas: int, *, dry_run: bool
+    ) -> None: ...
+
+
+class MonitorLike(Protocol):
+    async def sample(self) -> ServerSample: ...
+
+    async def terminate(
+        self, backends: Iterable[IdleBackend], *, min_idle_seconds: float
+    ) -> list[int]: ...
+
+
+@dataclass
+class Deps:
+    kube: KubeCalls
+    bind_monitor: Callable[[str, str], Awaitable[MonitorLike]]  # (budget id, DSN)
+    sample_poolers: Callable[[str, Sequence[str], int], Awaitable[PoolerSample]]
+    pods: Callable[[str], Sequence[PodInfo]]  # every pod of a namespace, from the watch index
+    post_event: Callable[[str, str, str], None]  # (type, reason, message)
+    metrics: Metrics
+    now: Callable[[], float] = time.time
+
+
+@dataclass
+class Runtime:
+    """Per-budget memory that need not survive a restart (kept in kopf's memo)."""
+
+    history: collections.deque[tuple[float, int]] = field(
+        default_factory=lambda: collections.deque(maxlen=HISTORY_LENGTH)
+    )
+    last_probe_at: float | None = None
+    last_problem: str | None = None
+
+
+def is_probe_due(*, last_probe_at: float | None, poll_seconds: int, now: float) -> bool:
+    """Tell whether a budget polled at ``last_probe_at`` is due again at ``now``."""
+    return last_probe_at is None or now - last_probe_at >= poll_seconds - PACING_SLACK_SECONDS
+
+
+def _parse_selector(text: str) -> dict[str, str]:
+    """Equality-based part of a ``status.selector`` string (``a=b,c=d``)."""
+    out = {}
+    for part in text.split(","):
+        if "=" in part and "!=" not in part:
+            k, _, v = part.partition("=")
+            out[k.strip()] = v.strip().lstrip("=")
+    return out
+
+
+@dataclass
+class _Problem:
+    reason: Reason
+    message: str
+    event: EventReason
+    database_reachable: bool | None
+
+
+async def run_cycle(
+    *,
+    namespace: str,
+    name: str,
+    generation: int,
+    spec_raw: Mapping[str, Any],
+    annotations: Mapping[str, str],
+    old_status: Mapping[str, Any],
+    runtime: Runtime,
+    deps: Deps,
+) -> dict[str, Any] | None:
+    """Run one pass if the budget is due; return the new status (None: not due yet)."""
+    now = deps.now()
+    budget_id = f"{namespace}/{name}"
+    try:
+        spec = parse_spec(spec_raw)
+    except SpecError as e:
+        return _degraded(
+            runtime,
+            deps,
+            old_status,
+            generation,
+            now,
+            _Problem(Reason.SPEC_INVALID, f"invalid spec: {e}", EventReason.SPEC_INVALID, None),
+        )
+    if not is_probe_due(
+        last_probe_at=runtime.last_probe_at, poll_seconds=spec.poll_seconds, now=now
+    ):
+        return None
+    runtime.last_probe_at = now
+    paused = is_paused(annotations)
+
+    try:
+        dsn = await deps.kube.read_secret_value(namespace, spec.database_secret)
+    except SecretProblem as e:
+        deps.metrics.record_probe_error(namespace, name, Reason.SECRET_MISSING.value)
+        return _degraded(
+            runtime,
+            deps,
+            old_status,
+            generation,
+            now,
+            _Problem(Reason.SECRET_MISSING, str(e), EventReason.PROBE_FAILED, None),
+        )
+
+    started = time.perf_counter()
+    try:
+        monitor = await deps.bind_monitor(budget_id, dsn)
+        sample = await monitor.sample()
+    except ProbeError as e:
+        deps.metrics.record_probe_error(namespace, name, e.failure.value)
+        runtime.history.clear()  # a gap in the samples: the old rate says nothing now
+        return _degraded(
+            runtime,
+            deps,
+            old_status,
+            generation,
+            now,
+            _Problem(
+                Reason(e.failure.value), f"probe failed: {e}", EventReason.PROBE_FAILED, False
+            ),
+        )
+    deps.metrics.record_probe(namespace, name, time.perf_counter() - started)
+
+    all_pods = deps.pods(namespace)
+    governed = [p for p in all_pods if usage.is_governed(p, spec.selector, namespace)]
+    problem: _Problem | None = None
+    if not governed:
+        problem = _Problem(
+            Reason.NO_PODS_SELECTED,
+            f"selector {spec.selector.to_query()} matches no pod in {namespace}",
+            EventReason.PROBE_FAILED,
+            True,
+        )
+
+    pooler_sample: PoolerSample | None = None
+    pooler_ips: frozenset[str] = frozenset()
+    if spec.pooler is not None:
+        try:
+            scale = await deps.kube.read_scale(namespace, spec.pooler.target_ref)
+        except KubeError as e:
+            t = spec.pooler.target_ref
+            problem = _Problem(
+                Reason.POOLER_TARGET_INVALID,
+                f"pooler target {t.kind}/{t.name} has no readable /scale: {e}",
+                EventReason.PROBE_FAILED,
+                True,
+            )
+        else:
+            labels = spec.pooler.pod_labels or _parse_selector(scale.selector)
+            pooler_pods = [
+                p
+                for p in all_pods
+                if labels
+                and not p.terminating
+                and p.ip
+                and all(p.labels.get(k) == v for k, v in labels.items())
+            ]
+            pooler_ips = frozenset(p.ip for p in pooler_pods if p.ip)
+            pooler_sample = PoolerSample(replicas=scale.replicas)
+            if spec.pooler.admin_secret_ref is not None:
+                try:
+                    template = await deps.kube.read_secret_value(
+                        namespace, spec.pooler.admin_secret_ref
+                    )
+                    pooler_sample = await deps.sample_poolers(
+                        template, sorted(pooler_ips), scale.replicas
+                    )
+                except (SecretProblem, ProbeError) as e:
+                    problem = _Problem(
+                        Reason.PROBE_FAILED,
+                        f"pooler probe failed: {e}",
+                        EventReason.PROBE_FAILED,
+                        True,
+                    )
+
+    index = attribution.PodIndex.build(all_pods)
+    attributed = attribution.attribute_backends(
+        groups=sample.groups, index=index, mode=spec.attribution, pooler_ips=pooler_ips
+    )
+    pooler_clients = attribution.attribute_pooler_clients(
+        clients=pooler_sample.clients if pooler_sample else (), index=index
+    )
+    use = usage.compute_usage(spec=spec, namespace=namespace, sample=sample, attributed=attributed)
+    runtime.history.append((sample.sampled_at, use.server_total))
+    memory = status.memory_from_status(old_status)
+    decision = plan.decide(
+        spec=spec,
+        namespace=namespace,
+        now=now,
+        usage=use,
+        attributed=attributed,
+        pods=governed,
+        pooler=pooler_sample,
+        pooler_clients=pooler_clients,
+        history=list(runtime.history),
+        memory=memory,
+        # What only the operator can judge blocks every action until it is fixed.
+        paused=paused or problem is not None,
+    )
+    deps.metrics.record_usage(
+        namespace, name, use, [a.group for a in attributed], decision.seconds_to_full
+    )
+    _post_transition(deps, decision, use)
+    last_action, denied = await _carry_out(decision, spec, namespace, name, monitor, deps, now)
+    if denied is not None:
+        problem = _Problem(Reason.PERMISSION_DENIED, denied, EventReason.ACTION_FAILED, True)
+    _post_problem(runtime, deps, problem)
+    desired = next((a.desired for a in decision.actions if isinstance(a, ScalePooler)), None)
+    return status.render_status(
+        old_status,
+        status.Outcome(
+            generation=generation,
+            now=now,
+            problem=(problem.reason, problem.message) if problem else None,
+            database_reachable=True,
+            usage=use,
+            decision=decision,
+            paused=paused,
+            last_action=last_action,
+            pooler=pooler_sample,
+            pooler_desired=desired,
+            probe_time=now,
+        ),
+    )
+
+
+def _degraded(
+    runtime: Runtime,
+    deps: Deps,
+    old_status: Mapping[str, Any],
+    generation: int,
+    now: float,
+    problem: _Problem,
+) -> dict[str, Any]:
+    _post_problem(runtime, deps, problem)
+    return status.render_status(
+        old_status,
+        status.Outcome(
+            generation=generation,
+            now=now,
+            problem=(problem.reason, problem.message),
+            database_reachable=problem.database_reachable,
+        ),
+    )
+
+
+def _post_problem(runtime: Runtime, deps: Deps, problem: _Problem | None) -> None:
+    """Post an Event when a problem appears or changes (not on every poll)."""
+    key = f"{problem.reason}:{problem.message}" if problem else None
+    if problem is not None and key != runtime.last_problem:
+        deps.post_event(WARNING, problem.event.value, problem.message)
+        log.warning(
+            "budget degraded", extra={"reason": problem.reason.value, "detail": problem.message}
+        )
+    runtime.last_problem = key
+
+
+def _post_transition(deps: Deps, decision: plan.Decision, use: usage.Usage) -> None:
+    text = events.usage_text(use)
+    if decision.transition is plan.Transition.WARNING:
+        deps.post_event(WARNING, EventReason.BUDGET_WARNING.value, text)
+    elif decision.transition is plan.Transition.EXCEEDED:
+        deps.post_event(WARNING, EventReason.BUDGET_EXCEEDED.value, text)
+    elif decision.transition is plan.Transition.RECOVERED:
+        deps.post_event(NORMAL, EventReason.BUDGET_RECOVERED.value, text)
+
+
+def _step_name(action: Action) -> str:
+    if isinstance(action, TerminateBackends):
+        return "TerminateIdle"
+    if isinstance(action, RestartPod):
+        return "RestartPods"
+    return "ScalePooler"
+
+
+async def _carry_out(
+    decision: plan.Decision,
+    spec: BudgetSpec,
+    namespace: str,
+    name: str,
+    monitor: MonitorLike,
+    deps: Deps,
+    now: float,
+) -> tuple[status.LastAction | None, str | None]:
+    """Carry out the plan's actions (or, in dry-run, only report them).
+
+    Returns the last action, and a message if an action was refused for lack of permissions.
+    """
+    last: status.LastAction | None = None
+    denied: str | None = None
+    why = "; ".join(decision.reasons)
+    for action in decision.actions:
+        step = _step_name(action)
+        if decision.dry_run:
+            message = f"dry-run: would {events.describe(action)}" + (f" ({why})" if why else "")
+            deps.post_event(NORMAL, EventReason.DRY_RUN.value, message)
+            deps.metrics.record_action(namespace, name, step, "DryRun")
+            last = status.LastAction(
+                type=step,
+                targets=action.targets,
+                result="Planned",
+                dry_run=True,
+                time=now,
+                message=message,
+            )
+            continue
+        try:
+            result, reason, message = await _execute(action, spec, namespace, monitor, deps, now)
+        except (ProbeError, KubeError) as e:
+            result, reason = "Failed", EventReason.ACTION_FAILED
+            message = f"could not {events.describe(action)}: {e}"
+            if (isinstance(e, ProbeError) and e.failure is ProbeFailure.PERMISSION_DENIED) or (
+                isinstance(e, KubeError) and e.status == 403
+            ):
+                denied = message
+        event_type = NORMAL if result == "Succeeded" else WARNING
+        deps.post_event(event_type, reason.value, message + (f" ({why})" if why else ""))
+        deps.metrics.record_action(namespace, name, step, result)
+        log.info(
+            "action",
+            extra={
+                "budget": f"{namespace}/{name}",
+                "action": step,
+                "result": result,
+                "detail": message,
+            },
+        )
+        last = status.LastAction(
+            type=step,
+            targets=action.targets,
+            result=result,
+            dry_run=False,
+            time=now,
+            message=message,
+        )
+    return last, denied
+
+
+async def _execute(
+    action: Action, spec: BudgetSpec, namespace: str, monitor: MonitorLike, deps: Deps, now: float
+) -> tuple[str, EventReason, str]:
+    if isinstance(action, TerminateBackends):
+        # Each was idle at least this long at the probe; one that ran a query since is not now.
+        min_idle = min(b.idle_seconds for b in action.backends) - IDLE_RECHECK_SLACK_SECONDS
+        done = await monitor.terminate(action.backends, min_idle_seconds=max(min_idle, 0.0))
+        pods = sorted({b.pod for b in action.backends if b.pid in set(done)})
+        return (
+            "Succeeded" if done else "Skipped",
+            EventReason.IDLE_TERMINATED,
+            f"terminated {len(done)} of {len(action.backends)} idle backends chosen "
+            f"({events.describe(action)}); pods: {', '.join(pods) or 'none'}",
+        )
+    if isinstance(action, RestartPod):
+        if action.method is RestartMethod.ROLLOUT_RESTART:
+            await deps.kube.rollout_restart(
+                namespace, action.owner_kind, action.owner_name, now=now, dry_run=False
+            )
+            return (
+                "Succeeded",
+                EventReason.WORKLOAD_RESTARTED,
+                f"restarted {action.owner_kind}/{action.owner_name} (pod {action.pod} leaked)",
+            )
+        if action.method is RestartMethod.DELETE:
+            res = await deps.kube.delete_pod(namespace, action.pod, action.uid, dry_run=False)
+            reason = EventReason.POD_DELETED
+        else:
+            res = await deps.kube.evict_pod(namespace, action.pod, action.uid, dry_run=False)
+            reason = EventReason.POD_EVICTED
+        if res is EvictionResult.BLOCKED:
+            return (
+                "Blocked",
+                EventReason.RESTART_BLOCKED,
+                f"eviction of pod {action.pod} refused by a PodDisruptionBudget; retrying "
+                f"after the cooldown ({spec.remediation.cooldown_seconds}s), never bypassing it",
+            )
+        if res is EvictionResult.GONE:
+            return "Skipped", reason, f"pod {action.pod} was already gone"
+        return "Succeeded", reason, f"{events.describe(action)}: done"
+    await deps.kube.patch_scale(namespace, action.target, action.desired, dry_run=False)
+    return "Succeeded", EventReason.POOLER_SCALED, events.describe(action)
