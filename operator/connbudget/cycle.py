@@ -407,13 +407,20 @@ async def _execute(
     if isinstance(action, TerminateBackends):
         # Each was idle at least this long at the probe; one that ran a query since is not now.
         min_idle = min(b.idle_seconds for b in action.backends) - IDLE_RECHECK_SLACK_SECONDS
-        done = await monitor.terminate(action.backends, min_idle_seconds=max(min_idle, 0.0))
-        pods = sorted({b.pod for b in action.backends if b.pid in set(done)})
+        done = set(await monitor.terminate(action.backends, min_idle_seconds=max(min_idle, 0.0)))
+        if not done:
+            return (
+                "Skipped",
+                EventReason.IDLE_TERMINATED,
+                f"none of the {len(action.backends)} chosen backends was still idle",
+            )
+        ended = TerminateBackends(backends=tuple(b for b in action.backends if b.pid in done))
+        skipped = len(action.backends) - len(ended.backends)
         return (
-            "Succeeded" if done else "Skipped",
+            "Succeeded",
             EventReason.IDLE_TERMINATED,
-            f"terminated {len(done)} of {len(action.backends)} idle backends chosen "
-            f"({events.describe(action)}); pods: {', '.join(pods) or 'none'}",
+            events.describe(ended).replace("terminate", "terminated", 1)
+            + (f" ({skipped} no longer idle, left alone)" if skipped else ""),
         )
     if isinstance(action, RestartPod):
         if action.method is RestartMethod.ROLLOUT_RESTART:
