@@ -68,15 +68,13 @@ def setup_logging(fmt: str, level: int = logging.INFO) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import kopf
-
     from connbudget.handlers import lifecycle
 
     setup_logging(args.log_format)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
     namespaces = tuple(args.namespace or ())
-    lifecycle.CONFIG = OperatorConfig(
+    config = OperatorConfig(
         namespaces=namespaces,
         all_namespaces=not namespaces,
         metrics_port=args.metrics_port,
@@ -88,12 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.getLogger("connbudget").info(
         "starting", extra={"version": __version__, "namespaces": list(namespaces) or "all"}
     )
-    kopf.run(
-        clusterwide=not namespaces,
-        namespaces=namespaces,
-        liveness_endpoint=args.liveness or None,
-        standalone=args.standalone,
-    )
+    lifecycle.run_operator(config)
     return EXIT_OK
 
 
@@ -176,9 +169,7 @@ def render_probe_table(report: Mapping[str, Any]) -> str:
 
 
 async def _probe(dsn: str, pgbouncer: str | None) -> dict[str, Any]:
-    from psycopg import conninfo
-
-    from connbudget.probe.pgbouncer import sample_poolers
+    from connbudget.probe.pgbouncer import host_of, sample_poolers
     from connbudget.probe.postgres import Monitor
 
     monitor = Monitor(dsn)
@@ -188,8 +179,7 @@ async def _probe(dsn: str, pgbouncer: str | None) -> dict[str, Any]:
         await monitor.close()
     pooler = None
     if pgbouncer:
-        host = str(conninfo.conninfo_to_dict(pgbouncer).get("host") or "localhost")
-        pooler = await sample_poolers(pgbouncer, [host], replicas=1)
+        pooler = await sample_poolers(pgbouncer, [host_of(pgbouncer)], replicas=1)
     return probe_report(sample, pooler)
 
 

@@ -13,8 +13,22 @@ from connbudget.kube.api import Kube
 from connbudget.probe.postgres import MonitorPool
 from connbudget.report.metrics import Metrics
 
-# Set by the command line before kopf starts (see connbudget.cli); tests may set it too.
+# Set by run_operator before kopf starts.
 CONFIG = OperatorConfig()
+
+
+def run_operator(config: OperatorConfig) -> None:
+    """Run the operator until it is stopped (SIGTERM, SIGINT)."""
+    global CONFIG  # kopf's startup handler reads it; one operator per process
+    CONFIG = config
+    # kopf logs every successful timer run at INFO: once a second per budget is noise.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    kopf.run(
+        clusterwide=config.all_namespaces,
+        namespaces=config.namespaces,
+        liveness_endpoint=config.liveness,
+        standalone=config.standalone,
+    )
 
 
 @kopf.on.startup()

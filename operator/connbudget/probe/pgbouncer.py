@@ -31,6 +31,11 @@ def dsn_for_host(template: str, host: str) -> str:
     return conninfo.make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
 
 
+def host_of(dsn: str) -> str:
+    """The host a DSN names (``localhost`` if none)."""
+    return str(conninfo.conninfo_to_dict(dsn).get("host") or "localhost")
+
+
 async def _show(dsn: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     async with await psycopg.AsyncConnection.connect(
         dsn,
