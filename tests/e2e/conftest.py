@@ -1,0 +1,211 @@
+"""End-to-end harness: the CRD installed in the sandbox, and the operator run as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+import yaml
+from kubernetes.client.rest import ApiException
+
+from sandbox.core import Sandbox
+from sandbox.fixtures import eventually
+from sandbox.procs import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD = ROOT / "crds" / "connectionbudgets.connbudget.io.yaml"
+GROUP, VERSION, PLURAL = "connbudget.io", "v1alpha1", "connectionbudgets"
+
+
+@pytest.fixture(scope="session")
+def crd(kube_api: kubernetes.client.ApiClient) -> None:
+    """The ConnectionBudget CRD, installed from crds/ and Established."""
+    ext = kubernetes.client.ApiextensionsV1Api(kube_api)
+    body = yaml.safe_load(CRD.read_text())
+    try:
+        ext.create_custom_resource_definition(body)
+    except ApiException as e:
+        if e.status != 409:
+            raise
+        current = ext.read_custom_resource_definition(body["metadata"]["name"])
+        body["metadata"]["resourceVersion"] = current.metadata.resource_version
+        ext.replace_custom_resource_definition(body["metadata"]["name"], body)
+
+    def established() -> bool:
+        got = ext.read_custom_resource_definition(body["metadata"]["name"])
+        return any(
+            c.type == "Established" and c.status == "True" for c in got.status.conditions or []
+        )
+
+    eventually(established, timeout=30, what="CRD Established")
+
+
+@dataclass
+class Operator:
+    """A running ``connbudget run`` process watching one namespace."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+    metrics_port: int
+    health_port: int
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics",
+            timeout=5,
+        ) as r:
+            return str(r.read().decode())
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.health_port}/healthz",
+                timeout=2,
+            ) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def start_operator(sandbox: Sandbox, namespace: str, log: Path, *extra: str) -> Operator:
+    metrics_port, health_port = free_port(), free_port()
+    env = {**os.environ, "KUBECONFIG": sandbox.kubeconfig, "PYTHONUNBUFFERED": "1"}
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "connbudget",
+                "run",
+                "--namespace",
+                namespace,
+                "--standalone",
+                "--metrics-port",
+                str(metrics_port),
+                "--log-format",
+                "json",
+                "--liveness",
+                f"http://127.0.0.1:{health_port}/healthz",
+                *extra,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    op = Operator(proc=proc, log=log, metrics_port=metrics_port, health_port=health_port)
+    eventually(op.healthy, timeout=30, what="operator liveness endpoint")
+    return op
+
+
+@pytest.fixture
+def operator(sandbox: Sandbox, namespace: str, crd: None, tmp_path: Path) -> Iterator[Operator]:
+    op = start_operator(sandbox, namespace, tmp_path / "operator.log")
+    yield op
+    op.stop()
+
+
+class Budgets:
+    """Create and read ConnectionBudgets, and read the Events they got."""
+
+    def __init__(self, api: kubernetes.client.ApiClient, namespace: str) -> None:
+        self.custom = kubernetes.client.CustomObjectsApi(api)
+        self.core = kubernetes.client.CoreV1Api(api)
+        self.namespace = namespace
+
+    def secret(self, name: str, value: str, key: str = "dsn") -> None:
+        body = {"metadata": {"name": name}, "stringData": {key: value}}
+        try:
+            self.core.create_namespaced_secret(self.namespace, body)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+            self.core.replace_namespaced_secret(name, self.namespace, body)
+
+    def create(
+        self, name: str, spec: dict[str, Any], annotations: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "ConnectionBudget",
+            "metadata": {"name": name, "annotations": annotations or {}},
+            "spec": spec,
+        }
+        return dict(
+            self.custom.create_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, body
+            )
+        )
+
+    def get(self, name: str) -> dict[str, Any]:
+        return dict(
+            self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        )
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self.get(name).get("status") or {})
+
+    def condition(self, name: str, type_: str) -> dict[str, Any] | None:
+        return next(
+            (c for c in self.status(name).get("conditions", []) if c["type"] == type_), None
+        )
+
+    def patch(self, name: str, body: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, body
+        )
+
+    def events(self, reason: str | None = None) -> list[Any]:
+        items = self.core.list_namespaced_event(self.namespace).items
+        items = [e for e in items if e.involved_object.kind == "ConnectionBudget"]
+        return [e for e in items if reason is None or e.reason == reason]
+
+    def wait_event(self, reason: str, timeout: float = 60) -> Any:
+        return eventually(
+            lambda: next(iter(self.events(reason)), None),
+            timeout=timeout,
+            interval=0.5,
+            what=f"Event {reason}",
+        )
+
+
+@pytest.fixture
+def budgets(kube_api: kubernetes.client.ApiClient, namespace: str, crd: None) -> Budgets:
+    return Budgets(kube_api, namespace)
+
+
+def all_text(budgets: Budgets, name: str, op: Operator) -> str:
+    """Everything the operator wrote where a user can see it: logs, Events, status, metrics."""
+    events = "\n".join(f"{e.reason} {e.message}" for e in budgets.events())
+    return "\n".join([op.logs(), events, json.dumps(budgets.status(name)), op.metrics()])
+
+
+def wait_until(check: Any, timeout: float, what: str) -> Any:
+    return eventually(check, timeout=timeout, interval=0.5, what=what)
+
+
+def now() -> float:
+    return time.time()
