@@ -83,7 +83,7 @@ class Deps:
     bind_monitor: Callable[[str, str], Awaitable[MonitorLike]]  # (budget id, DSN)
     sample_poolers: Callable[[str, Sequence[str], int], Awaitable[PoolerSample]]
     pods: Callable[[str], Sequence[PodInfo]]  # every pod of a namespace, from the watch index
-    post_event: Callable[[str, str, str], None]  # (type, reason, message)
+    post_event: Callable[[str, str, str], Awaitable[None]]  # (type, reason, message)
     metrics: Metrics
     now: Callable[[], float] = time.time
 
@@ -139,7 +139,7 @@ async def run_cycle(
     try:
         spec = parse_spec(spec_raw)
     except SpecError as e:
-        return _degraded(
+        return await _degraded(
             runtime,
             deps,
             old_status,
@@ -158,7 +158,7 @@ async def run_cycle(
         dsn = await deps.kube.read_secret_value(namespace, spec.database_secret)
     except SecretProblem as e:
         deps.metrics.record_probe_error(namespace, name, Reason.SECRET_MISSING.value)
-        return _degraded(
+        return await _degraded(
             runtime,
             deps,
             old_status,
@@ -174,7 +174,7 @@ async def run_cycle(
     except ProbeError as e:
         deps.metrics.record_probe_error(namespace, name, e.failure.value)
         runtime.history.clear()  # a gap in the samples: the old rate says nothing now
-        return _degraded(
+        return await _degraded(
             runtime,
             deps,
             old_status,
@@ -245,7 +245,14 @@ async def run_cycle(
     pooler_clients = attribution.attribute_pooler_clients(
         clients=pooler_sample.clients if pooler_sample else (), index=index
     )
-    use = usage.compute_usage(spec=spec, namespace=namespace, sample=sample, attributed=attributed)
+    use = usage.compute_usage(
+        spec=spec,
+        namespace=namespace,
+        sample=sample,
+        attributed=attributed,
+        pooled=pooler_clients,
+        pods=index.by_name,
+    )
     runtime.history.append((sample.sampled_at, use.server_total))
     memory = status.memory_from_status(old_status)
     decision = plan.decide(
@@ -265,11 +272,11 @@ async def run_cycle(
     deps.metrics.record_usage(
         namespace, name, use, [a.group for a in attributed], decision.seconds_to_full
     )
-    _post_transition(deps, decision, use)
+    await _post_transition(deps, decision, use)
     last_action, denied = await _carry_out(decision, spec, namespace, name, monitor, deps, now)
     if denied is not None:
         problem = _Problem(Reason.PERMISSION_DENIED, denied, EventReason.ACTION_FAILED, True)
-    _post_problem(runtime, deps, problem)
+    await _post_problem(runtime, deps, problem)
     desired = next((a.desired for a in decision.actions if isinstance(a, ScalePooler)), None)
     return status.render_status(
         old_status,
@@ -289,7 +296,7 @@ async def run_cycle(
     )
 
 
-def _degraded(
+async def _degraded(
     runtime: Runtime,
     deps: Deps,
     old_status: Mapping[str, Any],
@@ -297,7 +304,7 @@ def _degraded(
     now: float,
     problem: _Problem,
 ) -> dict[str, Any]:
-    _post_problem(runtime, deps, problem)
+    await _post_problem(runtime, deps, problem)
     return status.render_status(
         old_status,
         status.Outcome(
@@ -309,25 +316,25 @@ def _degraded(
     )
 
 
-def _post_problem(runtime: Runtime, deps: Deps, problem: _Problem | None) -> None:
+async def _post_problem(runtime: Runtime, deps: Deps, problem: _Problem | None) -> None:
     """Post an Event when a problem appears or changes (not on every poll)."""
     key = f"{problem.reason}:{problem.message}" if problem else None
     if problem is not None and key != runtime.last_problem:
-        deps.post_event(WARNING, problem.event.value, problem.message)
+        await deps.post_event(WARNING, problem.event.value, problem.message)
         log.warning(
             "budget degraded", extra={"reason": problem.reason.value, "detail": problem.message}
         )
     runtime.last_problem = key
 
 
-def _post_transition(deps: Deps, decision: plan.Decision, use: usage.Usage) -> None:
+async def _post_transition(deps: Deps, decision: plan.Decision, use: usage.Usage) -> None:
     text = events.usage_text(use)
     if decision.transition is plan.Transition.WARNING:
-        deps.post_event(WARNING, EventReason.BUDGET_WARNING.value, text)
+        await deps.post_event(WARNING, EventReason.BUDGET_WARNING.value, text)
     elif decision.transition is plan.Transition.EXCEEDED:
-        deps.post_event(WARNING, EventReason.BUDGET_EXCEEDED.value, text)
+        await deps.post_event(WARNING, EventReason.BUDGET_EXCEEDED.value, text)
     elif decision.transition is plan.Transition.RECOVERED:
-        deps.post_event(NORMAL, EventReason.BUDGET_RECOVERED.value, text)
+        await deps.post_event(NORMAL, EventReason.BUDGET_RECOVERED.value, text)
 
 
 def _step_name(action: Action) -> str:
@@ -358,7 +365,7 @@ async def _carry_out(
         step = _step_name(action)
         if decision.dry_run:
             message = f"dry-run: would {events.describe(action)}" + (f" ({why})" if why else "")
-            deps.post_event(NORMAL, EventReason.DRY_RUN.value, message)
+            await deps.post_event(NORMAL, EventReason.DRY_RUN.value, message)
             deps.metrics.record_action(namespace, name, step, "DryRun")
             last = status.LastAction(
                 type=step,
@@ -379,7 +386,7 @@ async def _carry_out(
             ):
                 denied = message
         event_type = NORMAL if result == "Succeeded" else WARNING
-        deps.post_event(event_type, reason.value, message + (f" ({why})" if why else ""))
+        await deps.post_event(event_type, reason.value, message + (f" ({why})" if why else ""))
         deps.metrics.record_action(namespace, name, step, result)
         log.info(
             "action",

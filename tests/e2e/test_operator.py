@@ -18,6 +18,7 @@ from kubernetes.client.rest import ApiException
 from e2e.conftest import Budgets, Operator, all_text, start_operator, wait_until
 from sandbox.core import Sandbox
 from sandbox.fixtures import STEADY_IMAGE, Workloads
+from sandbox.network import NETNS
 
 pytestmark = pytest.mark.sandbox
 
@@ -56,7 +57,7 @@ def test_idle_leaked_backends_are_terminated_and_the_steady_app_is_untouched(
 ) -> None:
     db = sandbox.db
     budgets.secret("pg-monitor", db.monitor_dsn)
-    workloads.deploy(namespace, "leaky", replicas=2, env={"LEAK_RATE": "3"})
+    workloads.deploy(namespace, "leaky", replicas=2, env={"LEAK_RATE": "3", "LEAK_MAX": "40"})
     workloads.deploy(
         namespace,
         "steady",
@@ -117,7 +118,7 @@ def test_restarts_go_through_the_eviction_api_and_a_pdb_blocks_them(
 ) -> None:
     policy = kubernetes.client.PolicyV1Api(kube_api)
     budgets.secret("pg-monitor", sandbox.db.monitor_dsn)
-    workloads.deploy(namespace, "leaky", replicas=2, env={"LEAK_RATE": "2"})
+    workloads.deploy(namespace, "leaky", replicas=2, env={"LEAK_RATE": "2", "LEAK_MAX": "20"})
     policy.create_namespaced_pod_disruption_budget(
         namespace,
         {
@@ -349,7 +350,7 @@ def test_an_operator_restart_mid_episode_does_not_repeat_the_restart(
     tmp_path: Path,
 ) -> None:
     budgets.secret("pg-monitor", sandbox.db.monitor_dsn)
-    workloads.deploy(namespace, "leaky", replicas=2, env={"LEAK_RATE": "3"})
+    workloads.deploy(namespace, "leaky", replicas=2, env={"LEAK_RATE": "3", "LEAK_MAX": "20"})
     budgets.create(
         "leaky",
         budget_spec(
@@ -382,3 +383,90 @@ def test_an_operator_restart_mid_episode_does_not_repeat_the_restart(
         assert budgets.status("leaky")["cooldownUntil"] == cooldown
     finally:
         again.stop()
+
+
+def _pooler_budget(budget: int, steps: list[str], replicas_max: int = 2) -> dict[str, Any]:
+    return budget_spec(
+        "leaky",
+        budget={"maxConnections": budget},
+        remediation={
+            "steps": steps,
+            "breachSeconds": 1,
+            "cooldownSeconds": 60,
+            "terminateIdle": {"minIdleSeconds": 1},
+            "restartPods": {"minPodAgeSeconds": 0},
+        },
+        pooler={
+            "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "pgbouncer"},
+            "minReplicas": 1,
+            "maxReplicas": replicas_max,
+            "serverConnectionsPerReplica": 5,
+            "adminSecretRef": {"name": "pgbouncer-admin"},
+        },
+    )
+
+
+def _pooler_secrets(sandbox: Sandbox, budgets: Budgets) -> None:
+    from sandbox.postgres import BOUNCER_ADMIN
+
+    db = sandbox.db
+    budgets.secret("pg-monitor", db.monitor_dsn)
+    # The host is a placeholder: the operator queries each pooler pod at its own address.
+    budgets.secret(
+        "pgbouncer-admin",
+        db.dsn(BOUNCER_ADMIN, db.bouncer_admin_password, 6432, "pgbouncer").replace(
+            f"@{db.host}:", "@pooler:"
+        ),
+    )
+
+
+def test_a_leak_through_pgbouncer_is_traced_to_the_leaking_pod(
+    sandbox: Sandbox, workloads: Workloads, namespace: str, budgets: Budgets, operator: Operator
+) -> None:
+    if sandbox.network.mode != NETNS:
+        pytest.skip("pooler pods need their own addresses (netns mode)")
+    _pooler_secrets(sandbox, budgets)
+    (pooler_ip,) = workloads.deploy_pgbouncer(namespace, pool_size=30)
+    poolers = pod_names(workloads, namespace, "pgbouncer")
+    workloads.deploy(
+        namespace,
+        "leaky",
+        replicas=2,
+        via_pooler=pooler_ip,
+        env={"LEAK_RATE": "2", "LEAK_MAX": "20"},
+    )
+    budgets.create("leaky", _pooler_budget(10, ["RestartPods"]))
+
+    evicted = budgets.wait_event("PodEvicted", timeout=60)
+    assert "pod leaky-" in evicted.message
+    st = budgets.status("leaky")
+    owners = {o["owner"]: o for o in st["usage"]["byOwner"]}
+    assert owners["Deployment/leaky"]["pooled"] > 0  # the clients, traced through PgBouncer
+    assert owners["Deployment/pgbouncer"]["connections"] > 0  # the pooler's server side
+    assert st["pooler"]["replicas"] == 1
+    assert st["pooler"]["serverConnections"] > 0
+    assert pod_names(workloads, namespace, "pgbouncer") == poolers  # the pooler is never evicted
+
+
+def test_the_pooler_is_scaled_down_when_its_server_connections_break_the_budget(
+    sandbox: Sandbox,
+    workloads: Workloads,
+    namespace: str,
+    budgets: Budgets,
+    operator: Operator,
+    kube_api: kubernetes.client.ApiClient,
+) -> None:
+    if sandbox.network.mode != NETNS:
+        pytest.skip("pooler pods need their own addresses (netns mode)")
+    _pooler_secrets(sandbox, budgets)
+    ips = workloads.deploy_pgbouncer(namespace, replicas=2, pool_size=5)
+    workloads.deploy(
+        namespace, "leaky", replicas=1, via_pooler=ips[0], env={"LEAK_RATE": "5", "LEAK_MAX": "8"}
+    )
+    budgets.create("leaky", _pooler_budget(4, ["ScalePooler"]))
+
+    scaled = budgets.wait_event("PoolerScaled", timeout=60)
+    assert "from 2 to 1 replicas" in scaled.message
+    apps = kubernetes.client.AppsV1Api(kube_api)
+    assert apps.read_namespaced_deployment_scale("pgbouncer", namespace).spec.replicas == 1
+    assert budgets.status("leaky")["lastAction"]["type"] == "ScalePooler"

@@ -21,10 +21,12 @@ import pytest
 from kubernetes.client.rest import ApiException
 
 from sandbox.core import Sandbox, is_sandbox_kubeconfig
+from sandbox.postgres import APP_DB, APP_ROLE
 
 T = TypeVar("T")
 LEAKY_IMAGE = "sandbox.local/leaky-app:dev"
 STEADY_IMAGE = "sandbox.local/steady-app:dev"
+NAMESPACE_DELETE_TIMEOUT = 90.0  # seconds; pods stop within their grace period (5 s here)
 
 
 class ForeignKubeconfigError(RuntimeError):
@@ -85,7 +87,7 @@ class Workloads:
         image: str = LEAKY_IMAGE,
         replicas: int = 1,
         env: dict[str, str] | None = None,
-        via_pooler: bool = False,
+        via_pooler: bool | str = False,
         labels: dict[str, str] | None = None,
         wait: bool = True,
     ) -> dict[str, Any]:
@@ -95,7 +97,12 @@ class Workloads:
         """
         db = self.sandbox.db
         secret = f"{name}-db"
-        url = db.app_pooler_dsn if via_pooler else db.app_dsn
+        if isinstance(via_pooler, str):  # a pooler pod's address
+            url = db.dsn(APP_ROLE, db.app_password, 6432, APP_DB).replace(
+                f"@{db.host}:", f"@{via_pooler}:"
+            )
+        else:
+            url = db.app_pooler_dsn if via_pooler else db.app_dsn
         body = {"metadata": {"name": secret}, "stringData": {"url": url}}
         try:
             self.core.create_namespaced_secret(namespace, body)
@@ -128,6 +135,70 @@ class Workloads:
         if wait:
             self.wait_available(namespace, name, replicas)
         return deployment
+
+    def deploy_pgbouncer(
+        self, namespace: str, name: str = "pgbouncer", *, replicas: int = 1, pool_size: int = 5
+    ) -> list[str]:
+        """Run PgBouncer as a Deployment in front of the sandbox PostgreSQL; return pod IPs.
+
+        Its admin console admits ``pgbouncer_admin`` and ``connbudget_monitor`` (stats).
+        """
+        from sandbox.postgres import BOUNCER_ADMIN, MONITOR_ROLE
+
+        db = self.sandbox.db
+        userlist = "\n".join(
+            [
+                f'"{APP_ROLE}" "{db.app_password}"',
+                f'"{MONITOR_ROLE}" "{db.monitor_password}"',
+                f'"{BOUNCER_ADMIN}" "{db.bouncer_admin_password}"',
+            ]
+        )
+        self.core.create_namespaced_secret(
+            namespace, {"metadata": {"name": f"{name}-users"}, "stringData": {"userlist": userlist}}
+        )
+        self.apps.create_namespaced_deployment(
+            namespace,
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": name, "labels": {"app": name}},
+                "spec": {
+                    "replicas": replicas,
+                    "selector": {"matchLabels": {"app": name}},
+                    "template": {
+                        "metadata": {"labels": {"app": name}},
+                        "spec": {
+                            "terminationGracePeriodSeconds": 2,
+                            "containers": [
+                                {
+                                    "name": "pgbouncer",
+                                    "image": "sandbox.local/pgbouncer:1.18",
+                                    "env": [
+                                        {"name": "PG_HOST", "value": db.host},
+                                        {"name": "PG_PORT", "value": str(db.pg_port)},
+                                        {"name": "PG_DB", "value": APP_DB},
+                                        {"name": "POOL_SIZE", "value": str(pool_size)},
+                                        {"name": "ADMIN_USERS", "value": BOUNCER_ADMIN},
+                                        {"name": "STATS_USERS", "value": MONITOR_ROLE},
+                                        {
+                                            "name": "USERLIST",
+                                            "valueFrom": {
+                                                "secretKeyRef": {
+                                                    "name": f"{name}-users",
+                                                    "key": "userlist",
+                                                }
+                                            },
+                                        },
+                                    ],
+                                }
+                            ],
+                        },
+                    },
+                },
+            },
+        )
+        self.wait_available(namespace, name, replicas)
+        return sorted(p.status.pod_ip for p in self.pods(namespace, f"app={name}"))
 
     def wait_available(self, namespace: str, name: str, replicas: int, timeout: float = 60) -> None:
         def ready() -> bool:
@@ -227,3 +298,13 @@ def namespace(kube_api: kubernetes.client.ApiClient) -> Iterator[str]:
     except ApiException as e:
         if e.status != 404:
             raise
+
+    # Wait until it is gone, so that its pods' connections do not spill into the next test.
+    def gone() -> bool:
+        try:
+            core.read_namespace(name)
+        except ApiException as e:
+            return bool(e.status == 404)
+        return False
+
+    eventually(gone, timeout=NAMESPACE_DELETE_TIMEOUT, interval=0.25, what=f"namespace {name} gone")

@@ -39,6 +39,7 @@ def default_images() -> dict[str, Image]:
     return {
         "sandbox.local/leaky-app": _python_module("sandbox.workloads.leaky"),
         "sandbox.local/steady-app": _python_module("sandbox.workloads.steady"),
+        "sandbox.local/pgbouncer": _python_module("sandbox.workloads.pgbouncer"),
         "sandbox.local/pause": Image(entrypoint=["sleep", "infinity"], cmd=[], env={}),
     }
 

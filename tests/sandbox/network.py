@@ -99,10 +99,19 @@ class PodNetwork:
         run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
         run(["ip", "link", "set", veth, "master", self.bridge])
         run(["ip", "link", "set", veth, "up"])
+        # A pod IP is reused once its pod is gone: giving the address a fixed MAC keeps the host's
+        # neighbour cache right, else replies to the new pod go to the dead pod's MAC for a while.
+        run(["ip", "-n", ns, "link", "set", "eth0", "address", self.pod_mac(slot)])
+        run(["ip", "neigh", "flush", "to", self.pod_ip(slot), "dev", self.bridge])
         run(["ip", "-n", ns, "link", "set", "lo", "up"])
         run(["ip", "-n", ns, "addr", "add", f"{self.pod_ip(slot)}/{PREFIX}", "dev", "eth0"])
         run(["ip", "-n", ns, "link", "set", "eth0", "up"])
         run(["ip", "-n", ns, "route", "add", "default", "via", self.host_ip])
+
+    def pod_mac(self, slot: int) -> str:
+        """A locally administered MAC derived from the pod's address."""
+        octets = [int(o) for o in self.pod_ip(slot).split(".")]
+        return "02:cb:" + ":".join(f"{o:02x}" for o in octets)
 
     def exec_prefix(self, slot: int) -> list[str]:
         """The argv prefix that runs a command inside pod slot ``slot``'s namespace."""

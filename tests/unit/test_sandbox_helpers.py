@@ -83,3 +83,9 @@ def test_loopback_mode_shares_one_address() -> None:
     net = PodNetwork(mode=LOOPBACK, index=-1)
     assert net.host_ip == net.pod_ip(5) == "127.0.0.1"
     assert net.exec_prefix(5) == []
+
+
+def test_a_reused_pod_address_gets_the_same_mac() -> None:
+    net = PodNetwork(mode=NETNS, index=0)
+    assert net.pod_mac(1) == "02:cb:c6:12:00:02" == PodNetwork(mode=NETNS, index=0).pod_mac(1)
+    assert len({net.pod_mac(s) for s in range(1, 300)}) == 299

@@ -1,8 +1,8 @@
-"""kopf glue: handlers unpack kopf's arguments, call ``cycle`` and write ``patch.status``.
+"""kopf glue: start-up and shut-down, and the watch events that feed the reconciler.
 
 Importing this package registers every handler with kopf.
 """
 
-from connbudget.handlers import budgets, indexes, lifecycle
+from connbudget.handlers import lifecycle, watches
 
-__all__ = ["budgets", "indexes", "lifecycle"]
+__all__ = ["lifecycle", "watches"]

@@ -1,17 +1,32 @@
-"""Operator start-up and shut-down: kopf settings, shared clients, metrics server, liveness."""
+"""Operator start-up and shut-down: kopf settings, shared clients, leader election, metrics."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
+import secrets
+import socket
+import time
 from typing import Any
 
 import kopf
 import prometheus_client
 
 from connbudget.config import OperatorConfig
+from connbudget.handlers.reconciler import Reconciler
 from connbudget.kube.api import Kube
+from connbudget.kube.lease import LEASE_SECONDS, LeaseElector
 from connbudget.probe.postgres import MonitorPool
 from connbudget.report.metrics import Metrics
+
+log = logging.getLogger("connbudget.lifecycle")
+LEASE_NAME = "connbudget-operator"
+RENEW_EVERY_SECONDS = LEASE_SECONDS / 3
+# Stop acting well before the Lease runs out when it cannot be renewed (API server unreachable):
+# another replica may take over once it has expired.
+STEP_DOWN_AFTER_SECONDS = LEASE_SECONDS * 2 / 3
 
 # Set by run_operator before kopf starts.
 CONFIG = OperatorConfig()
@@ -21,14 +36,36 @@ def run_operator(config: OperatorConfig) -> None:
     """Run the operator until it is stopped (SIGTERM, SIGINT)."""
     global CONFIG  # kopf's startup handler reads it; one operator per process
     CONFIG = config
-    # kopf logs every successful timer run at INFO: once a second per budget is noise.
+    # kopf logs every successful handler call at INFO: once per watch event is noise.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    # kopf's own peering is off: leader election uses a Lease (see kube.lease), which needs no
+    # extra CRDs.
     kopf.run(
         clusterwide=config.all_namespaces,
         namespaces=config.namespaces,
         liveness_endpoint=config.liveness,
-        standalone=config.standalone,
+        standalone=True,
     )
+
+
+async def _elect(reconciler: Reconciler, elector: LeaseElector | None) -> None:
+    if elector is None:
+        reconciler.lead()
+        return
+    last_ok = 0.0
+    while True:
+        now = time.time()
+        try:
+            held = await elector.try_acquire(now)
+            last_ok = now
+        except Exception as e:
+            log.warning("leader election failed", extra={"error": str(e)})
+            held = reconciler.leading and now - last_ok < STEP_DOWN_AFTER_SECONDS
+        if held:
+            reconciler.lead()
+        else:
+            await reconciler.follow()
+        await asyncio.sleep(RENEW_EVERY_SECONDS)
 
 
 @kopf.on.startup()
@@ -40,34 +77,44 @@ async def operator_startup(
 ) -> None:
     # Our own Events only: kopf would otherwise post every handler log line as an Event.
     settings.posting.level = logging.CRITICAL + 10
-    # The operator registers no create/update/delete handlers, so kopf puts no finalizer and no
-    # progress or last-handled annotations on ConnectionBudgets: it writes only their status, so
-    # GitOps tools see no drift and a deletion never waits for the operator.
     # Idle watches die silently behind some load balancers: re-establish them regularly.
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
-    settings.peering.standalone = CONFIG.standalone
-    settings.peering.name = "connbudget"
-    settings.peering.clusterwide = CONFIG.all_namespaces
-    memo.config = CONFIG
-    memo.kube = Kube.from_environment(CONFIG.kubeconfig)
-    memo.monitors = MonitorPool()
-    memo.metrics = Metrics()
+    kube = Kube.from_environment(CONFIG.kubeconfig)
+    metrics = Metrics()
+    reconciler = Reconciler(kube=kube, monitors=MonitorPool(), metrics=metrics)
+    memo.reconciler = reconciler
+    elector = None
+    if not CONFIG.standalone:
+        namespace = os.environ.get("POD_NAMESPACE") or (
+            CONFIG.namespaces[0] if CONFIG.namespaces else "default"
+        )
+        identity = f"{os.environ.get('HOSTNAME') or socket.gethostname()}-{secrets.token_hex(3)}"
+        elector = LeaseElector(kube, namespace=namespace, name=LEASE_NAME, identity=identity)
+        logger.info(
+            "leader election", extra={"lease": f"{namespace}/{LEASE_NAME}", "identity": identity}
+        )
+    memo.election = asyncio.create_task(_elect(reconciler, elector), name="leader election")
     if CONFIG.metrics_port:
-        prometheus_client.start_http_server(CONFIG.metrics_port, registry=memo.metrics.registry)
+        prometheus_client.start_http_server(CONFIG.metrics_port, registry=metrics.registry)
         logger.info("metrics served", extra={"port": CONFIG.metrics_port})
 
 
 @kopf.on.cleanup()
 async def operator_cleanup(memo: kopf.Memo, **_: object) -> None:
-    monitors: MonitorPool | None = memo.get("monitors")
-    if monitors is not None:
-        await monitors.close()
+    election: asyncio.Task[None] | None = memo.get("election")
+    if election is not None:
+        election.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await election
+    reconciler: Reconciler | None = memo.get("reconciler")
+    if reconciler is not None:
+        await reconciler.close()
 
 
-@kopf.on.probe(id="monitorConnections")
-async def operator_probe(memo: kopf.Memo, **_: object) -> int:
-    """Liveness detail: how many monitoring connections are open."""
-    monitors: MonitorPool | None = memo.get("monitors")
-    return monitors.open_connections if monitors is not None else 0
+@kopf.on.probe(id="leading")
+async def operator_probe(memo: kopf.Memo, **_: object) -> bool:
+    """Liveness detail: whether this replica leads (and so acts)."""
+    reconciler: Reconciler | None = memo.get("reconciler")
+    return bool(reconciler and reconciler.leading)

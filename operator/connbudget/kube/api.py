@@ -12,6 +12,8 @@ import base64
 import datetime as dt
 import enum
 import functools
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -19,10 +21,18 @@ from typing import TypeVar
 import kubernetes
 from kubernetes.client.rest import ApiException
 
-from connbudget.model.spec import ObjectRef, SecretRef
+from connbudget.model.spec import GROUP, KIND, PLURAL, VERSION, ObjectRef, SecretRef
 
 T = TypeVar("T")
 RESTARTED_AT_ANNOTATION = "connbudget.io/restartedAt"
+HOSTNAME = os.environ.get("HOSTNAME") or socket.gethostname()
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetRef:
+    namespace: str
+    name: str
+    uid: str
 
 
 class KubeError(Exception):
@@ -76,7 +86,7 @@ class Kube:
             kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=config)
         return cls(kubernetes.client.ApiClient(config))
 
-    async def _call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+    async def call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         try:
             return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
         except ApiException as e:
@@ -85,7 +95,7 @@ class Kube:
     async def read_secret_value(self, namespace: str, ref: SecretRef) -> str:
         """Read one key of a Secret; raise ``SecretProblem`` naming what is missing."""
         try:
-            secret = await self._call(self.core.read_namespaced_secret, ref.name, namespace)
+            secret = await self.call(self.core.read_namespaced_secret, ref.name, namespace)
         except KubeError as e:
             if e.status == 404:
                 raise SecretProblem(f"Secret {namespace}/{ref.name} not found") from None
@@ -119,7 +129,7 @@ class Kube:
             },
         }
         try:
-            await self._call(
+            await self.call(
                 self.core.create_namespaced_pod_eviction,
                 name,
                 namespace,
@@ -139,7 +149,7 @@ class Kube:
     ) -> EvictionResult:
         body = {"preconditions": {"uid": uid}, **({"dryRun": ["All"]} if dry_run else {})}
         try:
-            await self._call(
+            await self.call(
                 self.core.delete_namespaced_pod,
                 name,
                 namespace,
@@ -167,24 +177,62 @@ class Kube:
         }.get(kind)
         if fn is None:
             raise KubeError(422, f"{kind} cannot be rollout-restarted")
-        await self._call(fn, name, namespace, patch, **({"dry_run": "All"} if dry_run else {}))
+        await self.call(fn, name, namespace, patch, **({"dry_run": "All"} if dry_run else {}))
+
+    async def patch_budget_status(
+        self, namespace: str, name: str, status: dict[str, object]
+    ) -> None:
+        """Merge-patch a ConnectionBudget's status subresource (never its spec)."""
+        await self.call(
+            self.custom.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"status": status},
+        )
+
+    async def post_event(
+        self, ref: BudgetRef, type_: str, reason: str, message: str, *, now: float
+    ) -> None:
+        """Create a core/v1 Event about a ConnectionBudget."""
+        stamp = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "metadata": {"generateName": f"{ref.name}.", "namespace": ref.namespace},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": KIND,
+                "name": ref.name,
+                "namespace": ref.namespace,
+                "uid": ref.uid,
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": type_,
+            "source": {"component": "connbudget"},
+            "reportingComponent": "connbudget.io/operator",
+            "reportingInstance": HOSTNAME,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        await self.call(self.core.create_namespaced_event, ref.namespace, body)
 
     async def _plural(self, api_version: str, kind: str) -> str:
+        """The resource name of ``kind`` in ``api_version`` (discovered once, then cached)."""
         key = (api_version, kind)
         if key not in self._plurals:
             group, _, version = api_version.rpartition("/")
-            path = f"/apis/{group}/{version}" if group else f"/api/{version}"
-            resp = await self._call(
-                self.api.call_api,
-                path,
-                "GET",
-                response_type="object",
-                auth_settings=["BearerToken"],
-                _return_http_data_only=True,
-            )
-            for r in resp.get("resources", []):
-                if r.get("kind") == kind and "/" not in r.get("name", ""):
-                    self._plurals[key] = r["name"]
+            if not group:
+                raise KubeError(
+                    422,
+                    f"{kind} in the core API group has no /scale subresource the operator can use",
+                )
+            listing = await self.call(self.custom.get_api_resources, group, version)
+            for r in listing.resources or []:
+                if r.kind == kind and "/" not in r.name:
+                    self._plurals[key] = r.name
                     break
             else:
                 raise KubeError(404, f"no resource of kind {kind} in {api_version}")
@@ -194,7 +242,7 @@ class Kube:
         """Read the target's ``/scale`` subresource."""
         group, _, version = target.api_version.rpartition("/")
         plural = await self._plural(target.api_version, target.kind)
-        obj = await self._call(
+        obj = await self.call(
             self.custom.get_namespaced_custom_object_scale,
             group,
             version,
@@ -218,7 +266,7 @@ class Kube:
     ) -> None:
         group, _, version = target.api_version.rpartition("/")
         plural = await self._plural(target.api_version, target.kind)
-        await self._call(
+        await self.call(
             self.custom.patch_namespaced_custom_object_scale,
             group,
             version,

@@ -54,8 +54,9 @@ class PoolerClient:
     addr: str | None
     user: str
     database: str
-    state: str  # active, waiting, idle, used, ...
+    state: str  # active (linked to a server, idle or not), waiting, ...
     application_name: str = ""
+    idle_seconds: float = 0.0  # since the client's last request
 
 
 @dataclass(frozen=True, kw_only=True)

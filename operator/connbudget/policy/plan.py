@@ -200,7 +200,7 @@ def _restart_candidates(
             if pod.name in idle
             else 0
         )
-        pooled = sum(1 for c in pooler_clients.get(pod.name, ()) if c.state != "active")
+        pooled = sum(1 for c in pooler_clients.get(pod.name, ()) if c.idle_seconds >= min_idle)
         if stale_idle + pooled == 0:
             continue  # holds nothing that looks leaked: not an offender
         if now - pod.created_at < spec.remediation.restart_pods.min_pod_age_seconds:

@@ -5,10 +5,10 @@ Pure: no I/O, no clock; all inputs are arguments.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from connbudget.model.observations import PodInfo, ServerSample
+from connbudget.model.observations import PodInfo, PoolerClient, ServerSample
 from connbudget.model.spec import BudgetSpec, LabelSelector, Scope
 from connbudget.policy.attribution import Attributed, Via
 
@@ -22,6 +22,7 @@ class OwnerUsage:
     connections: int
     idle: int
     leaked: int
+    pooled: int = 0  # clients this owner holds in PgBouncer (their server side is the pooler's)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +53,7 @@ class _OwnerTally:
     connections: int = 0
     idle: int = 0
     leaked: int = 0
+    pooled: int = 0
 
 
 def is_governed(pod: PodInfo | None, selector: LabelSelector, namespace: str) -> bool:
@@ -74,8 +76,14 @@ def compute_usage(
     namespace: str,
     sample: ServerSample,
     attributed: Sequence[Attributed],
+    pooled: Mapping[str, Sequence[PoolerClient]] | None = None,
+    pods: Mapping[str, PodInfo] | None = None,
 ) -> Usage:
-    """Count what the budget counts, and who holds it."""
+    """Count what the budget counts, and who holds it.
+
+    ``pooled`` maps pod names to their PgBouncer clients, so a leak through the pooler shows up
+    under the pod's own workload, not only under the pooler's.
+    """
     budget = spec.budget.resolve(
         server_max_connections=sample.max_connections, reserved=sample.reserved
     )
@@ -96,14 +104,27 @@ def compute_usage(
         if a.group.state == "idle":
             tally.idle += a.group.count
             tally.leaked += sum(1 for _, s, _ in a.group.idle if s > leak_after)
+    for pod_name, clients in (pooled or {}).items():
+        pod = (pods or {}).get(pod_name)
+        if pod is None:
+            continue
+        tally = owners.setdefault(pod.owner, _OwnerTally())
+        tally.pods.add(pod.name)
+        tally.pooled += len(clients)
+        tally.leaked += sum(1 for c in clients if c.idle_seconds > leak_after)
     by_owner = sorted(
         (
             OwnerUsage(
-                owner=k, pods=len(t.pods), connections=t.connections, idle=t.idle, leaked=t.leaked
+                owner=k,
+                pods=len(t.pods),
+                connections=t.connections,
+                idle=t.idle,
+                leaked=t.leaked,
+                pooled=t.pooled,
             )
             for k, t in owners.items()
         ),
-        key=lambda u: (-u.connections, u.owner),
+        key=lambda u: (-(u.connections + u.pooled), u.owner),
     )[:TOP_OWNERS]
     return Usage(
         connections=sum(a.group.count for a in counted),

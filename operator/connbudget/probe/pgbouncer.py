@@ -9,6 +9,8 @@ and pod and closed at once: pooler pods come and go, and none of them may be hel
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import time
 from collections.abc import Iterable
 from typing import Any, LiteralString
 
@@ -56,8 +58,19 @@ async def _rows(conn: psycopg.AsyncConnection[Any], query: LiteralString) -> lis
     return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
 
 
+def _idle_seconds(request_time: object, now: float) -> float:
+    """Seconds since a client's last request (PgBouncer prints ``2026-11-25 01:16:58 UTC``)."""
+    if isinstance(request_time, dt.datetime):
+        return max(now - request_time.timestamp(), 0.0)
+    try:
+        t = dt.datetime.strptime(str(request_time), "%Y-%m-%d %H:%M:%S %Z")
+    except ValueError:
+        return 0.0
+    return max(now - t.replace(tzinfo=dt.UTC).timestamp(), 0.0)
+
+
 def summarise(
-    pools: Iterable[dict[str, Any]], clients: Iterable[dict[str, Any]]
+    pools: Iterable[dict[str, Any]], clients: Iterable[dict[str, Any]], *, now: float
 ) -> tuple[int, int, list[PoolerClient]]:
     """Clients waiting, server connections, and the clients (admin console sessions left out)."""
     waiting = servers = 0
@@ -73,6 +86,7 @@ def summarise(
             database=str(c.get("database", "")),
             state=str(c.get("state", "")),
             application_name=str(c.get("application_name") or ""),
+            idle_seconds=_idle_seconds(c.get("request_time"), now),
         )
         for c in clients
         if c.get("database") != "pgbouncer"
@@ -94,7 +108,7 @@ async def sample_poolers(template: str, hosts: Iterable[str], *, replicas: int) 
             err = result if isinstance(result, ProbeError) else classify(result, template)
             errors.append(f"{host}: {err}")
             continue
-        w, s, c = summarise(*result)
+        w, s, c = summarise(*result, now=time.time())
         waiting += w
         servers += s
         clients.extend(c)

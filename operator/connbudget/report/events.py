@@ -35,7 +35,10 @@ class EventReason(enum.StrEnum):
 
 
 def usage_text(u: Usage) -> str:
-    top = ", ".join(f"{o.owner} {o.connections}" for o in u.by_owner[:3])
+    top = ", ".join(
+        f"{o.owner} {o.connections}" + (f" (+{o.pooled} through the pooler)" if o.pooled else "")
+        for o in u.by_owner[:3]
+    )
     return (
         f"{u.connections}/{u.budget} connections ({u.percent:.0f}% of the budget; server "
         f"{u.server_total}/{u.server_max_connections})" + (f"; top: {top}" if top else "")

@@ -258,6 +258,7 @@ def render_status(old: Mapping[str, Any] | None, o: Outcome) -> dict[str, Any]:
                     "connections": w.connections,
                     "idle": w.idle,
                     "leaked": w.leaked,
+                    "pooled": w.pooled,
                 }
                 for w in u.by_owner
             ],

@@ -1,0 +1,209 @@
+"""The reconciler: one worker task per ConnectionBudget, running the cycle at the budget's cadence.
+
+Why not a kopf timer: kopf puts a finalizer on every object that has a timer, so deleting a
+ConnectionBudget would hang whenever the operator is not running (uninstalled, crash-looping).
+The operator writes only status; a worker per budget, fed by watch events, does the same job with
+no finalizer, and wakes at once when the budget's spec or annotations change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from connbudget import cycle
+from connbudget.config import TICK_SECONDS
+from connbudget.kube.api import BudgetRef, Kube, KubeError
+from connbudget.kube.pods import pod_info_from_body
+from connbudget.model.observations import PodInfo, PoolerSample
+from connbudget.probe.pgbouncer import sample_poolers
+from connbudget.probe.postgres import MonitorPool
+from connbudget.report.metrics import Metrics
+
+log = logging.getLogger("connbudget.reconciler")
+Key = tuple[str, str]  # (namespace, name)
+
+
+@dataclass
+class Budget:
+    """The latest state of a ConnectionBudget, as the watch delivered it."""
+
+    ref: BudgetRef
+    generation: int
+    spec: dict[str, Any]
+    annotations: dict[str, str]
+    status: dict[str, Any]
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def budget_from_body(body: Mapping[str, Any]) -> Budget:
+    meta = body.get("metadata") or {}
+    return Budget(
+        ref=BudgetRef(
+            namespace=str(meta.get("namespace", "")),
+            name=str(meta.get("name", "")),
+            uid=str(meta.get("uid", "")),
+        ),
+        generation=int(meta.get("generation") or 0),
+        spec=dict(body.get("spec") or {}),
+        annotations=dict(meta.get("annotations") or {}),
+        status=dict(body.get("status") or {}),
+    )
+
+
+class Reconciler:
+    """Keeps the pod and budget caches, and one worker per budget while this replica leads."""
+
+    def __init__(self, *, kube: Kube, monitors: MonitorPool, metrics: Metrics) -> None:
+        self.kube = kube
+        self.monitors = monitors
+        self.metrics = metrics
+        self.pods: dict[str, dict[str, PodInfo]] = {}
+        self.budgets: dict[Key, Budget] = {}
+        self.written: dict[Key, dict[str, Any]] = {}  # the status we wrote last (ahead of watch)
+        self.runtimes: dict[Key, cycle.Runtime] = {}
+        self.workers: dict[Key, asyncio.Task[None]] = {}
+        self.leading = False
+
+    # --- watch events -------------------------------------------------------------------------
+
+    def on_pod(self, event: str | None, body: Mapping[str, Any]) -> None:
+        pod = pod_info_from_body(body)
+        pods = self.pods.setdefault(pod.namespace, {})
+        if event == "DELETED":
+            pods.pop(pod.uid, None)
+        else:
+            pods[pod.uid] = pod
+
+    async def on_budget(self, event: str | None, body: Mapping[str, Any]) -> None:
+        b = budget_from_body(body)
+        key = (b.ref.namespace, b.ref.name)
+        if event == "DELETED":
+            self.budgets.pop(key, None)
+            await self._stop_worker(key)
+            await self.monitors.unbind(f"{key[0]}/{key[1]}")
+            self.metrics.forget(*key)
+            self.written.pop(key, None)
+            self.runtimes.pop(key, None)
+            return
+        old = self.budgets.get(key)
+        if old is not None:
+            b.changed = old.changed
+            if old.ref.uid != b.ref.uid:  # deleted and created again under the same name
+                self.written.pop(key, None)
+                self.runtimes.pop(key, None)
+            if old.generation != b.generation or old.annotations != b.annotations:
+                b.changed.set()
+        self.budgets[key] = b
+        if self.leading and key not in self.workers:
+            self._start_worker(key)
+
+    # --- leadership ---------------------------------------------------------------------------
+
+    def lead(self) -> None:
+        """Start acting: a worker for every known budget."""
+        if not self.leading:
+            log.info("leading: starting workers", extra={"budgets": len(self.budgets)})
+        self.leading = True
+        for key in self.budgets:
+            if key not in self.workers:
+                self._start_worker(key)
+
+    async def follow(self) -> None:
+        """Stop acting (another replica leads)."""
+        if self.leading:
+            log.warning("no longer leading: stopping workers")
+        self.leading = False
+        for key in list(self.workers):
+            await self._stop_worker(key)
+
+    # --- workers ------------------------------------------------------------------------------
+
+    def _start_worker(self, key: Key) -> None:
+        self.workers[key] = asyncio.create_task(self._work(key), name=f"budget {key[0]}/{key[1]}")
+
+    async def _stop_worker(self, key: Key) -> None:
+        task = self.workers.pop(key, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _deps(self, ref: BudgetRef) -> cycle.Deps:
+        async def post_event(type_: str, reason: str, message: str) -> None:
+            try:
+                await self.kube.post_event(ref, type_, reason, message, now=time.time())
+            except KubeError as e:
+                log.warning(
+                    "posting an Event failed",
+                    extra={"budget": f"{ref.namespace}/{ref.name}", "error": str(e)},
+                )
+
+        def pods_of(namespace: str) -> Sequence[PodInfo]:
+            return list(self.pods.get(namespace, {}).values())
+
+        async def bind(budget: str, dsn: str) -> cycle.MonitorLike:
+            return await self.monitors.bind(budget, dsn)
+
+        async def poolers(template: str, hosts: Sequence[str], replicas: int) -> PoolerSample:
+            return await sample_poolers(template, hosts, replicas=replicas)
+
+        return cycle.Deps(
+            kube=self.kube,
+            bind_monitor=bind,
+            sample_poolers=poolers,
+            pods=pods_of,
+            post_event=post_event,
+            metrics=self.metrics,
+            now=time.time,
+        )
+
+    async def _work(self, key: Key) -> None:
+        runtime = self.runtimes.setdefault(key, cycle.Runtime())
+        while key in self.budgets:
+            b = self.budgets[key]
+            b.changed.clear()
+            try:
+                await self._once(key, b, runtime)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug must not kill the budget's worker: log it and try again next tick.
+                log.exception("reconcile failed", extra={"budget": f"{key[0]}/{key[1]}"})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(b.changed.wait(), timeout=TICK_SECONDS)
+            if b.changed.is_set():
+                runtime.last_probe_at = None  # the spec or annotations changed: probe at once
+
+    async def _once(self, key: Key, b: Budget, runtime: cycle.Runtime) -> None:
+        old_status = self.written.get(key, b.status)
+        new_status = await cycle.run_cycle(
+            namespace=b.ref.namespace,
+            name=b.ref.name,
+            generation=b.generation,
+            spec_raw=b.spec,
+            annotations=b.annotations,
+            old_status=old_status,
+            runtime=runtime,
+            deps=self._deps(b.ref),
+        )
+        if new_status is None:
+            return
+        try:
+            await self.kube.patch_budget_status(b.ref.namespace, b.ref.name, new_status)
+        except KubeError as e:
+            if e.status == 404:
+                return  # deleted meanwhile; the watch will tell
+            raise
+        merged = {**old_status, **new_status}
+        self.written[key] = {k: v for k, v in merged.items() if v is not None}
+        self.metrics.db_connections.set(self.monitors.open_connections)
+
+    async def close(self) -> None:
+        await self.follow()
+        await self.monitors.close()
