@@ -1,0 +1,265 @@
+"""The reconcile cycle with fake dependencies: what it calls, and what it never calls."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pytest
+
+from connbudget import cycle
+from connbudget.kube.api import EvictionResult, Scale, SecretProblem
+from connbudget.model.actions import IdleBackend
+from connbudget.model.observations import PodInfo, PoolerSample, ServerSample
+from connbudget.model.spec import ObjectRef, SecretRef
+from connbudget.probe.errors import ProbeError, ProbeFailure
+from connbudget.report.metrics import Metrics
+from unit.builders import NOW, idle_group, pod, sample
+
+PASSWORD = "pa55-Word-Zz"
+DSN = f"postgresql://mon:{PASSWORD}@db:5432/app"
+WEB1 = pod("web-1", "10.0.0.1")
+
+
+class FakeKube:
+    def __init__(
+        self, *, dsn: str | None = DSN, evict: EvictionResult = EvictionResult.EVICTED
+    ) -> None:
+        self.dsn = dsn
+        self.evict_result = evict
+        self.calls: list[tuple[str, Any]] = []
+
+    async def read_secret_value(self, namespace: str, ref: SecretRef) -> str:
+        if self.dsn is None:
+            raise SecretProblem(f"Secret {namespace}/{ref.name} not found")
+        return self.dsn
+
+    async def evict_pod(
+        self, namespace: str, name: str, uid: str, *, dry_run: bool
+    ) -> EvictionResult:
+        self.calls.append(("evict", name))
+        return self.evict_result
+
+    async def delete_pod(
+        self, namespace: str, name: str, uid: str, *, dry_run: bool
+    ) -> EvictionResult:
+        self.calls.append(("delete", name))
+        return EvictionResult.EVICTED
+
+    async def rollout_restart(
+        self, namespace: str, kind: str, name: str, *, now: float, dry_run: bool
+    ) -> None:
+        self.calls.append(("rollout", name))
+
+    async def read_scale(self, namespace: str, target: ObjectRef) -> Scale:
+        return Scale(replicas=1, selector="app=pgbouncer")
+
+    async def patch_scale(
+        self, namespace: str, target: ObjectRef, replicas: int, *, dry_run: bool
+    ) -> None:
+        self.calls.append(("scale", replicas))
+
+
+class FakeMonitor:
+    def __init__(self, result: ServerSample | ProbeError) -> None:
+        self.result = result
+        self.terminated: list[int] = []
+
+    async def sample(self) -> ServerSample:
+        if isinstance(self.result, ProbeError):
+            raise self.result
+        return self.result
+
+    async def terminate(
+        self, backends: Iterable[IdleBackend], *, min_idle_seconds: float
+    ) -> list[int]:
+        pids = [b.pid for b in backends]
+        self.terminated += pids
+        return pids
+
+
+def make_deps(
+    kube: FakeKube, monitor: FakeMonitor, pods: Sequence[PodInfo], now: float = NOW
+) -> tuple[cycle.Deps, list[tuple[str, str, str]]]:
+    events: list[tuple[str, str, str]] = []
+
+    async def bind(budget: str, dsn: str) -> cycle.MonitorLike:
+        return monitor
+
+    async def poolers(template: str, hosts: Sequence[str], replicas: int) -> PoolerSample:
+        return PoolerSample(replicas=replicas)
+
+    async def post(type_: str, reason: str, message: str) -> None:
+        events.append((type_, reason, message))
+
+    return cycle.Deps(
+        kube=kube,
+        bind_monitor=bind,
+        sample_poolers=poolers,
+        pods=lambda ns: list(pods),
+        post_event=post,
+        metrics=Metrics(),
+        now=lambda: now,
+    ), events
+
+
+SPEC: dict[str, Any] = {
+    "database": {"secretRef": {"name": "pg"}},
+    "budget": {"maxConnections": 80},
+    "selector": {"matchLabels": {"app": "web"}},
+    "remediation": {"breachSeconds": 0, "restartPods": {"minPodAgeSeconds": 0}},
+}
+OVER_STATUS = {
+    "remediation": {
+        "level": "OverBudget",
+        "breachSince": "2027-01-15T08:00:00Z",
+        "episodeSince": "2027-01-15T08:00:00Z",
+        "escalation": 1,
+    }
+}
+
+
+def run_cycle(
+    deps: cycle.Deps,
+    *,
+    spec: dict[str, Any] | None = None,
+    annotations: dict[str, str] | None = None,
+    old_status: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    out = asyncio.run(
+        cycle.run_cycle(
+            namespace="shop",
+            name="web",
+            generation=2,
+            spec_raw=spec or SPEC,
+            annotations=annotations or {},
+            old_status=old_status or {},
+            runtime=cycle.Runtime(),
+            deps=deps,
+        )
+    )
+    assert out is not None
+    return out
+
+
+def leaking() -> ServerSample:
+    return sample([idle_group(WEB1, [40.0] * 90)])
+
+
+def test_a_breach_terminates_and_evicts_and_reports_it() -> None:
+    kube, monitor = FakeKube(), FakeMonitor(leaking())
+    deps, events = make_deps(kube, monitor, [WEB1])
+    out = run_cycle(deps, old_status=OVER_STATUS)
+    assert monitor.terminated
+    assert kube.calls == [("evict", "web-1")]
+    assert {r for _, r, _ in events} >= {"IdleConnectionsTerminated", "PodEvicted"}
+    assert out["lastAction"]["type"] == "RestartPods"
+    assert out["cooldownUntil"]
+
+
+@pytest.mark.parametrize("how", ["dry-run", "paused"])
+def test_dry_run_and_pause_never_call_anything_that_acts(how: str) -> None:
+    kube, monitor = FakeKube(), FakeMonitor(leaking())
+    deps, events = make_deps(kube, monitor, [WEB1])
+    spec = {**SPEC, "remediation": {**SPEC["remediation"], "dryRun": how == "dry-run"}}
+    annotations = {"connbudget.io/paused": "true"} if how == "paused" else {}
+    out = run_cycle(deps, spec=spec, annotations=annotations, old_status=OVER_STATUS)
+    assert kube.calls == []
+    assert monitor.terminated == []
+    if how == "dry-run":
+        assert {r for _, r, _ in events} >= {"DryRun"}
+        assert out["lastAction"]["dryRun"] is True
+    else:
+        assert out["phase"] == "Paused"
+        assert "lastAction" not in out
+
+
+def test_a_blocked_eviction_is_reported_and_waits_for_the_cooldown() -> None:
+    kube, monitor = FakeKube(evict=EvictionResult.BLOCKED), FakeMonitor(leaking())
+    deps, events = make_deps(kube, monitor, [WEB1])
+    out = run_cycle(deps, old_status=OVER_STATUS)
+    assert ("Warning", "RestartBlocked") in {(t, r) for t, r, _ in events}
+    assert out["lastAction"]["result"] == "Blocked"
+    assert out["cooldownUntil"]  # no retry in a tight loop
+
+
+@pytest.mark.parametrize(
+    ("kube", "monitor", "reason"),
+    [
+        pytest.param(FakeKube(dsn=None), FakeMonitor(leaking()), "SecretMissing", id="secret"),
+        pytest.param(
+            FakeKube(),
+            FakeMonitor(
+                ProbeError(ProbeFailure.AUTHENTICATION_FAILED, "password authentication failed")
+            ),
+            "AuthenticationFailed",
+            id="auth",
+        ),
+        pytest.param(
+            FakeKube(),
+            FakeMonitor(ProbeError(ProbeFailure.DATABASE_UNREACHABLE, "connection refused")),
+            "DatabaseUnreachable",
+            id="unreachable",
+        ),
+    ],
+)
+def test_what_only_the_operator_can_judge_is_a_condition_and_no_action(
+    kube: FakeKube, monitor: FakeMonitor, reason: str
+) -> None:
+    deps, events = make_deps(kube, monitor, [WEB1])
+    out = run_cycle(deps, old_status=OVER_STATUS)
+    ready = next(c for c in out["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", reason)
+    assert out["phase"] == "Degraded"
+    assert kube.calls == []
+    assert [r for _, r, _ in events] == ["ProbeFailed"]
+    assert PASSWORD not in str(out) + str(events)
+
+
+def test_a_selector_matching_nothing_blocks_actions() -> None:
+    kube, monitor = FakeKube(), FakeMonitor(leaking())
+    deps, _events = make_deps(kube, monitor, [pod("other-1", "10.0.0.5", app="other")])
+    out = run_cycle(deps, old_status=OVER_STATUS)
+    ready = next(c for c in out["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "NoPodsSelected"
+    assert kube.calls == []
+    assert monitor.terminated == []
+    assert out["usage"]["connections"] == 90  # still reported
+
+
+def test_an_invalid_spec_is_reported_without_probing() -> None:
+    kube, monitor = FakeKube(), FakeMonitor(leaking())
+    deps, events = make_deps(kube, monitor, [WEB1])
+    out = run_cycle(deps, spec={**SPEC, "budget": {}})
+    ready = next(c for c in out["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "SpecInvalid"
+    assert "exactly one of maxConnections and maxPercent" in ready["message"]
+    assert [r for _, r, _ in events] == ["SpecInvalid"]
+
+
+def test_the_same_problem_is_announced_once_not_every_poll() -> None:
+    kube, monitor = FakeKube(dsn=None), FakeMonitor(leaking())
+    deps, events = make_deps(kube, monitor, [WEB1])
+    runtime = cycle.Runtime()
+    for i in range(3):
+        deps.now = lambda i=i: NOW + 20 * i  # type: ignore[misc]
+        asyncio.run(
+            cycle.run_cycle(
+                namespace="shop",
+                name="web",
+                generation=1,
+                spec_raw=SPEC,
+                annotations={},
+                old_status={},
+                runtime=runtime,
+                deps=deps,
+            )
+        )
+    assert len(events) == 1
+
+
+def test_polling_follows_poll_seconds() -> None:
+    assert cycle.is_probe_due(last_probe_at=None, poll_seconds=10, now=NOW)
+    assert not cycle.is_probe_due(last_probe_at=NOW - 5, poll_seconds=10, now=NOW)
+    assert cycle.is_probe_due(last_probe_at=NOW - 9.98, poll_seconds=10, now=NOW)

@@ -1,0 +1,120 @@
+"""Status rendering: kstatus-friendly conditions, stable transition times, memory round trip."""
+
+from __future__ import annotations
+
+from connbudget.model.conditions import Condition, ConditionType, Reason
+from connbudget.policy import attribution, usage
+from connbudget.policy.plan import Level, Memory
+from connbudget.report import status
+from unit.builders import NOW, idle_group, pod, run, sample, spec
+
+WEB1 = pod("web-1", "10.0.0.1")
+
+
+def test_last_transition_time_moves_only_when_the_status_flips() -> None:
+    first = status.merge_conditions(
+        [],
+        [Condition(type=ConditionType.READY, status=True, reason=Reason.PROBE_SUCCEEDED)],
+        now=NOW,
+        generation=1,
+    )
+    same = status.merge_conditions(
+        first,
+        [
+            Condition(
+                type=ConditionType.READY,
+                status=True,
+                reason=Reason.PROBE_SUCCEEDED,
+                message="other words",
+            )
+        ],
+        now=NOW + 60,
+        generation=2,
+    )
+    flipped = status.merge_conditions(
+        same,
+        [Condition(type=ConditionType.READY, status=False, reason=Reason.PROBE_FAILED)],
+        now=NOW + 120,
+        generation=2,
+    )
+    assert first[0]["lastTransitionTime"] == same[0]["lastTransitionTime"] == status.rfc3339(NOW)
+    assert same[0]["observedGeneration"] == 2
+    assert flipped[0]["lastTransitionTime"] == status.rfc3339(NOW + 120)
+
+
+def test_ready_means_the_controller_works_not_that_usage_is_low() -> None:
+    d = run(spec(), [WEB1], [idle_group(WEB1, [5.0] * 90)])
+    assert d.level is Level.OVER
+    out = status.render_status(
+        {},
+        status.Outcome(
+            generation=3, now=NOW, usage=None, decision=d, database_reachable=True, probe_time=NOW
+        ),
+    )
+    # No usage yet: Pending, not Ready.
+    assert out["phase"] == "Pending"
+    smp = sample([idle_group(WEB1, [5.0] * 90)])
+    attributed = attribution.attribute_backends(
+        groups=smp.groups, index=attribution.PodIndex.build([WEB1]), mode=spec().attribution
+    )
+    u = usage.compute_usage(spec=spec(), namespace="shop", sample=smp, attributed=attributed)
+    out = status.render_status(
+        {},
+        status.Outcome(
+            generation=3, now=NOW, usage=u, decision=d, database_reachable=True, probe_time=NOW
+        ),
+    )
+    conds = {c["type"]: c for c in out["conditions"]}
+    assert conds["Ready"]["status"] == "True"
+    assert conds["WithinBudget"]["status"] == "False"
+    assert conds["WithinBudget"]["reason"] == "BudgetExceeded"
+    assert out["phase"] == "OverBudget"
+    assert out["observedGeneration"] == 3
+    assert out["usage"]["percent"] == 112
+    assert out["usage"]["byOwner"][0]["owner"] == "Deployment/web"
+
+
+def test_a_problem_makes_the_budget_degraded_and_not_ready() -> None:
+    out = status.render_status(
+        {},
+        status.Outcome(
+            generation=1, now=NOW, problem=(Reason.SECRET_MISSING, "Secret shop/pg not found")
+        ),
+    )
+    conds = {c["type"]: c for c in out["conditions"]}
+    assert out["phase"] == "Degraded"
+    assert conds["Ready"]["status"] == "False"
+    assert conds["Ready"]["reason"] == "SecretMissing"
+    assert "DatabaseReachable" not in conds  # not tried: the Secret is missing
+
+
+def test_memory_survives_a_round_trip_through_status() -> None:
+    memory = Memory(
+        level=Level.OVER,
+        breach_since=NOW - 20,
+        cooldown_until=NOW + 40,
+        episode_since=NOW - 10,
+        escalation=1,
+        cleaned_pods=("web-1",),
+    )
+    d = run(spec(), [WEB1], [idle_group(WEB1, [40.0] * 90)], memory=memory)
+    out = status.render_status({}, status.Outcome(generation=1, now=NOW, decision=d))
+    back = status.memory_from_status(out)
+    assert back.level == d.memory.level
+    assert back.breach_since == d.memory.breach_since
+    assert back.episode_since == d.memory.episode_since
+    assert back.escalation == d.memory.escalation
+    assert back.cleaned_pods == d.memory.cleaned_pods
+    assert back.cooldown_until == d.memory.cooldown_until
+
+
+def test_garbage_in_status_reads_as_empty_memory() -> None:
+    assert (
+        status.memory_from_status(
+            {
+                "remediation": {"level": "Nonsense", "escalation": -3, "breachSince": "yesterday"},
+                "cooldownUntil": 17,
+            }
+        )
+        == Memory()
+    )
