@@ -310,3 +310,20 @@ def test_backends_from_a_reused_ip_are_not_pinned_on_the_new_pod() -> None:
     (b,) = attribution.attribute_backends(groups=[fresh], index=idx, mode=AttributionMode.AUTO)
     assert b.pod == new
     assert b.via is attribution.Via.CLIENT_ADDR
+
+
+def test_a_relapse_in_the_same_episode_acts_without_a_second_breach_window() -> None:
+    memory = Memory(level=Level.WARNING, episode_since=NOW - 30, escalation=1)
+    d = run(spec(), [WEB1], [idle_group(WEB1, [40.0] * 85)], memory=memory)
+    assert d.memory.breach_since == NOW  # a new breach...
+    assert terminated(d)  # ...acted on at once
+
+
+def test_the_forecast_counts_the_poll_interval() -> None:
+    # Full in 23 s: after the 15 s window, but before the poll after it (10 s cadence).
+    history = [(NOW - 4 + i, 70 + i) for i in range(5)]  # 1 connection per second, 74 now
+    s = spec(remediation={"breachSeconds": 15}, pollSeconds=10)
+    d = run(s, [WEB1], [idle_group(WEB1, [12.0] * 81)], history=history)
+    assert d.seconds_to_full is not None
+    assert 15 < d.seconds_to_full < 15 + 10
+    assert terminated(d)

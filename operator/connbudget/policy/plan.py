@@ -9,7 +9,9 @@ The rules, and the failure each prevents:
   a usage hovering at the budget does not flap between states and Events.
 - **Breach timing.** Act when usage has stayed over the budget for ``breachSeconds`` (a short spike
   is no leak), or at once when the growth rate says the usable slots run out before that window
-  would end (a fast leak fills 100 slots in about 15 s; waiting it out means an outage).
+  would end or before the next poll (a fast leak fills 100 slots in about 15 s; waiting it out
+  means an outage), or at once when usage goes over the budget again in an episode whose leak was
+  already confirmed.
 - **Leaks are leaks.** A governed pod's backend idle longer than ``leakDetection.idleSeconds`` is
   terminated whatever the budget says (step ``TerminateIdle`` only; nothing escalates from it).
 - **Escalation.** While breached, each cycle walks ``steps`` in order up to the current escalation
@@ -307,7 +309,15 @@ def decide(
     breached_for = now - breach_since if breach_since is not None else 0.0
     to_full = forecast.seconds_to_full(history=history, usable_slots=usage.usable_slots)
     sustained = over and breached_for >= rem.breach_seconds
-    urgent = over and to_full is not None and to_full < rem.breach_seconds - breached_for
+    # The next chance to act is one poll away: full before the window ends *or* before the next
+    # poll is too late.
+    urgent = (
+        over
+        and to_full is not None
+        and (to_full < rem.breach_seconds - breached_for + spec.poll_seconds)
+    )
+    # A leak already confirmed in this episode needs no second breach window.
+    relapse = over and episode_since is not None
     if over:
         reasons.append(
             f"{usage.connections} connections over the budget of {usage.budget} "
@@ -315,7 +325,7 @@ def decide(
         )
     if to_full is not None:
         reasons.append(f"at the recent growth rate the server is full in {to_full:.0f}s")
-    act_on_breach = sustained or urgent
+    act_on_breach = sustained or urgent or relapse
     if over and not act_on_breach:
         holds.append(
             (
@@ -330,7 +340,9 @@ def decide(
             + (
                 "the breach lasted breachSeconds"
                 if sustained
-                else "the server would be full before breachSeconds"
+                else "over the budget again in the same episode"
+                if relapse
+                else "the server would be full before breachSeconds (or the next poll)"
             )
         )
         if episode_since is None:
