@@ -263,3 +263,26 @@ def test_polling_follows_poll_seconds() -> None:
     assert cycle.is_probe_due(last_probe_at=None, poll_seconds=10, now=NOW)
     assert not cycle.is_probe_due(last_probe_at=NOW - 5, poll_seconds=10, now=NOW)
     assert cycle.is_probe_due(last_probe_at=NOW - 9.98, poll_seconds=10, now=NOW)
+
+
+def test_a_role_without_pg_signal_backend_is_permission_denied() -> None:
+    class Refusing(FakeMonitor):
+        async def terminate(
+            self, backends: Iterable[IdleBackend], *, min_idle_seconds: float
+        ) -> list[int]:
+            raise ProbeError(
+                ProbeFailure.PERMISSION_DENIED,
+                "permission denied (grant pg_signal_backend to the monitoring role)",
+            )
+
+    kube, monitor = FakeKube(), Refusing(leaking())
+    deps, events = make_deps(kube, monitor, [WEB1])
+    out = run_cycle(
+        deps,
+        spec={**SPEC, "remediation": {**SPEC["remediation"], "steps": ["TerminateIdle"]}},
+        old_status=OVER_STATUS,
+    )
+    ready = next(c for c in out["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "PermissionDenied")
+    assert out["lastAction"]["result"] == "Failed"
+    assert "ActionFailed" in {r for _, r, _ in events}
