@@ -13,7 +13,7 @@ from connbudget.kube.api import BudgetRef, EvictionResult, Kube, KubeError, Secr
 from connbudget.model.spec import ObjectRef, SecretRef
 from e2e.conftest import Budgets
 from sandbox.core import Sandbox
-from sandbox.fixtures import Workloads, eventually
+from sandbox.fixtures import Workloads, eventually, is_gone
 
 pytestmark = pytest.mark.sandbox
 DEPLOYMENT = ObjectRef(api_version="apps/v1", kind="Deployment", name="app")
@@ -44,14 +44,11 @@ def test_eviction_is_refused_for_another_pod_with_the_same_name_and_honours_dry_
         asyncio.run(kube.evict_pod(namespace, name, uid, dry_run=False)) is EvictionResult.EVICTED
     )
 
-    def gone() -> bool:
-        try:
-            workloads.core.read_namespaced_pod(name, namespace)
-        except kubernetes.client.rest.ApiException as e:
-            return bool(e.status == 404)
-        return False
-
-    eventually(gone, timeout=30, what="evicted pod gone")
+    eventually(
+        lambda: is_gone(workloads.core.read_namespaced_pod, name, namespace),
+        timeout=30,
+        what="evicted pod gone",
+    )
     assert asyncio.run(kube.evict_pod(namespace, name, uid, dry_run=False)) is EvictionResult.GONE
 
 

@@ -17,6 +17,7 @@ from sandbox.fixtures import (
     ForeignKubeconfigError,
     Workloads,
     eventually,
+    is_gone,
     require_sandbox_kubeconfig,
 )
 from sandbox.network import LOOPBACK, NETNS, list_netns
@@ -305,14 +306,12 @@ def test_deleting_a_namespace_with_running_pods_completes(
     workloads.deploy("doomed", "steady", image="sandbox.local/steady-app:dev", replicas=2)
     core.delete_namespace("doomed")
 
-    def gone() -> bool:
-        try:
-            core.read_namespace("doomed")
-        except ApiException as e:
-            return bool(e.status == 404)
-        return False
-
-    eventually(gone, timeout=90, interval=0.5, what="namespace deleted")
+    eventually(
+        lambda: is_gone(core.read_namespace, "doomed"),
+        timeout=90,
+        interval=0.5,
+        what="namespace deleted",
+    )
 
 
 @pytest.mark.parametrize("mode", [NETNS, LOOPBACK])

@@ -43,6 +43,17 @@ def require_sandbox_kubeconfig(path: str) -> str:
     return path
 
 
+def is_gone(read: Callable[..., object], *args: str) -> bool:
+    """Tell whether reading an object answers 404 (other errors propagate)."""
+    try:
+        read(*args)
+    except ApiException as e:
+        if e.status == 404:
+            return True
+        raise
+    return False
+
+
 def eventually(
     check: Callable[[], T | None], *, timeout: float, interval: float = 0.2, what: str = "condition"
 ) -> T:
@@ -300,11 +311,9 @@ def namespace(kube_api: kubernetes.client.ApiClient) -> Iterator[str]:
             raise
 
     # Wait until it is gone, so that its pods' connections do not spill into the next test.
-    def gone() -> bool:
-        try:
-            core.read_namespace(name)
-        except ApiException as e:
-            return bool(e.status == 404)
-        return False
-
-    eventually(gone, timeout=NAMESPACE_DELETE_TIMEOUT, interval=0.25, what=f"namespace {name} gone")
+    eventually(
+        lambda: is_gone(core.read_namespace, name),
+        timeout=NAMESPACE_DELETE_TIMEOUT,
+        interval=0.25,
+        what=f"namespace {name} gone",
+    )

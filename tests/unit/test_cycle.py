@@ -286,3 +286,24 @@ def test_a_role_without_pg_signal_backend_is_permission_denied() -> None:
     assert (ready["status"], ready["reason"]) == ("False", "PermissionDenied")
     assert out["lastAction"]["result"] == "Failed"
     assert "ActionFailed" in {r for _, r, _ in events}
+
+
+def test_a_pooler_target_without_scale_is_a_condition_and_no_action() -> None:
+    from connbudget.kube.api import KubeError
+
+    class NoScale(FakeKube):
+        async def read_scale(self, namespace: str, target: ObjectRef) -> Scale:
+            raise KubeError(404, "no resource of kind Pooler in example.com/v1")
+
+    kube, monitor = NoScale(), FakeMonitor(leaking())
+    deps, events = make_deps(kube, monitor, [WEB1])
+    spec = {
+        **SPEC,
+        "pooler": {"targetRef": {"apiVersion": "example.com/v1", "kind": "Pooler", "name": "pgb"}},
+    }
+    out = run_cycle(deps, spec=spec, old_status=OVER_STATUS)
+    ready = next(c for c in out["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "PoolerTargetInvalid")
+    assert kube.calls == []
+    assert monitor.terminated == []
+    assert "ProbeFailed" in {r for _, r, _ in events}
