@@ -84,7 +84,9 @@ class PodNetwork:
         used = {int(m.group(1)) for name in _links() if (m := _BRIDGE_RE.match(name))}
         index = next(i for i in range(2 ** (PREFIX - SUPERNET.prefixlen)) if i not in used)
         net = cls(mode=NETNS, index=index)
-        run(["ip", "link", "add", net.bridge, "type", "bridge"])
+        # A bridge takes the lowest MAC of its ports unless given one: it would change whenever a
+        # pod's veth comes or goes, and the pods' cached MAC for the host address go stale.
+        run(["ip", "link", "add", net.bridge, "address", net.bridge_mac, "type", "bridge"])
         run(["ip", "addr", "add", f"{net.host_ip}/{PREFIX}", "dev", net.bridge])
         run(["ip", "link", "set", net.bridge, "up"])
         return net
@@ -107,6 +109,11 @@ class PodNetwork:
         run(["ip", "-n", ns, "addr", "add", f"{self.pod_ip(slot)}/{PREFIX}", "dev", "eth0"])
         run(["ip", "-n", ns, "link", "set", "eth0", "up"])
         run(["ip", "-n", ns, "route", "add", "default", "via", self.host_ip])
+
+    @property
+    def bridge_mac(self) -> str:
+        """A fixed, locally administered MAC for the bridge (the host's address on it)."""
+        return f"02:cb:fe:00:{self.index >> 8:02x}:{self.index & 0xFF:02x}"
 
     def pod_mac(self, slot: int) -> str:
         """A locally administered MAC derived from the pod's address."""

@@ -89,3 +89,9 @@ def test_a_reused_pod_address_gets_the_same_mac() -> None:
     net = PodNetwork(mode=NETNS, index=0)
     assert net.pod_mac(1) == "02:cb:c6:12:00:02" == PodNetwork(mode=NETNS, index=0).pod_mac(1)
     assert len({net.pod_mac(s) for s in range(1, 300)}) == 299
+
+
+def test_each_sandbox_bridge_has_its_own_fixed_mac() -> None:
+    macs = {PodNetwork(mode=NETNS, index=i).bridge_mac for i in range(128)}
+    assert len(macs) == 128
+    assert all(m.startswith("02:") for m in macs)  # locally administered
