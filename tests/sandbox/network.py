@@ -38,9 +38,17 @@ def choose_mode() -> str:
         )
     if wanted != "auto":
         return wanted
-    if os.geteuid() == 0 and shutil.which("ip") is not None:
-        return NETNS
-    return LOOPBACK
+    return NETNS if netns_available() else LOOPBACK
+
+
+def netns_available() -> bool:
+    """Tell whether this process may create network namespaces (root, iproute2, kernel)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return False
+    probe = f"cbprobe-{os.getpid()}"
+    ok = run(["ip", "netns", "add", probe], check=False).returncode == 0
+    run(["ip", "netns", "delete", probe], check=False)
+    return ok
 
 
 @dataclass(frozen=True)
