@@ -327,3 +327,17 @@ def test_the_forecast_counts_the_poll_interval() -> None:
     assert d.seconds_to_full is not None
     assert 15 < d.seconds_to_full < 15 + 10
     assert terminated(d)
+
+
+def test_pods_sharing_one_address_are_told_apart_by_application_name() -> None:
+    a, b = pod("web-a", "10.0.0.50"), pod("web-b", "10.0.0.50")  # hostNetwork: the node's IP
+    idx = attribution.PodIndex.build([a, b])
+    (got,) = attribution.attribute_backends(
+        groups=[idle_group(b, [5.0])], index=idx, mode=AttributionMode.AUTO
+    )
+    assert got.pod == b
+    assert got.via is attribution.Via.APPLICATION_NAME
+    (none,) = attribution.attribute_backends(
+        groups=[idle_group(b, [5.0])], index=idx, mode=AttributionMode.CLIENT_ADDR
+    )
+    assert none.pod is None

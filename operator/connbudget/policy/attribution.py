@@ -69,6 +69,10 @@ def _pod_by_ip(index: PodIndex, addr: str, backend_start: float) -> PodInfo | No
         for p in index.by_ip.get(addr, ())
         if p.started_at is None or p.started_at <= backend_start + CLOCK_SKEW_TOLERANCE_SECONDS
     ]
+    # Pods sharing an address at the same time (hostNetwork pods, the node's IP) say nothing about
+    # which of them holds the backend: leave it to application_name.
+    if sum(1 for p in owners if not p.terminating) > 1:
+        return None
     # Two pods can share an address over time; the backend belongs to the latest that predates it.
     return max(owners, key=lambda p: p.started_at or 0.0, default=None)
 
