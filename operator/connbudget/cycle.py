@@ -50,6 +50,8 @@ IDLE_RECHECK_SLACK_SECONDS = 0.5  # rounding between the probe's idle ages and t
 class KubeCalls(Protocol):
     async def read_secret_value(self, namespace: str, ref: SecretRef) -> str: ...
 
+    def forget_secret(self, namespace: str, ref: SecretRef) -> None: ...
+
     async def evict_pod(
         self, namespace: str, name: str, uid: str, *, dry_run: bool
     ) -> EvictionResult: ...
@@ -174,6 +176,9 @@ async def run_cycle(
     except ProbeError as e:
         deps.metrics.record_probe_error(namespace, name, e.failure.value)
         runtime.history.clear()  # a gap in the samples: the old rate says nothing now
+        if e.failure in (ProbeFailure.AUTHENTICATION_FAILED, ProbeFailure.DSN_INVALID):
+            # The Secret may be fixed any moment: read it again at the next poll.
+            deps.kube.forget_secret(namespace, spec.database_secret)
         return await _degraded(
             runtime,
             deps,

@@ -35,6 +35,9 @@ class FakeKube:
             raise SecretProblem(f"Secret {namespace}/{ref.name} not found")
         return self.dsn
 
+    def forget_secret(self, namespace: str, ref: SecretRef) -> None:
+        self.calls.append(("forget", ref.name))
+
     async def evict_pod(
         self, namespace: str, name: str, uid: str, *, dry_run: bool
     ) -> EvictionResult:
@@ -212,9 +215,11 @@ def test_what_only_the_operator_can_judge_is_a_condition_and_no_action(
     ready = next(c for c in out["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("False", reason)
     assert out["phase"] == "Degraded"
-    assert kube.calls == []
+    assert [c for c in kube.calls if c[0] != "forget"] == []
     assert [r for _, r, _ in events] == ["ProbeFailed"]
     assert PASSWORD not in str(out) + str(events)
+    if reason == "AuthenticationFailed":
+        assert ("forget", "pg") in kube.calls  # a fixed Secret is read again at the next poll
 
 
 def test_a_selector_matching_nothing_blocks_actions() -> None:

@@ -14,6 +14,7 @@ import enum
 import functools
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -25,6 +26,7 @@ from connbudget.model.spec import GROUP, KIND, PLURAL, VERSION, ObjectRef, Secre
 
 T = TypeVar("T")
 RESTARTED_AT_ANNOTATION = "connbudget.io/restartedAt"
+SECRET_TTL_SECONDS = 30.0  # how long a Secret's value is reused before it is read again
 HOSTNAME = os.environ.get("HOSTNAME") or socket.gethostname()
 
 
@@ -71,6 +73,7 @@ class Kube:
 
     def __init__(self, api: kubernetes.client.ApiClient) -> None:
         self.api = api
+        self._secrets: dict[tuple[str, str, str], tuple[str, float]] = {}
         self.core = kubernetes.client.CoreV1Api(api)
         self.apps = kubernetes.client.AppsV1Api(api)
         self.custom = kubernetes.client.CustomObjectsApi(api)
@@ -93,7 +96,26 @@ class Kube:
             raise KubeError(int(e.status or 0), _reason(e)) from None
 
     async def read_secret_value(self, namespace: str, ref: SecretRef) -> str:
-        """Read one key of a Secret; raise ``SecretProblem`` naming what is missing."""
+        """Read one key of a Secret (kept in memory for ``SECRET_TTL_SECONDS``).
+
+        Raises ``SecretProblem`` naming what is missing. Every budget polls, so reading the Secret
+        at every poll would cost the API server one GET per budget and poll; a changed Secret is
+        seen within the TTL, and at once after ``forget_secret`` (called when the DSN failed).
+        """
+        key = (namespace, ref.name, ref.key)
+        cached = self._secrets.get(key)
+        now = time.monotonic()
+        if cached is not None and now - cached[1] < SECRET_TTL_SECONDS:
+            return cached[0]
+        value = await self._read_secret_value(namespace, ref)
+        self._secrets[key] = (value, now)
+        return value
+
+    def forget_secret(self, namespace: str, ref: SecretRef) -> None:
+        """Drop a cached Secret value, so the next read asks the API server."""
+        self._secrets.pop((namespace, ref.name, ref.key), None)
+
+    async def _read_secret_value(self, namespace: str, ref: SecretRef) -> str:
         try:
             secret = await self.call(self.core.read_namespaced_secret, ref.name, namespace)
         except KubeError as e:
