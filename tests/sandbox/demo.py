@@ -163,13 +163,22 @@ def chart(tl: Timeline, usable: int, path: Path) -> None:
         "PodEvicted": "#9467bd",
         "RestartBlocked": "#8c564b",
     }
+    # Different dashes and widths, so markers at the same moment both stay visible.
+    styles: dict[str, tuple[Any, float]] = {
+        "IdleConnectionsTerminated": ("-", 1.5),
+        "PodEvicted": ((0, (3, 3)), 3.0),
+        "RestartBlocked": (":", 2.0),
+    }
     seen: set[str] = set()
     for t, reason, _ in tl.events:
         if reason in ACTIONS:
+            style, width = styles.get(reason, ("-", 1.0))
             ax.axvline(
                 t - tl.t0,
                 color=colors.get(reason, "grey"),
-                alpha=0.7,
+                alpha=0.8,
+                linestyle=style,
+                linewidth=width,
                 label=reason if reason not in seen else None,
             )
             seen.add(reason)
