@@ -90,31 +90,42 @@ class Operator:
                 self.proc.wait(timeout=10)
 
 
-def start_operator(sandbox: Sandbox, namespace: str, log: Path, *extra: str) -> Operator:
+def start_operator(
+    sandbox: Sandbox,
+    namespace: str,
+    log: Path,
+    *,
+    kubeconfig: str | None = None,
+    standalone: bool = True,
+    env: dict[str, str] | None = None,
+) -> Operator:
+    """Run ``connbudget run`` for ``namespace``, as the sandbox admin unless ``kubeconfig``."""
     metrics_port, health_port = free_port(), free_port()
-    env = {**os.environ, "KUBECONFIG": sandbox.kubeconfig, "PYTHONUNBUFFERED": "1"}
+    full_env = {
+        **os.environ,
+        "KUBECONFIG": kubeconfig or sandbox.kubeconfig,
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "connbudget",
+        "run",
+        "--namespace",
+        namespace,
+        "--metrics-port",
+        str(metrics_port),
+        "--log-format",
+        "json",
+        "--liveness",
+        f"http://127.0.0.1:{health_port}/healthz",
+    ]
+    if standalone:
+        argv.append("--standalone")
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "connbudget",
-                "run",
-                "--namespace",
-                namespace,
-                "--standalone",
-                "--metrics-port",
-                str(metrics_port),
-                "--log-format",
-                "json",
-                "--liveness",
-                f"http://127.0.0.1:{health_port}/healthz",
-                *extra,
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
+            argv, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
         )
     op = Operator(proc=proc, log=log, metrics_port=metrics_port, health_port=health_port)
     eventually(op.healthy, timeout=30, what="operator liveness endpoint")

@@ -1,0 +1,176 @@
+"""The kustomize install on the sandbox: it applies, its pod passes the restricted Pod Security
+level, its RBAC is minimal (kubectl auth can-i), and sufficient (the operator, running with the
+ServiceAccount's own token, remediates a leak and takes the leader Lease)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2e.conftest import ROOT, Budgets, start_operator
+from sandbox.controlplane import write_kubeconfig
+from sandbox.core import Sandbox
+from sandbox.fixtures import Workloads, eventually
+
+pytestmark = pytest.mark.sandbox
+SA = "system:serviceaccount:connbudget-system:connbudget"
+
+
+def kubectl(sandbox: Sandbox, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(
+        [str(sandbox.bin_dir / "kubectl"), "--kubeconfig", sandbox.kubeconfig, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if check:
+        assert res.returncode == 0, f"kubectl {' '.join(args)}: {res.stderr}"
+    return res
+
+
+def test_the_samples_pass_check_and_the_api_server(
+    sandbox: Sandbox, crd: None, namespace: str
+) -> None:
+    samples = sorted(str(p) for p in (ROOT / "manifests" / "samples").glob("*.yaml"))
+    assert len(samples) == 3
+    res = subprocess.run(
+        [sys.executable, "-m", "connbudget", "check", *samples],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    for sample in samples:
+        kubectl(sandbox, "apply", "--dry-run=server", "-n", namespace, "-f", sample)
+
+
+@pytest.fixture(scope="module")
+def installed(sandbox: Sandbox, crd: None) -> Iterator[None]:
+    kubectl(sandbox, "apply", "-k", str(ROOT / "manifests"))
+    yield None
+    kubectl(sandbox, "delete", "-k", str(ROOT / "manifests"), "--timeout=90s", check=False)
+
+
+def test_the_install_is_least_privilege(sandbox: Sandbox, installed: None, namespace: str) -> None:
+    def can(verb: str, resource: str, ns: str = namespace) -> bool:
+        resource, _, sub = resource.partition("/")
+        extra = ["--subresource", sub] if sub else []
+        res = kubectl(
+            sandbox, "auth", "can-i", verb, resource, *extra, "-n", ns, "--as", SA, check=False
+        )
+        return res.stdout.strip() == "yes"
+
+    allowed = [
+        ("get", "secrets"),
+        ("list", "pods"),
+        ("watch", "pods"),
+        ("create", "pods/eviction"),
+        ("patch", "connectionbudgets.connbudget.io/status"),
+        ("watch", "connectionbudgets.connbudget.io"),
+        ("create", "events"),
+        ("patch", "deployments.apps/scale"),
+        ("get", "statefulsets.apps/scale"),
+    ]
+    refused = [
+        ("list", "secrets"),
+        ("watch", "secrets"),
+        ("create", "pods/exec"),
+        ("delete", "pods"),
+        ("patch", "connectionbudgets.connbudget.io"),
+        ("delete", "connectionbudgets.connbudget.io"),
+        ("patch", "deployments.apps"),
+        ("update", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("create", "pods"),
+        ("get", "configmaps"),
+        ("patch", "pods/status"),
+    ]
+    assert [a for a in allowed if not can(*a)] == []
+    assert [r for r in refused if can(*r)] == []
+    # The Lease only in its own namespace.
+    assert can("update", "leases.coordination.k8s.io", "connbudget-system")
+    assert not can("update", "leases.coordination.k8s.io", namespace)
+    # The operator's pod is admitted under the restricted Pod Security level.
+    pods = json.loads(
+        kubectl(sandbox, "get", "pods", "-n", "connbudget-system", "-o", "json").stdout
+    )
+    eventually(
+        lambda: json.loads(
+            kubectl(sandbox, "get", "pods", "-n", "connbudget-system", "-o", "json").stdout
+        )["items"],
+        timeout=30,
+        what="the operator's pod created (restricted Pod Security admitted it)",
+    )
+    del pods
+
+
+def test_the_service_account_is_enough_to_remediate_a_leak(
+    sandbox: Sandbox,
+    installed: object,
+    workloads: Workloads,
+    namespace: str,
+    budgets: Budgets,
+    tmp_path: Path,
+) -> None:
+    token = kubectl(
+        sandbox, "-n", "connbudget-system", "create", "token", "connbudget", "--duration=1h"
+    ).stdout.strip()
+    kubeconfig = tmp_path / "sa.kubeconfig"
+    write_kubeconfig(
+        kubeconfig,
+        server=sandbox.state["apiServer"]["server"],
+        ca_file=Path(sandbox.state["apiServer"]["caFile"]),
+        token=token,
+        user="connbudget",
+    )
+    budgets.secret("pg-monitor", sandbox.db.monitor_dsn)
+    workloads.deploy(namespace, "leaky", replicas=2, env={"LEAK_RATE": "3", "LEAK_MAX": "20"})
+    budgets.create(
+        "leaky",
+        {
+            "database": {"secretRef": {"name": "pg-monitor"}},
+            "budget": {"maxConnections": 8},
+            "selector": {"matchLabels": {"app": "leaky"}},
+            "pollSeconds": 1,
+            "remediation": {
+                "breachSeconds": 1,
+                "cooldownSeconds": 60,
+                "terminateIdle": {"minIdleSeconds": 1},
+                "restartPods": {"minPodAgeSeconds": 0},
+            },
+        },
+    )
+    op = start_operator(
+        sandbox,
+        namespace,
+        tmp_path / "operator.log",
+        kubeconfig=str(kubeconfig),
+        standalone=False,
+        env={"POD_NAMESPACE": "connbudget-system"},
+    )
+    try:
+        budgets.wait_event("IdleConnectionsTerminated", timeout=60)
+        budgets.wait_event("PodEvicted", timeout=60)
+        lease = json.loads(
+            kubectl(
+                sandbox,
+                "get",
+                "lease",
+                "connbudget-operator",
+                "-n",
+                "connbudget-system",
+                "-o",
+                "json",
+            ).stdout
+        )
+        assert lease["spec"]["holderIdentity"]
+        assert "Forbidden" not in op.logs()
+        assert token not in op.logs()
+    finally:
+        op.stop()
