@@ -77,6 +77,8 @@ def test_the_install_is_least_privilege(sandbox: Sandbox, installed: None, names
         ("create", "events"),
         ("patch", "deployments.apps/scale"),
         ("get", "statefulsets.apps/scale"),
+        ("watch", "namespaces"),
+        ("watch", "customresourcedefinitions.apiextensions.k8s.io"),
     ]
     refused = [
         ("list", "secrets"),
