@@ -82,7 +82,13 @@ def test_terminate_ends_only_backends_still_idle_and_unchanged(sandbox: Sandbox)
                 IdleBackend(pid=busy_pid, pod="x", idle_seconds=99, backend_start=busy_start)
             )
             done = await m.terminate(targets, min_idle_seconds=0)
-            return done, await m.sample()
+            # pg_terminate_backend signals; the backends leave pg_stat_activity a moment later.
+            for _ in range(50):
+                after = await m.sample()
+                if "idle" not in groups_of(after, "probe-test-t"):
+                    break
+                await asyncio.sleep(0.1)
+            return done, after
         finally:
             await m.close()
 
