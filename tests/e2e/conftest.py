@@ -220,3 +220,33 @@ def wait_until(check: Any, timeout: float, what: str) -> Any:
 
 def now() -> float:
     return time.time()
+
+
+def can_i(sandbox: Sandbox, sa: str, verb: str, resource: str, namespace: str) -> bool:
+    """Ask the API server whether ServiceAccount user ``sa`` may ``verb`` ``resource``.
+
+    ``resource`` may name a subresource: ``pods/eviction``, ``deployments.apps/scale``.
+    """
+    resource, _, sub = resource.partition("/")
+    extra = ["--subresource", sub] if sub else []
+    res = subprocess.run(
+        [
+            str(sandbox.bin_dir / "kubectl"),
+            "--kubeconfig",
+            sandbox.kubeconfig,
+            "auth",
+            "can-i",
+            verb,
+            resource,
+            *extra,
+            "-n",
+            namespace,
+            "--as",
+            sa,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return res.stdout.strip() == "yes"

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from e2e.conftest import ROOT, Budgets
+from e2e.conftest import ROOT, Budgets, can_i
 from sandbox.core import Sandbox
 
 pytestmark = pytest.mark.sandbox
@@ -29,29 +29,7 @@ def helm(sandbox: Sandbox, *args: str, check: bool = True) -> subprocess.Complet
 
 
 def can(sandbox: Sandbox, verb: str, resource: str, namespace: str, sa: str) -> bool:
-    resource, _, sub = resource.partition("/")
-    extra = ["--subresource", sub] if sub else []
-    res = subprocess.run(
-        [
-            str(sandbox.bin_dir / "kubectl"),
-            "--kubeconfig",
-            sandbox.kubeconfig,
-            "auth",
-            "can-i",
-            verb,
-            resource,
-            *extra,
-            "-n",
-            namespace,
-            "--as",
-            sa,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    return res.stdout.strip() == "yes"
+    return can_i(sandbox, sa, verb, resource, namespace)
 
 
 def test_the_charts_crd_is_the_one_in_crds() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e.conftest import ROOT, Budgets, start_operator
+from e2e.conftest import ROOT, Budgets, can_i, start_operator
 from sandbox.controlplane import write_kubeconfig
 from sandbox.core import Sandbox
 from sandbox.fixtures import Workloads, eventually
@@ -60,12 +60,7 @@ def installed(sandbox: Sandbox, crd: None) -> Iterator[None]:
 
 def test_the_install_is_least_privilege(sandbox: Sandbox, installed: None, namespace: str) -> None:
     def can(verb: str, resource: str, ns: str = namespace) -> bool:
-        resource, _, sub = resource.partition("/")
-        extra = ["--subresource", sub] if sub else []
-        res = kubectl(
-            sandbox, "auth", "can-i", verb, resource, *extra, "-n", ns, "--as", SA, check=False
-        )
-        return res.stdout.strip() == "yes"
+        return can_i(sandbox, SA, verb, resource, ns)
 
     allowed = [
         ("get", "secrets"),
