@@ -82,6 +82,15 @@ def validate(schema: Schema, value: object, path: str = "") -> list[str]:
 def _validate_object(schema: Schema, value: Mapping[str, object], path: str) -> list[str]:
     problems: list[str] = []
     prefix = f"{path}." if path else ""
+    props = schema.get("properties")
+    # The API server prunes a null in a field that is not nullable, before defaulting and
+    # validation: such a field counts as absent.
+    value = {
+        k: v
+        for k, v in value.items()
+        if v is not None
+        or (isinstance(props, Mapping) and cast(Schema, props.get(k) or {}).get("nullable"))
+    }
     required = schema.get("required")
     for key in cast(Sequence[str], required if isinstance(required, list) else []):
         if key not in value:
@@ -89,7 +98,6 @@ def _validate_object(schema: Schema, value: Mapping[str, object], path: str) -> 
     high = _num(schema, "maxProperties")
     if high is not None and len(value) > high:
         problems.append(f"{path or '<root>'}: must have at most {high:g} entries")
-    props = schema.get("properties")
     extra = schema.get("additionalProperties")
     preserve = bool(schema.get("x-kubernetes-preserve-unknown-fields"))
     for key, item in value.items():

@@ -166,6 +166,12 @@ class BudgetSpec:
     poll_seconds: int = 10
 
 
+def _present(data: Mapping[str, object], key: str, default: object) -> object:
+    """The value at ``key``; a null counts as absent, as the API server prunes it."""
+    value = data.get(key)
+    return default if value is None else value
+
+
 class _Reader:
     """Reads typed values out of a JSON-like mapping, collecting problems with their paths."""
 
@@ -191,7 +197,7 @@ class _Reader:
         default: str | None = None,
         choices: type[enum.StrEnum] | None = None,
     ) -> str:
-        value = data.get(key, default)
+        value = _present(data, key, default)
         if value is None:
             self.problems.append(f"{path}.{key} is required")
             return ""
@@ -214,7 +220,7 @@ class _Reader:
         low: int,
         high: int,
     ) -> int | None:
-        value = data.get(key, default)
+        value = _present(data, key, default)
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
@@ -232,7 +238,7 @@ class _Reader:
         return default if value is None else value
 
     def boolean(self, data: Mapping[str, object], key: str, path: str, *, default: bool) -> bool:
-        value = data.get(key, default)
+        value = _present(data, key, default)
         if not isinstance(value, bool):
             self.problems.append(f"{path}.{key} must be true or false")
             return default
