@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import re
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, LiteralString
 
 import psycopg
 from psycopg import conninfo
+from psycopg.abc import Buffer
+from psycopg.adapt import Loader
 
 from connbudget.model.actions import IdleBackend
 from connbudget.model.observations import PROBE_APPLICATION_NAME, BackendGroup, ServerSample
@@ -86,6 +90,24 @@ def validate_dsn(dsn: str) -> None:
         raise classify(e, dsn) from None
 
 
+_UNDECODED = re.compile("[\udc80-\udcff]")
+
+
+class LenientJsonLoader(Loader):
+    """JSON whose text may hold bytes that are not UTF-8, kept as ``\\xNN`` escapes.
+
+    Role and database names are shared by the whole cluster, and one created from a ``SQL_ASCII``
+    database may hold any bytes; psycopg's own loader would raise ``UnicodeDecodeError`` on the
+    first such name in ``pg_stat_activity``, and the operator would be blind to every backend.
+    """
+
+    def load(self, data: Buffer) -> object:
+        text = bytes(data).decode("utf-8", errors="surrogateescape")
+        # Each undecodable byte became a lone surrogate; inside a JSON string, write it as the
+        # escaped backslash and hex digits, so it decodes to the 4 characters ``\xNN``.
+        return json.loads(_UNDECODED.sub(lambda m: f"\\\\x{ord(m[0]) - 0xDC00:02x}", text))
+
+
 def _group(raw: Sequence[Any]) -> BackendGroup:
     database, user, app, addr, state, n, max_idle, oldest, idle = raw
     return BackendGroup(
@@ -142,6 +164,7 @@ class Monitor:
         except (psycopg.Error, OSError) as e:
             self._fail(classify(e, self._dsn))
             raise self._last_error from None  # type: ignore[misc]
+        self._conn.adapters.register_loader("json", LenientJsonLoader)
         self._backoff = BACKOFF_FIRST_SECONDS
         self._last_error = None
         return self._conn

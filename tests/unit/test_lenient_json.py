@@ -1,0 +1,15 @@
+"""The probe's JSON loader keeps names that are not UTF-8 as ``\\xNN`` text (no database)."""
+
+from __future__ import annotations
+
+from connbudget.probe.postgres import LenientJsonLoader
+
+
+def test_bytes_that_are_not_utf8_become_escapes_and_the_rest_is_kept() -> None:
+    loader = LenientJsonLoader(0)
+    raw = b'[["bad\xff\xfe(", "' + "émoji😀".encode() + b'", "q\'u\\"o", "ctl\\u0001"]]'
+    assert loader.load(raw) == [["bad\\xff\\xfe(", "émoji😀", "q'u\"o", "ctl\x01"]]
+
+
+def test_valid_json_is_loaded_as_psycopg_would() -> None:
+    assert LenientJsonLoader(0).load(b'{"a": [1, 2.5, null]}') == {"a": [1, 2.5, None]}
