@@ -250,3 +250,65 @@ def can_i(sandbox: Sandbox, sa: str, verb: str, resource: str, namespace: str) -
         check=False,
     )
     return res.stdout.strip() == "yes"
+
+
+@dataclass
+class OperatorPod:
+    """The operator as installed by the manifests or the chart: a pod the sandbox's kubelet runs
+    from the image ``ghcr.io/connbudget/connbudget`` (mapped to the package installed here)."""
+
+    sandbox: Sandbox
+    namespace: str
+    name: str
+    ip: str
+    pid: int
+
+    def logs(self) -> str:
+        return self.sandbox.pod_log(self.namespace, self.name, "operator")
+
+    def uid(self) -> int:
+        """The real user ID the operator's process runs as."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+        raise AssertionError(f"no Uid line for pid {self.pid}")
+
+    def get(self, port: int, path: str) -> str:
+        with urllib.request.urlopen(f"http://{self.ip}:{port}{path}", timeout=5) as r:
+            return str(r.read().decode())
+
+
+def operator_pod(sandbox: Sandbox, namespace: str, timeout: float = 60) -> OperatorPod:
+    """Wait until the operator Deployment's pod runs and answers on its liveness endpoint."""
+    core = kubernetes.client.CoreV1Api(sandbox.api_client())
+
+    def running() -> Any:
+        pods = core.list_namespaced_pod(
+            namespace, label_selector="app.kubernetes.io/name=connbudget"
+        ).items
+        live = [p for p in pods if p.status.phase == "Running" and p.status.pod_ip]
+        return live[0] if len(live) == 1 else None
+
+    pod = eventually(running, timeout=timeout, what=f"the operator pod running in {namespace}")
+    ip = str(pod.status.pod_ip)
+
+    def process() -> int | None:
+        for pid, cmdline in sandbox.processes().items():
+            if "-m connbudget run" in cmdline:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                if f"HOSTNAME={pod.metadata.name}".encode() in env:
+                    return pid
+        return None
+
+    pid = eventually(process, timeout=timeout, what="the operator pod's process")
+    op = OperatorPod(sandbox, namespace, str(pod.metadata.name), ip, pid)
+
+    def healthy() -> bool:
+        try:
+            op.get(8080, "/healthz")
+        except OSError:
+            return False
+        return True
+
+    eventually(healthy, timeout=timeout, what=f"the operator pod's liveness endpoint on {ip}:8080")
+    return op

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from e2e.conftest import ROOT, Budgets, can_i, start_operator
-from sandbox.controlplane import write_kubeconfig
+from e2e.conftest import ROOT, Budgets, can_i, operator_pod
 from sandbox.core import Sandbox
 from sandbox.fixtures import Workloads, eventually
+from sandbox.kubelet import SERVICE_ACCOUNT_DIR
 
 pytestmark = pytest.mark.sandbox
 SA = "system:serviceaccount:connbudget-system:connbudget"
@@ -107,25 +107,24 @@ def test_the_install_is_least_privilege(sandbox: Sandbox, installed: None, names
     del pods
 
 
-def test_the_service_account_is_enough_to_remediate_a_leak(
+def test_the_installed_operator_pod_remediates_a_leak(
     sandbox: Sandbox,
     installed: object,
     workloads: Workloads,
     namespace: str,
     budgets: Budgets,
-    tmp_path: Path,
 ) -> None:
-    token = kubectl(
-        sandbox, "-n", "connbudget-system", "create", "token", "connbudget", "--duration=1h"
-    ).stdout.strip()
-    kubeconfig = tmp_path / "sa.kubeconfig"
-    write_kubeconfig(
-        kubeconfig,
-        server=sandbox.state["apiServer"]["server"],
-        ca_file=Path(sandbox.state["apiServer"]["caFile"]),
-        token=token,
-        user="connbudget",
-    )
+    """The Deployment's own pod: non-root, in-cluster ServiceAccount token, enough RBAC."""
+    op = operator_pod(sandbox, "connbudget-system")
+    assert op.uid() == 65532  # runAsUser from the Deployment's securityContext
+    environ = Path(f"/proc/{op.pid}/environ").read_bytes()
+    assert b"KUBECONFIG=" not in environ  # so it logged in with the in-pod token
+    # /var/run is a symlink to /run: through /proc/PID/root an absolute link would resolve in our
+    # own mount namespace, so take the real path.
+    token_dir = Path(f"/proc/{op.pid}/root" + SERVICE_ACCOUNT_DIR.removeprefix("/var"))
+    assert (token_dir / "namespace").read_text() == "connbudget-system"
+    token = (token_dir / "token").read_text()
+
     budgets.secret("pg-monitor", sandbox.db.monitor_dsn)
     workloads.deploy(namespace, "leaky", replicas=2, env={"LEAK_RATE": "3", "LEAK_MAX": "20"})
     budgets.create(
@@ -143,31 +142,16 @@ def test_the_service_account_is_enough_to_remediate_a_leak(
             },
         },
     )
-    op = start_operator(
-        sandbox,
-        namespace,
-        tmp_path / "operator.log",
-        kubeconfig=str(kubeconfig),
-        standalone=False,
-        env={"POD_NAMESPACE": "connbudget-system"},
+    budgets.wait_event("IdleConnectionsTerminated", timeout=90)
+    budgets.wait_event("PodEvicted", timeout=90)
+    lease = json.loads(
+        kubectl(
+            sandbox, "get", "lease", "connbudget-operator", "-n", "connbudget-system", "-o", "json"
+        ).stdout
     )
-    try:
-        budgets.wait_event("IdleConnectionsTerminated", timeout=60)
-        budgets.wait_event("PodEvicted", timeout=60)
-        lease = json.loads(
-            kubectl(
-                sandbox,
-                "get",
-                "lease",
-                "connbudget-operator",
-                "-n",
-                "connbudget-system",
-                "-o",
-                "json",
-            ).stdout
-        )
-        assert lease["spec"]["holderIdentity"]
-        assert "Forbidden" not in op.logs()
-        assert token not in op.logs()
-    finally:
-        op.stop()
+    assert lease["spec"]["holderIdentity"].startswith(op.name)
+    assert "connbudget_actions_total{" in op.get(9090, "/metrics")
+    logs = op.logs()
+    assert "Forbidden" not in logs
+    assert token not in logs
+    assert sandbox.db.monitor_password not in logs

@@ -229,6 +229,20 @@ class Sandbox:
     def bin_dir(self) -> Path:
         return Path(self.state["binDir"])
 
+    def pod_log(self, namespace: str, pod: str, container: str) -> str:
+        """A container's output so far (there is no ``kubectl logs``); empty if it never ran."""
+        path = self.state_dir / "pods" / namespace / pod / f"{container}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def processes(self) -> dict[int, str]:
+        """PID → command line of every process of this sandbox (control plane, databases, pods)."""
+        found: dict[int, str] = {}
+        for pid in tagged_pids(self.tag):
+            with contextlib.suppress(OSError):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                found[pid] = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
+        return found
+
     def api_client(self) -> kubernetes.client.ApiClient:
         """A Kubernetes client for the sandbox's admin (only ever this sandbox's kubeconfig)."""
         config = kubernetes.client.Configuration()

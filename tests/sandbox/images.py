@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TypedDict
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
+OPERATOR_IMAGE = "ghcr.io/connbudget/connbudget"
 
 
 class Image(TypedDict):
@@ -41,6 +42,14 @@ def default_images() -> dict[str, Image]:
         "sandbox.local/steady-app": _python_module("sandbox.workloads.steady"),
         "sandbox.local/pgbouncer": _python_module("sandbox.workloads.pgbouncer"),
         "sandbox.local/pause": Image(entrypoint=["sleep", "infinity"], cmd=[], env={}),
+        # The operator's published image is the package installed in this virtual environment
+        # (as the Dockerfile installs it): the Deployment from manifests/ or the Helm chart runs
+        # it unchanged, with the image's entrypoint `connbudget` and default command `run`.
+        OPERATOR_IMAGE: Image(
+            entrypoint=[sys.executable, "-m", "connbudget"],
+            cmd=["run"],
+            env={"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"},
+        ),
     }
 
 

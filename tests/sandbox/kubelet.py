@@ -47,6 +47,10 @@ from sandbox.procs import stop_pid
 
 NODE_NAME = "sandbox-node"
 NO_PROCESS_ANNOTATION = "sandbox.connbudget.io/process"
+# Where a pod finds its ServiceAccount token, CA and namespace (the standard in-pod path).
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+SECRETS_MOUNT = "/run/secrets"  # /var/run is /run; this folder is bind-mounted per pod
+TOKEN_SECONDS = 3600
 MAX_GRACE_SECONDS = 30.0  # the Kubernetes default terminationGracePeriodSeconds
 RESYNC_SECONDS = 10.0  # full re-list, in case a watch event was missed
 WATCH_TIMEOUT_SECONDS = 60  # server-side watch timeout before re-watching
@@ -69,6 +73,8 @@ class Container:
     env: dict[str, str]
     cwd: str
     log_path: Path
+    # Runs before argv, inside the pod's network namespace: the ServiceAccount mount and the user.
+    wrapper: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: str = ""
@@ -104,6 +110,7 @@ class Kubelet:
             config_file=state["kubeconfig"], client_configuration=config
         )
         self.api = kubernetes.client.ApiClient(config)
+        self.ca_cert = Path(config.ssl_ca_cert).read_text() if config.ssl_ca_cert else ""
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.runtimes: dict[str, PodRuntime] = {}
         self.lock = threading.RLock()
@@ -332,6 +339,9 @@ class Kubelet:
                 self.net.add_pod(slot)
             pod_dir = self.state_dir / "pods" / ns / name
             pod_dir.mkdir(parents=True, exist_ok=True)
+            mount: list[str] = []
+            if not no_process and _automounts_token(spec):
+                mount = self._mount_service_account(pod, pod_dir)
             for c, image in plans:
                 env = self._resolve_env(pod, c, rt.ip, image["env"])
                 argv = [_expand(a, env) for a in (c.get("command") or image["entrypoint"])]
@@ -344,6 +354,7 @@ class Kubelet:
                         env=env,
                         cwd=c.get("workingDir") or str(pod_dir),
                         log_path=pod_dir / f"{c['name']}.log",
+                        wrapper=mount + _run_as(spec, c),
                     )
                 )
             if not no_process:
@@ -385,6 +396,48 @@ class Kubelet:
             },
         )
 
+    def _mount_service_account(self, pod: dict[str, Any], pod_dir: Path) -> list[str]:
+        """Write the pod's ServiceAccount token, CA and namespace, as the kubelet projects them.
+
+        The token comes from the TokenRequest API, bound to the pod (it stops working when the pod
+        is deleted). Returns the command prefix that bind-mounts them at the standard path
+        ``/var/run/secrets/kubernetes.io/serviceaccount`` in a mount namespace of the pod's own.
+        """
+        meta, spec = pod["metadata"], pod["spec"]
+        account = spec.get("serviceAccountName") or "default"
+        request = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "expirationSeconds": TOKEN_SECONDS,
+                "boundObjectRef": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                },
+            },
+        }
+        token = self.core.create_namespaced_service_account_token(
+            account, meta["namespace"], request
+        ).status.token
+        secrets = pod_dir / "secrets"
+        folder = secrets / "kubernetes.io" / "serviceaccount"
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in (secrets, secrets / "kubernetes.io", folder):
+            path.chmod(0o755)
+        for file, text in (
+            ("token", token),
+            ("ca.crt", self.ca_cert),
+            ("namespace", meta["namespace"]),
+        ):
+            (folder / file).write_text(text)
+            (folder / file).chmod(0o644)  # the projected volume's default mode
+        Path(SECRETS_MOUNT).mkdir(exist_ok=True)
+        script = 'mount --bind "$0" ' + SECRETS_MOUNT + ' && exec "$@"'
+        prefix = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script]
+        return [*prefix, str(secrets)]
+
     def _resolve_image(self, container: dict[str, Any]) -> images_mod.Image:
         key = images_mod.image_key(container.get("image", ""))
         if key in self.images:
@@ -402,7 +455,7 @@ class Kubelet:
         env["CONNBUDGET_SANDBOX"] = self.tag
         with cont.log_path.open("ab") as out:
             cont.proc = subprocess.Popen(
-                self.net.exec_prefix(rt.slot) + cont.argv,
+                self.net.exec_prefix(rt.slot) + cont.wrapper + cont.argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -661,6 +714,22 @@ class Kubelet:
 
 
 _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)|\$\$")
+
+
+def _automounts_token(spec: dict[str, Any]) -> bool:
+    return spec.get("automountServiceAccountToken") is not False
+
+
+def _run_as(spec: dict[str, Any], container: dict[str, Any]) -> list[str]:
+    """``setpriv`` to the securityContext's user and group (the container's wins over the pod's)."""
+    pod_ctx = spec.get("securityContext") or {}
+    ctx = container.get("securityContext") or {}
+    user = ctx.get("runAsUser", pod_ctx.get("runAsUser"))
+    group = ctx.get("runAsGroup", pod_ctx.get("runAsGroup", user))
+    if user is None or int(user) == 0:
+        return []
+    group = user if group is None else group
+    return ["setpriv", f"--reuid={int(user)}", f"--regid={int(group)}", "--clear-groups", "--"]
 
 
 def _expand(text: str, env: dict[str, str]) -> str:

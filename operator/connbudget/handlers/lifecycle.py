@@ -13,6 +13,7 @@ from typing import Any
 
 import kopf
 import prometheus_client
+from kopf._core.engines.peering import Identity  # kopf.run's parameter type, not re-exported
 
 from connbudget.config import OperatorConfig
 from connbudget.handlers.reconciler import Reconciler
@@ -28,6 +29,8 @@ RENEW_EVERY_SECONDS = LEASE_SECONDS / 3
 # another replica may take over once it has expired.
 STEP_DOWN_AFTER_SECONDS = LEASE_SECONDS * 2 / 3
 
+# This process's name in the Lease: the pod name (HOSTNAME in a pod) and a random suffix.
+IDENTITY = f"{os.environ.get('HOSTNAME') or socket.gethostname()}-{secrets.token_hex(3)}"
 # Set by run_operator before kopf starts.
 CONFIG = OperatorConfig()
 
@@ -45,6 +48,9 @@ def run_operator(config: OperatorConfig) -> None:
         namespaces=config.namespaces,
         liveness_endpoint=config.liveness,
         standalone=True,
+        # kopf would derive an identity from the user name, and a container's numeric UID often
+        # has no passwd entry (`runAsUser: 65532` in a slim image): that would crash at start.
+        identity=Identity(IDENTITY),
     )
 
 
@@ -90,10 +96,9 @@ async def operator_startup(
         namespace = os.environ.get("POD_NAMESPACE") or (
             CONFIG.namespaces[0] if CONFIG.namespaces else "default"
         )
-        identity = f"{os.environ.get('HOSTNAME') or socket.gethostname()}-{secrets.token_hex(3)}"
-        elector = LeaseElector(kube, namespace=namespace, name=LEASE_NAME, identity=identity)
+        elector = LeaseElector(kube, namespace=namespace, name=LEASE_NAME, identity=IDENTITY)
         logger.info(
-            "leader election", extra={"lease": f"{namespace}/{LEASE_NAME}", "identity": identity}
+            "leader election", extra={"lease": f"{namespace}/{LEASE_NAME}", "identity": IDENTITY}
         )
     memo.election = asyncio.create_task(_elect(reconciler, elector), name="leader election")
     if CONFIG.metrics_port:
