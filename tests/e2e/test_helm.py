@@ -8,8 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from e2e.conftest import ROOT, Budgets, can_i
+from e2e.conftest import ROOT, Budgets, can_i, operator_pod
 from sandbox.core import Sandbox
+from sandbox.fixtures import Workloads
 
 pytestmark = pytest.mark.sandbox
 CHART = ROOT / "manifests" / "helm" / "connbudget"
@@ -148,3 +149,36 @@ def test_a_namespaced_install_gets_rights_only_where_it_watches(
     helm(sandbox, "uninstall", "cb", "-n", release, "--wait")
     assert budgets.get("kept")["metadata"]["name"] == "kept"
     assert not can(sandbox, "get", "secrets", namespace, sa)
+
+
+def test_the_charts_operator_pod_remediates_a_leak_where_it_watches(
+    sandbox: Sandbox, release: str, namespace: str, budgets: Budgets, workloads: Workloads
+) -> None:
+    """The chart's Deployment runs as a pod with the chart's RBAC (namespaced mode) and acts."""
+    op = operator_pod(sandbox, release)
+    assert op.uid() == 65532
+    budgets.secret("pg-monitor", sandbox.db.monitor_dsn)
+    workloads.deploy(namespace, "leaky", replicas=2, env={"LEAK_RATE": "3", "LEAK_MAX": "20"})
+    budgets.create(
+        "leaky",
+        {
+            "database": {"secretRef": {"name": "pg-monitor"}},
+            "budget": {"maxConnections": 8},
+            "selector": {"matchLabels": {"app": "leaky"}},
+            "pollSeconds": 1,
+            "remediation": {
+                "breachSeconds": 1,
+                "cooldownSeconds": 60,
+                "terminateIdle": {"minIdleSeconds": 1},
+                "restartPods": {"minPodAgeSeconds": 0},
+            },
+        },
+    )
+    budgets.wait_event("IdleConnectionsTerminated", timeout=90)
+    budgets.wait_event("PodEvicted", timeout=90)
+    status = budgets.status("leaky")
+    assert status["lastAction"]["type"] in ("TerminateIdle", "RestartPods")
+    assert status["observedGeneration"] == budgets.get("leaky")["metadata"]["generation"]
+    logs = op.logs()
+    assert "Forbidden" not in logs, logs[-2000:]
+    assert sandbox.db.monitor_password not in logs
