@@ -82,7 +82,8 @@ class MonitorLike(Protocol):
 @dataclass
 class Deps:
     kube: KubeCalls
-    bind_monitor: Callable[[str, str], Awaitable[MonitorLike]]  # (budget id, DSN)
+    # (budget id, DSN, PEM CA certificate or None)
+    bind_monitor: Callable[[str, str, str | None], Awaitable[MonitorLike]]
     sample_poolers: Callable[[str, Sequence[str], int], Awaitable[PoolerSample]]
     pods: Callable[[str], Sequence[PodInfo]]  # every pod of a namespace, from the watch index
     post_event: Callable[[str, str, str], Awaitable[None]]  # (type, reason, message)
@@ -156,8 +157,16 @@ async def run_cycle(
     runtime.last_probe_at = now
     paused = is_paused(annotations)
 
+    secret = spec.database_secret
     try:
-        dsn = await deps.kube.read_secret_value(namespace, spec.database_secret)
+        dsn = await deps.kube.read_secret_value(namespace, secret)
+        ca_pem = (
+            await deps.kube.read_secret_value(
+                namespace, SecretRef(name=secret.name, key=secret.ca_key)
+            )
+            if secret.ca_key
+            else None
+        )
     except SecretProblem as e:
         deps.metrics.record_probe_error(namespace, name, Reason.SECRET_MISSING.value)
         return await _degraded(
@@ -171,14 +180,16 @@ async def run_cycle(
 
     started = time.perf_counter()
     try:
-        monitor = await deps.bind_monitor(budget_id, dsn)
+        monitor = await deps.bind_monitor(budget_id, dsn, ca_pem)
         sample = await monitor.sample()
     except ProbeError as e:
         deps.metrics.record_probe_error(namespace, name, e.failure.value)
         runtime.history.clear()  # a gap in the samples: the old rate says nothing now
         if e.failure in (ProbeFailure.AUTHENTICATION_FAILED, ProbeFailure.DSN_INVALID):
             # The Secret may be fixed any moment: read it again at the next poll.
-            deps.kube.forget_secret(namespace, spec.database_secret)
+            deps.kube.forget_secret(namespace, secret)
+            if secret.ca_key:
+                deps.kube.forget_secret(namespace, SecretRef(name=secret.name, key=secret.ca_key))
         return await _degraded(
             runtime,
             deps,

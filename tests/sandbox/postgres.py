@@ -253,6 +253,110 @@ def _start_pgbouncer(
     return proc
 
 
+TLS_DAYS = "2"  # the sandbox's certificates live as long as a test session, at most
+
+
+def make_ca(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed CA (certificate, key) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    crt, key = folder / f"{name}.crt", folder / f"{name}.key"
+    run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            TLS_DAYS,
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(crt),
+        ]
+    )
+    return crt, key
+
+
+def enable_tls(state: Path, info: DatabaseInfo) -> Path:
+    """Turn TLS on in the sandbox's PostgreSQL (reload, no restart); return the CA's certificate.
+
+    The server certificate is signed by a new self-signed CA and names the addresses clients use
+    (the pod network's host address, 127.0.0.1, localhost), so ``sslmode=verify-full`` holds.
+    Connections already open stay as they are; new ones may use TLS (libpq's default ``prefer``).
+    """
+    user = _server_user()
+    folder = state / "db" / "tls"
+    ca_crt, ca_key = make_ca(folder, "connbudget-sandbox-pg-ca")
+    key, csr, crt = folder / "server.key", folder / "server.csr", folder / "server.crt"
+    run(
+        [
+            "openssl",
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=postgres",
+            "-keyout",
+            str(key),
+            "-out",
+            str(csr),
+        ]
+    )
+    ext = folder / "san.ext"
+    ext.write_text(f"subjectAltName = IP:{info.host}, IP:127.0.0.1, DNS:localhost\n")
+    run(
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(ca_crt),
+            "-CAkey",
+            str(ca_key),
+            "-CAcreateserial",
+            "-days",
+            TLS_DAYS,
+            "-extfile",
+            str(ext),
+            "-out",
+            str(crt),
+        ]
+    )
+    key.chmod(0o600)  # PostgreSQL refuses a key that others can read
+    for path in (folder, key, crt):
+        _own(path, user)
+    _psql(
+        info,
+        f"""
+        ALTER SYSTEM SET ssl_cert_file = '{crt}';
+        ALTER SYSTEM SET ssl_key_file = '{key}';
+        ALTER SYSTEM SET ssl = on;
+        SELECT pg_reload_conf();
+    """,
+    )
+    return ca_crt
+
+
+def disable_tls(info: DatabaseInfo) -> None:
+    """Turn TLS off again (open TLS connections keep their TLS)."""
+    _psql(
+        info,
+        """
+        ALTER SYSTEM RESET ssl;
+        ALTER SYSTEM RESET ssl_cert_file;
+        ALTER SYSTEM RESET ssl_key_file;
+        SELECT pg_reload_conf();
+    """,
+    )
+
+
 def _psql(info: DatabaseInfo, script: str) -> None:
     """Run ``script`` as the superuser; statements go through stdin, one transaction each."""
     run(

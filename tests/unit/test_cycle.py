@@ -87,7 +87,7 @@ def make_deps(
 ) -> tuple[cycle.Deps, list[tuple[str, str, str]]]:
     events: list[tuple[str, str, str]] = []
 
-    async def bind(budget: str, dsn: str) -> cycle.MonitorLike:
+    async def bind(budget: str, dsn: str, ca_pem: str | None) -> cycle.MonitorLike:
         return monitor
 
     async def poolers(template: str, hosts: Sequence[str], replicas: int) -> PoolerSample:

@@ -147,8 +147,8 @@ class Reconciler:
         def pods_of(namespace: str) -> Sequence[PodInfo]:
             return list(self.pods.get(namespace, {}).values())
 
-        async def bind(budget: str, dsn: str) -> cycle.MonitorLike:
-            return await self.monitors.bind(budget, dsn)
+        async def bind(budget: str, dsn: str, ca_pem: str | None) -> cycle.MonitorLike:
+            return await self.monitors.bind(budget, dsn, ca_pem)
 
         async def poolers(template: str, hosts: Sequence[str], replicas: int) -> PoolerSample:
             return await sample_poolers(template, hosts, replicas=replicas)

@@ -55,6 +55,7 @@ class RestartMethod(enum.StrEnum):
 class SecretRef:
     name: str
     key: str = "dsn"
+    ca_key: str | None = None  # the key of a PEM CA bundle in the same Secret (database only)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -248,8 +249,14 @@ class _Reader:
         ref = self.obj(data, path, required=required)
         if not ref:
             return None
+        ca_key = _present(ref, "caKey", None)
+        if ca_key is not None and (not isinstance(ca_key, str) or not ca_key):
+            self.problems.append(f"{path}.caKey must be a non-empty string")
+            ca_key = None
         return SecretRef(
-            name=self.string(ref, "name", path), key=self.string(ref, "key", path, default="dsn")
+            name=self.string(ref, "name", path),
+            key=self.string(ref, "key", path, default="dsn"),
+            ca_key=ca_key,
         )
 
 

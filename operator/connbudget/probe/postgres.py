@@ -10,11 +10,14 @@ database: the operator must not become a leak itself, however many budgets point
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import os
 import re
+import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, LiteralString
 
 import psycopg
@@ -31,11 +34,48 @@ CONNECT_TIMEOUT_SECONDS = 5
 STATEMENT_TIMEOUT_MS = 5000  # a probe that takes longer than this is a failed probe
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 30.0
+# Never let a server-wide idle_session_timeout close the monitoring connection.
+PROBE_OPTIONS = f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c idle_session_timeout=0"
 
 
-def dsn_key(dsn: str) -> str:
+def dsn_key(dsn: str, ca_pem: str | None = None) -> str:
     """A stable, non-reversible name for a DSN (for logs, metrics and pooling; never the DSN)."""
-    return hashlib.sha256(dsn.encode()).hexdigest()[:12]
+    text = dsn if ca_pem is None else f"{dsn}\0{ca_pem}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def ca_file(ca_pem: str | None) -> Iterator[str | None]:
+    """The CA certificate in a file only this process can read, for libpq's ``sslrootcert``.
+
+    libpq reads the file while it connects; it is removed as soon as the connection is made.
+    """
+    if ca_pem is None:
+        yield None
+        return
+    fd, path = tempfile.mkstemp(prefix="connbudget-ca-", suffix=".pem")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(ca_pem if ca_pem.endswith("\n") else ca_pem + "\n")
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def tls_options(dsn: str, ca_path: str | None) -> dict[str, Any]:
+    """Connection options that make libpq verify the server with the CA at ``ca_path``.
+
+    A CA given without an ``sslmode`` in the DSN means verify-full: whoever gives a CA wants the
+    server checked against it, not TLS that silently accepts any certificate.
+    """
+    if ca_path is None:
+        return {}
+    try:
+        given = conninfo.conninfo_to_dict(dsn).get("sslmode")
+    except psycopg.Error:
+        given = None
+    return {"sslrootcert": ca_path, **({} if given else {"sslmode": "verify-full"})}
 
 
 def redact(text: str, dsn: str) -> str:
@@ -126,9 +166,10 @@ def _group(raw: Sequence[Any]) -> BackendGroup:
 class Monitor:
     """The monitoring connection to one database; reconnects with backoff after a failure."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, ca_pem: str | None = None) -> None:
         self._dsn = dsn
-        self.key = dsn_key(dsn)
+        self._ca_pem = ca_pem
+        self.key = dsn_key(dsn, ca_pem)
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._lock = asyncio.Lock()
         self._retry_at = 0.0
@@ -153,14 +194,15 @@ class Monitor:
             )
         validate_dsn(self._dsn)
         try:
-            self._conn = await psycopg.AsyncConnection.connect(
-                self._dsn,
-                autocommit=True,
-                connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                application_name=PROBE_APPLICATION_NAME,
-                # Never let a server-wide idle_session_timeout close the monitoring connection.
-                options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c idle_session_timeout=0",
-            )
+            with ca_file(self._ca_pem) as ca_path:
+                self._conn = await psycopg.AsyncConnection.connect(
+                    self._dsn,
+                    autocommit=True,
+                    connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                    application_name=PROBE_APPLICATION_NAME,
+                    options=PROBE_OPTIONS,
+                    **tls_options(self._dsn, ca_path),
+                )
         except (psycopg.Error, OSError) as e:
             self._fail(classify(e, self._dsn))
             raise self._last_error from None  # type: ignore[misc]
@@ -237,14 +279,14 @@ class MonitorPool:
         self._monitors: dict[str, Monitor] = {}
         self._bound: dict[str, str] = {}  # budget id -> DSN key
 
-    async def bind(self, budget: str, dsn: str) -> Monitor:
-        key = dsn_key(dsn)
+    async def bind(self, budget: str, dsn: str, ca_pem: str | None = None) -> Monitor:
+        key = dsn_key(dsn, ca_pem)
         previous = self._bound.get(budget)
         self._bound[budget] = key
         if previous is not None and previous != key:
             await self._drop_if_unused(previous)
         if key not in self._monitors:
-            self._monitors[key] = Monitor(dsn)
+            self._monitors[key] = Monitor(dsn, ca_pem)
         return self._monitors[key]
 
     async def unbind(self, budget: str) -> None:
