@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,7 +132,19 @@ def setup(sb: Sandbox, api: kubernetes.client.ApiClient) -> Workloads:
     return Workloads(sandbox=sb, api=api)
 
 
-def chart(tl: Timeline, usable: int, path: Path) -> None:
+def chart(
+    tl: Timeline,
+    usable: int,
+    path: Path,
+    *,
+    budget: int = BUDGET,
+    title: str = "connbudget demo: a leaking Deployment kept inside its connection budget",
+    refusals: Sequence[float] = (),
+) -> None:
+    """Draw connections over time, the budget and server lines, and the actions as markers.
+
+    ``refusals`` (times) are drawn as marks along the top: connections the server refused.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,8 +167,8 @@ def chart(tl: Timeline, usable: int, path: Path) -> None:
         linewidth=1.5,
         linestyle="--",
     )
-    ax.axhline(BUDGET, color="#d62728", label=f"budget ({BUDGET})")
-    ax.axhline(BUDGET * 0.8, color="#e6a700", linestyle=":", label="warning line (80%)")
+    ax.axhline(budget, color="#d62728", label=f"budget ({budget})")
+    ax.axhline(budget * 0.8, color="#e6a700", linestyle=":", label="warning line (80%)")
     ax.axhline(usable, color="black", linestyle="-.", label=f"server full ({usable} usable)")
     colors = {
         "IdleConnectionsTerminated": "#2ca02c",
@@ -182,9 +194,19 @@ def chart(tl: Timeline, usable: int, path: Path) -> None:
                 label=reason if reason not in seen else None,
             )
             seen.add(reason)
+    if refusals:
+        ax.plot(
+            [t - tl.t0 for t in refusals],
+            [usable + 5] * len(refusals),
+            linestyle="none",
+            marker="|",
+            markersize=9,
+            color="#d62728",
+            label=f"refused connection ({len(refusals)})",
+        )
     ax.set_xlabel("seconds since the leak began")
     ax.set_ylabel("connections")
-    ax.set_title("connbudget demo: a leaking Deployment kept inside its connection budget")
+    ax.set_title(title)
     ax.set_ylim(0, usable + 10)
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)

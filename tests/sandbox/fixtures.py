@@ -101,14 +101,18 @@ class Workloads:
         via_pooler: bool | str = False,
         labels: dict[str, str] | None = None,
         wait: bool = True,
+        database_url: str | None = None,
     ) -> dict[str, Any]:
         """Create a Deployment of ``image`` whose pods get ``DATABASE_URL`` from a Secret.
 
         ``PGAPPNAME`` is the pod's name (a fieldRef), as the operator's attribution expects.
+        ``database_url`` replaces the sandbox database's URL (for another server).
         """
         db = self.sandbox.db
         secret = f"{name}-db"
-        if isinstance(via_pooler, str):  # a pooler pod's address
+        if database_url is not None:
+            url = database_url
+        elif isinstance(via_pooler, str):  # a pooler pod's address
             url = db.dsn(APP_ROLE, db.app_password, 6432, APP_DB).replace(
                 f"@{db.host}:", f"@{via_pooler}:"
             )
