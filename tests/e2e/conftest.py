@@ -222,6 +222,23 @@ def now() -> float:
     return time.time()
 
 
+def kubectl(
+    sandbox: Sandbox, *args: str, check: bool = True, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the sandbox's kubectl as its admin; fail the test on an error unless ``check=False``."""
+    res = subprocess.run(
+        [str(sandbox.bin_dir / "kubectl"), "--kubeconfig", sandbox.kubeconfig, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if check:
+        assert res.returncode == 0, f"kubectl {' '.join(args)}: {res.stderr}"
+    return res
+
+
 def can_i(sandbox: Sandbox, sa: str, verb: str, resource: str, namespace: str) -> bool:
     """Ask the API server whether ServiceAccount user ``sa`` may ``verb`` ``resource``.
 

@@ -12,26 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from e2e.conftest import ROOT, Budgets, can_i, operator_pod
+from e2e.conftest import ROOT, Budgets, can_i, kubectl, operator_pod
 from sandbox.core import Sandbox
 from sandbox.fixtures import Workloads, eventually
 from sandbox.kubelet import SERVICE_ACCOUNT_DIR
 
 pytestmark = pytest.mark.sandbox
 SA = "system:serviceaccount:connbudget-system:connbudget"
-
-
-def kubectl(sandbox: Sandbox, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(
-        [str(sandbox.bin_dir / "kubectl"), "--kubeconfig", sandbox.kubeconfig, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if check:
-        assert res.returncode == 0, f"kubectl {' '.join(args)}: {res.stderr}"
-    return res
 
 
 def test_the_samples_pass_check_and_the_api_server(

@@ -118,3 +118,34 @@ def test_garbage_in_status_reads_as_empty_memory() -> None:
         )
         == Memory()
     )
+
+
+def _kstatus_pair(out: dict[str, object]) -> dict[str, str]:
+    conds = out["conditions"]
+    assert isinstance(conds, list)
+    return {c["type"]: c["status"] for c in conds if c["type"] in ("Reconciling", "Stalled")}
+
+
+def test_kstatus_reconciling_while_pending_and_stalled_only_for_problems_waiting_cannot_fix() -> (
+    None
+):
+    pending = status.render_status({}, status.Outcome(generation=1, now=NOW))
+    assert _kstatus_pair(pending) == {"Reconciling": "True", "Stalled": "False"}
+    for reason, stalled in [
+        (Reason.SECRET_MISSING, "True"),
+        (Reason.AUTHENTICATION_FAILED, "True"),
+        (Reason.DSN_INVALID, "True"),
+        (Reason.SPEC_INVALID, "True"),
+        (Reason.PERMISSION_DENIED, "True"),
+        (Reason.DATABASE_UNREACHABLE, "False"),  # may come back by itself: in progress
+        (Reason.PROBE_FAILED, "False"),
+        (Reason.NO_PODS_SELECTED, "False"),  # the app may not be deployed yet
+    ]:
+        out = status.render_status(
+            {}, status.Outcome(generation=1, now=NOW, problem=(reason, "what to fix"))
+        )
+        assert _kstatus_pair(out) == {"Reconciling": "False", "Stalled": stalled}, reason
+        if stalled == "True":
+            cond = next(c for c in out["conditions"] if c["type"] == "Stalled")
+            assert cond["reason"] == reason.value
+            assert cond["message"] == "what to fix"

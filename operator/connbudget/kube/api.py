@@ -22,6 +22,7 @@ from typing import TypeVar
 import kubernetes
 from kubernetes.client.rest import ApiException
 
+from connbudget import __version__
 from connbudget.model.spec import GROUP, KIND, PLURAL, VERSION, ObjectRef, SecretRef
 
 T = TypeVar("T")
@@ -68,6 +69,9 @@ def _reason(e: ApiException) -> str:
         return str(e.reason)
 
 
+FIELD_MANAGER = "connbudget"
+
+
 class Kube:
     """One API client, shared by every budget."""
 
@@ -87,7 +91,12 @@ class Kube:
             kubernetes.config.load_incluster_config(client_configuration=config)
         except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=config)
-        return cls(kubernetes.client.ApiClient(config))
+        api = kubernetes.client.ApiClient(config)
+        # The API server names the field manager of our writes after the user agent's product:
+        # managedFields then show "connbudget" owning status and the pooler's replicas, which is
+        # what GitOps users look for when they diff.
+        api.user_agent = f"{FIELD_MANAGER}/{__version__}"
+        return cls(api)
 
     async def call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         try:

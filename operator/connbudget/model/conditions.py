@@ -16,6 +16,10 @@ class ConditionType(enum.StrEnum):
     WITHIN_BUDGET = "WithinBudget"
     REMEDIATING = "Remediating"
     PAUSED = "Paused"
+    # kstatus' "abnormal-true" pair, read by Flux and the cli-utils applier: Reconciling=True while
+    # the first probe is pending, Stalled=True while only a change by the user can help.
+    RECONCILING = "Reconciling"
+    STALLED = "Stalled"
 
 
 class Reason(enum.StrEnum):
@@ -44,6 +48,23 @@ class Reason(enum.StrEnum):
     # Paused
     NOT_PAUSED = "NotPaused"
     PAUSED = "PausedByAnnotation"
+    # Reconciling / Stalled when false
+    PROBED = "Probed"
+    NOT_STALLED = "NotStalled"
+
+
+# Problems that do not go away by waiting (unlike an unreachable database): kstatus reports the
+# budget as Failed (Stalled=True), so Flux fails the health check at once instead of timing out.
+STALLED_REASONS = frozenset(
+    {
+        Reason.SPEC_INVALID,
+        Reason.SECRET_MISSING,
+        Reason.DSN_INVALID,
+        Reason.AUTHENTICATION_FAILED,
+        Reason.PERMISSION_DENIED,
+        Reason.POOLER_TARGET_INVALID,
+    }
+)
 
 
 class Phase(enum.StrEnum):

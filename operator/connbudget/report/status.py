@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from connbudget.model.conditions import Condition, ConditionType, Phase, Reason
+from connbudget.model.conditions import STALLED_REASONS, Condition, ConditionType, Phase, Reason
 from connbudget.model.observations import PoolerSample
 from connbudget.policy.plan import Decision, Level, Memory
 from connbudget.policy.usage import Usage
@@ -142,6 +142,24 @@ def _conditions(o: Outcome) -> list[Condition]:
                 message="probing and ready to act",
             )
         )
+    pending = o.problem is None and o.usage is None
+    conds.append(
+        Condition(
+            type=ConditionType.RECONCILING,
+            status=pending,
+            reason=Reason.PENDING if pending else Reason.PROBED,
+            message="waiting for the first probe" if pending else "",
+        )
+    )
+    stalled = o.problem is not None and o.problem[0] in STALLED_REASONS
+    conds.append(
+        Condition(
+            type=ConditionType.STALLED,
+            status=stalled,
+            reason=o.problem[0] if stalled and o.problem else Reason.NOT_STALLED,
+            message=o.problem[1] if stalled and o.problem else "",
+        )
+    )
     if o.database_reachable is True:
         conds.append(
             Condition(
