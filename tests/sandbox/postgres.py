@@ -15,16 +15,18 @@ PgBouncer pools database ``app`` in session mode; its admin console (database ``
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import secrets
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from sandbox.procs import free_port, run, spawn, wait_for
+from sandbox.procs import alive, free_port, run, spawn, stop_pid, wait_for
 
 PG_MAJOR = 15
 PG_BIN = Path(f"/usr/lib/postgresql/{PG_MAJOR}/bin")
@@ -251,6 +253,51 @@ def _start_pgbouncer(
         log=log,
     )
     return proc
+
+
+STOP_GRACE = 10.0  # seconds for a fast shutdown before SIGKILL
+
+
+def _state_pids(state: Path) -> dict[str, int]:
+    return dict(json.loads((state / "state.json").read_text()).get("pids", {}))
+
+
+def _record_pid(state: Path, name: str, pid: int) -> None:
+    """Write a restarted server's pid into ``state.json`` (teardown stops it by that pid)."""
+    data = json.loads((state / "state.json").read_text())
+    data.setdefault("pids", {})[name] = pid
+    tmp = state / "state.json.tmp"
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.chmod(0o600)
+    tmp.replace(state / "state.json")
+
+
+def stop_postgres(state: Path) -> None:
+    """Stop the sandbox's PostgreSQL (fast shutdown: every client is disconnected)."""
+    pid = _state_pids(state).get("postgres")
+    if pid and alive(pid):
+        # SIGINT is PostgreSQL's fast shutdown; SIGTERM would wait for every client.
+        stop_pid(pid, grace=STOP_GRACE, sig=signal.SIGINT)
+
+
+def start_postgres(state: Path, info: DatabaseInfo) -> None:
+    """Start the sandbox's PostgreSQL again, on the same port and data, and wait until it serves."""
+    root = state / "db"
+    log = state / "logs" / "postgres.log"
+    pg = spawn(
+        [str(PG_BIN / "postgres"), "-D", str(root / "data")],
+        tag=str(state),
+        log=log,
+        user=_server_user(),
+        cwd=root,
+    )
+    _record_pid(state, "postgres", pg.pid)
+    wait_for("PostgreSQL", lambda: _ready(info), timeout=START_TIMEOUT, proc=pg, log=log)
+
+
+def _ready(info: DatabaseInfo) -> bool:
+    argv = [str(PG_BIN / "pg_isready"), "-q", "-h", info.socket_dir, "-p", str(info.pg_port)]
+    return run([*argv, "-U", "postgres"], check=False).returncode == 0
 
 
 TLS_DAYS = "2"  # the sandbox's certificates live as long as a test session, at most

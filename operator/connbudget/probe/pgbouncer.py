@@ -20,7 +20,12 @@ from psycopg import conninfo
 from connbudget.model.observations import PROBE_APPLICATION_NAME, PoolerClient, PoolerSample
 from connbudget.probe import queries
 from connbudget.probe.errors import ProbeError
-from connbudget.probe.postgres import CONNECT_TIMEOUT_SECONDS, classify
+from connbudget.probe.postgres import (
+    ANSWER_TIMEOUT_SECONDS,
+    CONNECT_TIMEOUT_SECONDS,
+    answer_within,
+    classify,
+)
 
 SERVER_STATES = ("sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login")
 
@@ -97,8 +102,12 @@ def summarise(
 async def sample_poolers(template: str, hosts: Iterable[str], *, replicas: int) -> PoolerSample:
     """Query every pooler pod at ``hosts``; pods that fail are named in ``errors``."""
     hosts = list(hosts)
+    # A pooler pod that accepts connections but never answers (hung, stopped) must not hold the
+    # cycle: it counts as an error after the connect timeout plus the answer timeout.
+    limit = CONNECT_TIMEOUT_SECONDS + ANSWER_TIMEOUT_SECONDS
     results = await asyncio.gather(
-        *(_show(dsn_for_host(template, h)) for h in hosts), return_exceptions=True
+        *(answer_within(_show(dsn_for_host(template, h)), limit) for h in hosts),
+        return_exceptions=True,
     )
     waiting = servers = 0
     clients: list[PoolerClient] = []

@@ -17,8 +17,8 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, LiteralString
+from collections.abc import Awaitable, Iterable, Iterator, Sequence
+from typing import Any, LiteralString, TypeVar
 
 import psycopg
 from psycopg import conninfo
@@ -34,8 +34,48 @@ CONNECT_TIMEOUT_SECONDS = 5
 STATEMENT_TIMEOUT_MS = 5000  # a probe that takes longer than this is a failed probe
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 30.0
+# A query with no answer, not even the server's own statement_timeout, within this many seconds
+# means the server or the network is gone (a partition, a hung host): the connection is given up.
+ANSWER_TIMEOUT_SECONDS = STATEMENT_TIMEOUT_MS / 1000 + 2.0
+T = TypeVar("T")
+# Given-up queries still finishing their cancellation (kept referenced until they end).
+_ABANDONED: set[asyncio.Future[Any]] = set()
 # Never let a server-wide idle_session_timeout close the monitoring connection.
 PROBE_OPTIONS = f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c idle_session_timeout=0"
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    _ABANDONED.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a given-up query's error is of no interest any more
+
+
+async def answer_within(aw: Awaitable[T], seconds: float) -> T:
+    """Await ``aw`` at most ``seconds``; then raise ``TimeoutError`` at once.
+
+    Cancelling a psycopg query makes psycopg ask the server to cancel it and wait for that too:
+    against a silent server that is seconds more. The cancelled query finishes in the background.
+    """
+    task = asyncio.ensure_future(aw)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if task in done:
+        return task.result()
+    task.cancel()
+    _ABANDONED.add(task)
+    task.add_done_callback(_forget)
+    raise TimeoutError(f"no answer from the server within {seconds:.0f}s")
+
+
+async def _query(
+    conn: psycopg.AsyncConnection[Any], query: LiteralString, params: dict[str, Any] | None
+) -> list[tuple[Any, ...]]:
+    try:
+        cur = await conn.execute(query, params)
+        return await cur.fetchall()
+    except asyncio.CancelledError:
+        # Given up (no answer in time): this connection is never used again.
+        await conn.close()
+        raise
 
 
 def dsn_key(dsn: str, ca_pem: str | None = None) -> str:
@@ -222,8 +262,12 @@ class Monitor:
         async with self._lock:
             conn = await self._connection()
             try:
-                cur = await conn.execute(query, params)
-                return await cur.fetchall()
+                return await answer_within(_query(conn, query, params), ANSWER_TIMEOUT_SECONDS)
+            except TimeoutError as e:
+                # The connection is being closed in the background; the next poll opens another.
+                self._conn = None
+                self._fail(classify(e, self._dsn))
+                raise self._last_error from None  # type: ignore[misc]
             except (psycopg.Error, OSError) as e:
                 err = classify(e, self._dsn)
                 if conn.broken or conn.closed or isinstance(e, psycopg.OperationalError):
