@@ -246,6 +246,12 @@ async def run_cycle(
                     pooler_sample = await deps.sample_poolers(
                         template, sorted(pooler_ips), scale.replicas
                     )
+                    if pooler_sample.errors:
+                        # A pooler pod that does not answer hides its clients and its server
+                        # connections: acting on the rest would be acting on half the picture.
+                        raise ProbeError(
+                            ProbeFailure.DATABASE_UNREACHABLE, "; ".join(pooler_sample.errors)
+                        )
                 except (SecretProblem, ProbeError) as e:
                     problem = _Problem(
                         Reason.PROBE_FAILED,

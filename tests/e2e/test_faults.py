@@ -7,6 +7,8 @@ every test puts back what it broke (server started, password restored) even when
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +30,7 @@ from e2e.reliability import (
 from sandbox import postgres
 from sandbox.core import Sandbox
 from sandbox.fixtures import STEADY_IMAGE, Workloads
+from sandbox.network import NETNS
 from sandbox.postgres import MONITOR_ROLE
 
 pytestmark = pytest.mark.sandbox
@@ -222,3 +225,150 @@ def test_the_monitoring_password_rotated_then_the_secret_fixed(
         set_password(db.monitor_password)
     assert not actions(op)  # the budget was never breached: nothing to do, nothing done
     assert_no_secret(budgets, ["leaky"], op, [rotated, db.monitor_password])
+
+
+def probe_backend(sandbox: Sandbox) -> tuple[int, float] | None:
+    """(pid, backend_start) of the operator's monitoring connection, seen by the superuser."""
+    with psycopg.connect(sandbox.db.superuser_dsn, autocommit=True) as su:
+        rows = su.execute(
+            "SELECT pid, extract(epoch FROM backend_start)::float8 FROM pg_stat_activity "
+            "WHERE application_name = 'connbudget-probe'"
+        ).fetchall()
+    return (int(rows[0][0]), float(rows[0][1])) if len(rows) == 1 else None
+
+
+def test_a_full_database_is_still_seen_and_acted_on(
+    sandbox: Sandbox, workloads: Workloads, namespace: str, budgets: Budgets, op: Operator
+) -> None:
+    db = sandbox.db
+    budgets.secret("pg-monitor", db.monitor_dsn)
+    steady = deploy_steady(workloads, namespace)
+    # Paused while the leak fills the server: the operator watches, but lets it fill.
+    budgets.create(
+        "leaky",
+        budget_spec(
+            "leaky",
+            budget={"maxConnections": 30},
+            remediation={
+                "steps": ["TerminateIdle"],
+                "breachSeconds": 0,
+                "terminateIdle": {"minIdleSeconds": 1, "maxPerCycle": 50},
+            },
+        ),
+        annotations={"connbudget.io/paused": "true"},
+    )
+    wait_until(lambda: probe_backend(sandbox), 30, "the monitoring connection open")
+    monitor = probe_backend(sandbox)
+    workloads.deploy(namespace, "leaky", replicas=2, env={"LEAK_RATE": "20", "LEAK_MAX": "80"})
+
+    def full() -> bool:
+        try:
+            psycopg.connect(db.app_dsn, connect_timeout=5).close()
+        except psycopg.OperationalError as e:
+            return "too many clients" in str(e) or "reserved" in str(e)
+        return False
+
+    wait_until(full, 60, "the server full (max_connections reached)")
+    # Full, and still seen: usage near max_connections, probed after the server filled up.
+    wait_until(
+        lambda: (
+            budgets.status("leaky").get("usage", {}).get("connections", 0)
+            >= db.max_connections - 10
+        ),
+        15,
+        "usage of the full server reported",
+    )
+    assert ready(budgets, "leaky") == "True:ProbeSucceeded"
+
+    budgets.patch("leaky", {"metadata": {"annotations": {"connbudget.io/paused": None}}})
+    event = budgets.wait_event("IdleConnectionsTerminated", timeout=30)
+    assert "idle backends of leaky-" in event.message
+    # The same monitoring backend throughout: the operator was never locked out, never reconnected.
+    assert probe_backend(sandbox) == monitor
+    assert "connbudget_monitor_connections 1.0" in op.metrics()
+    assert pod_names(workloads, namespace, "app=steady") == steady
+    steady_pod = next(iter(steady))
+    log = (sandbox.state_dir / "pods" / namespace / steady_pod / "app.log").read_text()
+    assert "query_failed" not in log  # the steady app's connections were never cut
+
+
+def pgbouncer_pid(sandbox: Sandbox, pod: str) -> int:
+    """The pid of the pgbouncer process running in sandbox pod ``pod``."""
+    needle = f"HOSTNAME={pod}".encode() + b"\0"
+    tag = f"CONNBUDGET_SANDBOX={sandbox.tag}".encode() + b"\0"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if comm == "pgbouncer" and needle in environ and tag in environ:
+            return int(entry.name)
+    raise LookupError(f"no pgbouncer process in pod {pod}")
+
+
+def test_pgbouncer_down(
+    sandbox: Sandbox, workloads: Workloads, namespace: str, budgets: Budgets, op: Operator
+) -> None:
+    if sandbox.network.mode != NETNS:
+        pytest.skip("pooler pods need their own addresses (netns mode)")
+    from sandbox.postgres import BOUNCER_ADMIN
+
+    db = sandbox.db
+    budgets.secret("pg-monitor", db.monitor_dsn)
+    budgets.secret(
+        "pgbouncer-admin",
+        db.dsn(BOUNCER_ADMIN, db.bouncer_admin_password, 6432, "pgbouncer"),
+    )
+    (pooler_ip,) = workloads.deploy_pgbouncer(namespace, pool_size=30)
+    (pooler_pod,) = pod_names(workloads, namespace, "app=pgbouncer")
+    workloads.deploy(
+        namespace,
+        "leaky",
+        replicas=1,
+        via_pooler=pooler_ip,
+        env={"LEAK_RATE": "2", "LEAK_MAX": "6"},
+    )
+    budgets.create(
+        "leaky",
+        budget_spec(
+            "leaky",
+            budget={"maxConnections": 50},
+            remediation={"breachSeconds": 1, "cooldownSeconds": 60},
+            pooler={
+                "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "pgbouncer"},
+                "minReplicas": 1,
+                "maxReplicas": 2,
+                "serverConnectionsPerReplica": 30,
+                "adminSecretRef": {"name": "pgbouncer-admin"},
+            },
+        ),
+    )
+    ready_is(budgets, "leaky", "True:ProbeSucceeded", 30)
+    wait_until(
+        lambda: budgets.status("leaky").get("pooler", {}).get("serverConnections", 0) > 0,
+        30,
+        "the pooler's server connections seen",
+    )
+
+    pid = pgbouncer_pid(sandbox, pooler_pod)
+    os.kill(pid, signal.SIGSTOP)  # hung: accepts connections, never answers
+    try:
+        ready_is(budgets, "leaky", "False:ProbeFailed", NOTICE_TIMEOUT)
+        cond = budgets.condition("leaky", "Ready")
+        assert cond is not None
+        assert "pooler probe failed" in cond["message"]
+        assert pooler_ip in cond["message"]
+        acted = len(actions(op))
+        time.sleep(OUTAGE_SECONDS)
+        assert len(actions(op)) == acted  # nothing done on half the picture
+        assert ready(budgets, "leaky") == "False:ProbeFailed"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    ready_is(budgets, "leaky", "True:ProbeSucceeded", RECOVERY_TIMEOUT)
+    assert not budgets.events("PoolerScaled")
+    assert pod_names(workloads, namespace, "app=pgbouncer") == {pooler_pod}
+    assert op.proc.poll() is None
+    assert_no_secret(budgets, ["leaky"], op, [db.bouncer_admin_password, db.monitor_password])

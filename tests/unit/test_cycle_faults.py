@@ -1,0 +1,52 @@
+"""The cycle when part of what it watches does not answer (fakes, no I/O)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from connbudget.model.observations import PoolerSample
+from unit.test_cycle import (
+    OVER_STATUS,
+    SPEC,
+    WEB1,
+    FakeKube,
+    FakeMonitor,
+    leaking,
+    make_deps,
+    run_cycle,
+)
+
+POOLER_SPEC = {
+    **SPEC,
+    "pooler": {
+        "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "pgbouncer"},
+        "adminSecretRef": {"name": "pgbouncer-admin"},
+    },
+}
+
+
+def test_a_pooler_pod_that_does_not_answer_is_a_condition_and_no_action() -> None:
+    kube, monitor = FakeKube(), FakeMonitor(leaking())
+    deps, events = make_deps(kube, monitor, [WEB1])
+
+    async def down(template: str, hosts: Sequence[str], replicas: int) -> PoolerSample:
+        return PoolerSample(replicas=replicas, errors=("198.18.0.9: connection timeout expired",))
+
+    deps = dataclasses.replace(deps, sample_poolers=down)
+    out = run_cycle(deps, spec=POOLER_SPEC, old_status=OVER_STATUS)
+    ready = next(c for c in out["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ProbeFailed")
+    assert "198.18.0.9: connection timeout expired" in ready["message"]
+    assert kube.calls == []
+    assert monitor.terminated == []
+    assert "ProbeFailed" in {r for _, r, _ in events}
+
+
+def test_a_pooler_that_answers_again_lifts_the_block() -> None:
+    kube, monitor = FakeKube(), FakeMonitor(leaking())
+    deps, _ = make_deps(kube, monitor, [WEB1])
+    out = run_cycle(deps, spec=POOLER_SPEC, old_status=OVER_STATUS)
+    ready = next(c for c in out["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
+    assert monitor.terminated
