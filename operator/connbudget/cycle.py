@@ -10,6 +10,7 @@ and Events, and no action is taken on them.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -89,6 +90,8 @@ class Deps:
     post_event: Callable[[str, str, str], Awaitable[None]]  # (type, reason, message)
     metrics: Metrics
     now: Callable[[], float] = time.time
+    # Writes a status before a restart or a scaling is carried out (None: not recorded ahead).
+    write_status: Callable[[dict[str, Any]], Awaitable[None]] | None = None
 
 
 @dataclass
@@ -295,6 +298,18 @@ async def run_cycle(
         namespace, name, use, [a.group for a in attributed], decision.seconds_to_full
     )
     await _post_transition(deps, decision, use)
+    outcome = status.Outcome(
+        generation=generation,
+        now=now,
+        problem=(problem.reason, problem.message) if problem else None,
+        database_reachable=True,
+        usage=use,
+        decision=decision,
+        paused=paused,
+        pooler=pooler_sample,
+        probe_time=now,
+    )
+    await _record_intent(decision, old_status, outcome, deps, now)
     last_action, denied = await _carry_out(decision, spec, namespace, name, monitor, deps, now)
     if denied is not None:
         problem = _Problem(Reason.PERMISSION_DENIED, denied, EventReason.ACTION_FAILED, True)
@@ -302,19 +317,41 @@ async def run_cycle(
     desired = next((a.desired for a in decision.actions if isinstance(a, ScalePooler)), None)
     return status.render_status(
         old_status,
-        status.Outcome(
-            generation=generation,
-            now=now,
+        dataclasses.replace(
+            outcome,
             problem=(problem.reason, problem.message) if problem else None,
-            database_reachable=True,
-            usage=use,
-            decision=decision,
-            paused=paused,
             last_action=last_action,
-            pooler=pooler_sample,
             pooler_desired=desired,
-            probe_time=now,
         ),
+    )
+
+
+async def _record_intent(
+    decision: plan.Decision,
+    old_status: Mapping[str, Any],
+    outcome: status.Outcome,
+    deps: Deps,
+    now: float,
+) -> None:
+    """Write the cooldown and the action about to be taken before taking it.
+
+    An operator killed between acting and reporting would otherwise come back with no cooldown in
+    status and restart a second pod. Raises (and so acts on nothing) when the write fails.
+    """
+    disruptive = [a for a in decision.actions if not isinstance(a, TerminateBackends)]
+    if decision.dry_run or not disruptive or deps.write_status is None:
+        return
+    action = disruptive[0]
+    intent = status.LastAction(
+        type=_step_name(action),
+        targets=action.targets,
+        result="Started",
+        dry_run=False,
+        time=now,
+        message=f"about to {events.describe(action)}",
+    )
+    await deps.write_status(
+        status.render_status(old_status, dataclasses.replace(outcome, last_action=intent))
     )
 
 

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import http.server
 import json
+import os
+import ssl
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
+import kubernetes
 import psycopg
 
 from e2e.conftest import Budgets, Operator, all_text
-from sandbox.fixtures import Workloads
-from sandbox.procs import free_port
+from sandbox import postgres
+from sandbox.core import Sandbox
+from sandbox.fixtures import STEADY_IMAGE, Workloads, eventually
+from sandbox.procs import free_port, run, spawn, stop_pid
 
 FAST = {"pollSeconds": 1}  # every test polls each second to stay short
+APISERVER_STOP_GRACE = 15.0  # seconds for kube-apiserver to drain before SIGKILL
+APISERVER_START_TIMEOUT = 60.0  # seconds; it starts in about 5 s on 2 cores
 
 
 def budget_spec(app: str, **overrides: Any) -> dict[str, Any]:
@@ -29,6 +41,18 @@ def budget_spec(app: str, **overrides: Any) -> dict[str, Any]:
 
 def pod_names(workloads: Workloads, namespace: str, selector: str) -> set[str]:
     return {p.metadata.name for p in workloads.pods(namespace, selector)}
+
+
+def deploy_steady(workloads: Workloads, namespace: str) -> set[str]:
+    """A well-behaved app outside every selector: it must never be touched."""
+    workloads.deploy(
+        namespace,
+        "steady",
+        image=STEADY_IMAGE,
+        replicas=1,
+        env={"POOL_SIZE": "2", "QUERY_INTERVAL": "0.5", "RECONNECT": "1"},
+    )
+    return pod_names(workloads, namespace, "app=steady")
 
 
 def backends(dsn: str, prefix: str) -> dict[str, int]:
@@ -136,3 +160,168 @@ class PartitionProxy:
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+
+
+class StatusGate:
+    """A validating admission webhook on ConnectionBudget status writes, run by the test.
+
+    While armed, it holds the first status write whose ``lastAction`` matches, tells the test
+    (``held``), waits for ``release()`` and then refuses it: the write is lost, as it is when the
+    operator dies between acting and reporting. Everything else is allowed. Registered for one
+    namespace, with ``failurePolicy: Ignore``, and removed by ``close()``.
+    """
+
+    HOLD_SECONDS = 30.0  # the longest a write is held (the webhook's timeout is longer)
+
+    def __init__(self, api: kubernetes.client.ApiClient, namespace: str, folder: Path) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.name = f"connbudget-test-gate-{namespace}"
+        self.seen = 0
+        self.match: dict[str, str] | None = None
+        self.held = threading.Event()
+        self._release = threading.Event()
+        ca_crt, ca_key = postgres.make_ca(folder, "connbudget-test-webhook-ca")
+        crt, key = _server_cert(folder, ca_crt, ca_key)
+        gate = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                request = review["request"]
+                allowed = gate._judge(request.get("object") or {})
+                body = json.dumps(
+                    {
+                        "apiVersion": "admission.k8s.io/v1",
+                        "kind": "AdmissionReview",
+                        "response": {
+                            "uid": request["uid"],
+                            "allowed": allowed,
+                            **({} if allowed else {"status": {"message": "held by the test"}}),
+                        },
+                    }
+                ).encode()
+                # The API server may have given up the request (its client died): nobody listens.
+                with contextlib.suppress(OSError):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(crt), str(key))
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        port = self.server.server_address[1]
+        admission = kubernetes.client.AdmissionregistrationV1Api(api)
+        admission.create_validating_webhook_configuration(
+            {
+                "metadata": {"name": self.name},
+                "webhooks": [
+                    {
+                        "name": "gate.test.connbudget.io",
+                        "clientConfig": {
+                            "url": f"https://127.0.0.1:{port}/validate",
+                            "caBundle": base64.b64encode(ca_crt.read_bytes()).decode(),
+                        },
+                        "rules": [
+                            {
+                                "apiGroups": ["connbudget.io"],
+                                "apiVersions": ["v1alpha1"],
+                                "operations": ["UPDATE"],
+                                "resources": ["connectionbudgets/status"],
+                                "scope": "Namespaced",
+                            }
+                        ],
+                        "namespaceSelector": {
+                            "matchLabels": {"kubernetes.io/metadata.name": namespace}
+                        },
+                        "failurePolicy": "Ignore",
+                        "sideEffects": "None",
+                        "admissionReviewVersions": ["v1"],
+                        "timeoutSeconds": 30,
+                    }
+                ],
+            }
+        )
+
+    def _judge(self, obj: dict[str, Any]) -> bool:
+        self.seen += 1
+        last = (obj.get("status") or {}).get("lastAction") or {}
+        match = self.match
+        if match is None or any(last.get(k) != v for k, v in match.items()):
+            return True
+        self.match = None  # only the first matching write
+        self.held.set()
+        self._release.wait(self.HOLD_SECONDS)
+        return False
+
+    def arm(self, **match: str) -> None:
+        self.held.clear()
+        self._release.clear()
+        self.match = match
+
+    def release(self) -> None:
+        self._release.set()
+
+    def close(self) -> None:
+        self._release.set()
+        admission = kubernetes.client.AdmissionregistrationV1Api(self.api)
+        try:
+            admission.delete_validating_webhook_configuration(self.name)
+        except kubernetes.client.rest.ApiException as e:
+            if e.status != 404:
+                raise
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _server_cert(folder: Path, ca_crt: Path, ca_key: Path) -> tuple[Path, Path]:
+    key, csr, crt = folder / "webhook.key", folder / "webhook.csr", folder / "webhook.crt"
+    ext = folder / "webhook.ext"
+    ext.write_text("subjectAltName = IP:127.0.0.1\n")
+    run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=webhook",
+         "-keyout", str(key), "-out", str(csr)])  # fmt: skip
+    run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
+         "-CAcreateserial", "-days", "1", "-extfile", str(ext), "-out", str(crt)])  # fmt: skip
+    return crt, key
+
+
+def restart_apiserver(sandbox: Sandbox, down_seconds: float) -> None:
+    """Stop the sandbox's kube-apiserver, wait, and start it again exactly as it ran.
+
+    Its command line, environment and folder are read from ``/proc`` (the sandbox started it);
+    its new pid goes into ``state.json``, so teardown still finds it.
+    """
+    state = json.loads((sandbox.state_dir / "state.json").read_text())
+    pid = int(state["pids"]["kube-apiserver"])
+    proc = Path(f"/proc/{pid}")
+    argv = [a.decode() for a in proc.joinpath("cmdline").read_bytes().split(b"\0") if a]
+    env = dict(
+        item.decode().split("=", 1)
+        for item in proc.joinpath("environ").read_bytes().split(b"\0")
+        if b"=" in item
+    )
+    cwd = Path(os.readlink(proc / "cwd"))
+    stop_pid(pid, grace=APISERVER_STOP_GRACE)
+    time.sleep(down_seconds)
+    new = spawn(
+        argv,
+        tag=sandbox.tag,
+        log=sandbox.state_dir / "logs" / "kube-apiserver.log",
+        env=env,
+        cwd=cwd,
+    )
+    postgres.record_pid(sandbox.state_dir, "kube-apiserver", new.pid)
+    core = kubernetes.client.CoreV1Api(sandbox.api_client())
+    eventually(
+        lambda: core.list_namespace(limit=1),
+        timeout=APISERVER_START_TIMEOUT,
+        what="API server back",
+    )

@@ -24,12 +24,13 @@ from e2e.reliability import (
     assert_no_secret,
     backends,
     budget_spec,
+    deploy_steady,
     pod_names,
     ready,
 )
 from sandbox import postgres
 from sandbox.core import Sandbox
-from sandbox.fixtures import STEADY_IMAGE, Workloads
+from sandbox.fixtures import Workloads
 from sandbox.network import NETNS
 from sandbox.postgres import MONITOR_ROLE
 
@@ -61,18 +62,6 @@ def op(sandbox: Sandbox, namespace: str, budgets: Budgets, tmp_path: Path) -> It
     running = start_operator(sandbox, namespace, tmp_path / "operator.log")
     yield running
     running.stop()
-
-
-def deploy_steady(workloads: Workloads, namespace: str) -> set[str]:
-    """A well-behaved app outside every selector: it must never be touched."""
-    workloads.deploy(
-        namespace,
-        "steady",
-        image=STEADY_IMAGE,
-        replicas=1,
-        env={"POOL_SIZE": "2", "QUERY_INTERVAL": "0.5", "RECONNECT": "1"},
-    )
-    return pod_names(workloads, namespace, "app=steady")
 
 
 def test_postgres_restarted_in_the_middle_of_an_episode(

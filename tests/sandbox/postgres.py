@@ -262,7 +262,7 @@ def _state_pids(state: Path) -> dict[str, int]:
     return dict(json.loads((state / "state.json").read_text()).get("pids", {}))
 
 
-def _record_pid(state: Path, name: str, pid: int) -> None:
+def record_pid(state: Path, name: str, pid: int) -> None:
     """Write a restarted server's pid into ``state.json`` (teardown stops it by that pid)."""
     data = json.loads((state / "state.json").read_text())
     data.setdefault("pids", {})[name] = pid
@@ -291,7 +291,7 @@ def start_postgres(state: Path, info: DatabaseInfo) -> None:
         user=_server_user(),
         cwd=root,
     )
-    _record_pid(state, "postgres", pg.pid)
+    record_pid(state, "postgres", pg.pid)
     wait_for("PostgreSQL", lambda: _ready(info), timeout=START_TIMEOUT, proc=pg, log=log)
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
+
+import pytest
 
 from connbudget.model.observations import PoolerSample
 from unit.test_cycle import (
@@ -50,3 +53,37 @@ def test_a_pooler_that_answers_again_lifts_the_block() -> None:
     ready = next(c for c in out["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True"
     assert monitor.terminated
+
+
+def test_a_restart_is_recorded_with_its_cooldown_before_it_is_carried_out() -> None:
+    kube, monitor = FakeKube(), FakeMonitor(leaking())
+    deps, _ = make_deps(kube, monitor, [WEB1])
+    written: list[dict[str, Any]] = []
+
+    async def write_status(status: dict[str, Any]) -> None:
+        written.append(status)
+        kube.calls.append(("status", status["lastAction"]["result"]))
+
+    deps = dataclasses.replace(deps, write_status=write_status)
+    out = run_cycle(deps, old_status=OVER_STATUS)
+    assert kube.calls == [("status", "Started"), ("evict", "web-1")]
+    (intent,) = written
+    assert intent["cooldownUntil"] == out["cooldownUntil"]
+    assert intent["lastAction"]["type"] == "RestartPods"
+    assert intent["lastAction"]["targets"] == out["lastAction"]["targets"]
+    assert out["lastAction"]["result"] == "Succeeded"
+
+
+def test_no_restart_when_the_intent_cannot_be_recorded() -> None:
+    from connbudget.kube.api import KubeError
+
+    kube, monitor = FakeKube(), FakeMonitor(leaking())
+    deps, _ = make_deps(kube, monitor, [WEB1])
+
+    async def unreachable(status: dict[str, Any]) -> None:
+        raise KubeError(503, "the API server is unavailable")
+
+    deps = dataclasses.replace(deps, write_status=unreachable)
+    with pytest.raises(KubeError):
+        run_cycle(deps, old_status=OVER_STATUS)
+    assert kube.calls == []

@@ -153,6 +153,11 @@ class Reconciler:
         async def poolers(template: str, hosts: Sequence[str], replicas: int) -> PoolerSample:
             return await sample_poolers(template, hosts, replicas=replicas)
 
+        async def write_status(new_status: dict[str, Any]) -> None:
+            key = (ref.namespace, ref.name)
+            old = self.written.get(key) or (self.budgets[key].status if key in self.budgets else {})
+            await self._write(key, old, new_status)
+
         return cycle.Deps(
             kube=self.kube,
             bind_monitor=bind,
@@ -161,6 +166,7 @@ class Reconciler:
             post_event=post_event,
             metrics=self.metrics,
             now=time.time,
+            write_status=write_status,
         )
 
     async def _work(self, key: Key) -> None:
@@ -194,15 +200,20 @@ class Reconciler:
         )
         if new_status is None:
             return
+        await self._write(key, old_status, new_status)
+        self.metrics.db_connections.set(self.monitors.open_connections)
+
+    async def _write(
+        self, key: Key, old_status: dict[str, Any], new_status: dict[str, Any]
+    ) -> None:
         try:
-            await self.kube.patch_budget_status(b.ref.namespace, b.ref.name, new_status)
+            await self.kube.patch_budget_status(key[0], key[1], new_status)
         except KubeError as e:
             if e.status == 404:
                 return  # deleted meanwhile; the watch will tell
             raise
         merged = {**old_status, **new_status}
         self.written[key] = {k: v for k, v in merged.items() if v is not None}
-        self.metrics.db_connections.set(self.monitors.open_connections)
 
     async def close(self) -> None:
         await self.follow()
