@@ -1,0 +1,116 @@
+"""The benchmark suite: ``tests/bench/run`` (see BENCHMARKS.md for what it measures and found).
+
+It brings up one sandbox, starts its own PostgreSQL servers inside it for each benchmark, prints
+every figure as it is measured, writes ``BENCHMARKS.md``, ``tests/bench/results.json`` and the
+charts in ``tests/bench/charts/``, and tears everything down. Bounded in time: each phase has a
+fixed length and every wait a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import exhaustion, latency, probecost, report
+from bench import footprint as fleet_bench
+from bench.common import ROOT, Kube, Server, machine, say
+from sandbox.core import Sandbox
+
+PHASES = ("exhaustion", "latency", "probe", "footprint", "load")
+BIG_MAX_CONNECTIONS = 1300  # 1,000 backends, the latency episodes and headroom
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tests/bench/run", description=__doc__)
+    parser.add_argument(
+        "--quick", action="store_true", help="short phases and few repeats (for development)"
+    )
+    parser.add_argument("--only", action="append", choices=PHASES, help="run only these phases")
+    parser.add_argument("--skip-soak", action="store_true", help="leave out the load and soak")
+    parser.add_argument("--soak-minutes", type=float, default=10.0)
+    parser.add_argument("--repeats", type=int, default=None, help="repeats of benchmarks 1 and 3")
+    parser.add_argument("--episodes", type=int, default=None, help="episodes per poll interval")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=ROOT,
+        help="where BENCHMARKS.md goes (charts and results.json go under tests/bench/)",
+    )
+    args = parser.parse_args(argv)
+    quick = bool(args.quick)
+    phases = set(args.only or PHASES)
+    if args.skip_soak:
+        phases.discard("load")
+    repeats = args.repeats or (1 if quick else 3)
+    episodes = args.episodes or (6 if quick else 20)
+    soak = 1.0 if quick else float(args.soak_minutes)
+    charts = ROOT / "tests" / "bench" / "charts"
+    charts.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="connbudget-bench-"))
+    started = time.time()
+    results: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "quick": quick,
+        "repeats": repeats,
+    }
+    say(f"connbudget benchmarks on {results['machine']}; logs in {work}")
+    sb = Sandbox.up(progress=lambda m: say(f"sandbox: {m}"))
+    try:
+        kube = Kube(sb)
+        kube.install_crd()
+        if "exhaustion" in phases:
+            results["exhaustion"] = exhaustion.run(
+                sb,
+                kube,
+                repeats=repeats,
+                window=40.0 if quick else 75.0,
+                out_dir=work,
+                charts=charts,
+            )
+        if phases & {"latency", "probe", "footprint", "load"}:
+            big = Server.start(sb, "big", max_connections=BIG_MAX_CONNECTIONS)
+            try:
+                if "latency" in phases:
+                    results["latency"] = latency.run(
+                        sb, kube, big, episodes=episodes, out_dir=work, charts=charts
+                    )
+                if "probe" in phases:
+                    results["probe"] = probecost.run(big, repeats=repeats, quick=quick)
+                if phases & {"footprint", "load"}:
+                    results.update(
+                        fleet_bench.run(
+                            sb,
+                            kube,
+                            big,
+                            counts=(1, 20, 100) if quick else (1, 100, 500),
+                            window=30.0 if quick else 40.0,
+                            footprint="footprint" in phases,
+                            soak_minutes=soak if "load" in phases else None,
+                            out_dir=work,
+                            charts=charts,
+                        )
+                    )
+            finally:
+                big.stop()
+    finally:
+        sb.down()
+        say("sandbox torn down")
+    results["total_seconds"] = round(time.time() - started)
+    say(f"\nall done in {results['total_seconds'] / 60:.1f} min")
+    out = ROOT / "tests" / "bench" / "results.json"
+    out.write_text(json.dumps(results, indent=2, default=report.to_json) + "\n")
+    md = args.output / "BENCHMARKS.md"
+    md.write_text(report.render(results))
+    say(f"wrote {md}, {out} and the charts in {charts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
