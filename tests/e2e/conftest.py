@@ -20,7 +20,7 @@ import yaml
 from kubernetes.client.rest import ApiException
 
 from sandbox.core import Sandbox
-from sandbox.fixtures import eventually
+from sandbox.fixtures import Workloads, eventually
 from sandbox.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -222,21 +222,33 @@ def now() -> float:
     return time.time()
 
 
-def kubectl(
-    sandbox: Sandbox, *args: str, check: bool = True, stdin: str | None = None
+def tool(
+    sandbox: Sandbox,
+    name: str,
+    *args: str,
+    check: bool = True,
+    stdin: str | None = None,
+    timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the sandbox's kubectl as its admin; fail the test on an error unless ``check=False``."""
+    """Run one of the sandbox's binaries (kubectl, helm) as its admin; fail the test on an error
+    unless ``check=False``."""
     res = subprocess.run(
-        [str(sandbox.bin_dir / "kubectl"), "--kubeconfig", sandbox.kubeconfig, *args],
+        [str(sandbox.bin_dir / name), "--kubeconfig", sandbox.kubeconfig, *args],
         input=stdin,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
     if check:
-        assert res.returncode == 0, f"kubectl {' '.join(args)}: {res.stderr}"
+        assert res.returncode == 0, f"{name} {' '.join(args)}: {res.stderr}"
     return res
+
+
+def kubectl(
+    sandbox: Sandbox, *args: str, check: bool = True, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return tool(sandbox, "kubectl", *args, check=check, stdin=stdin)
 
 
 def can_i(sandbox: Sandbox, sa: str, verb: str, resource: str, namespace: str) -> bool:
@@ -329,3 +341,35 @@ def operator_pod(sandbox: Sandbox, namespace: str, timeout: float = 60) -> Opera
 
     eventually(healthy, timeout=timeout, what=f"the operator pod's liveness endpoint on {ip}:8080")
     return op
+
+
+def leak_until_remediated(
+    sandbox: Sandbox, workloads: Workloads, namespace: str, budgets: Budgets, op: OperatorPod
+) -> None:
+    """Start a leaky app under a tight budget; wait until the installed operator terminates idle
+    backends and evicts a pod, with no RBAC refusal and no password in its log."""
+    budgets.secret("pg-monitor", sandbox.db.monitor_dsn)
+    workloads.deploy(namespace, "leaky", replicas=2, env={"LEAK_RATE": "3", "LEAK_MAX": "20"})
+    budgets.create(
+        "leaky",
+        {
+            "database": {"secretRef": {"name": "pg-monitor"}},
+            "budget": {"maxConnections": 8},
+            "selector": {"matchLabels": {"app": "leaky"}},
+            "pollSeconds": 1,
+            "remediation": {
+                "breachSeconds": 1,
+                "cooldownSeconds": 60,
+                "terminateIdle": {"minIdleSeconds": 1},
+                "restartPods": {"minPodAgeSeconds": 0},
+            },
+        },
+    )
+    budgets.wait_event("IdleConnectionsTerminated", timeout=90)
+    budgets.wait_event("PodEvicted", timeout=90)
+    status = budgets.status("leaky")
+    assert status["lastAction"]["type"] in ("TerminateIdle", "RestartPods")
+    assert status["observedGeneration"] == budgets.get("leaky")["metadata"]["generation"]
+    logs = op.logs()
+    assert "Forbidden" not in logs, logs[-2000:]
+    assert sandbox.db.monitor_password not in logs

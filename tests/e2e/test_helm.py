@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from e2e.conftest import ROOT, Budgets, can_i, operator_pod
+from e2e.conftest import ROOT, Budgets, can_i, leak_until_remediated, operator_pod, tool
 from sandbox.core import Sandbox
 from sandbox.fixtures import Workloads
 
@@ -17,16 +17,7 @@ CHART = ROOT / "manifests" / "helm" / "connbudget"
 
 
 def helm(sandbox: Sandbox, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(
-        [str(sandbox.bin_dir / "helm"), "--kubeconfig", sandbox.kubeconfig, *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    if check:
-        assert res.returncode == 0, f"helm {' '.join(args)}: {res.stderr}"
-    return res
+    return tool(sandbox, "helm", *args, check=check, timeout=180)
 
 
 def can(sandbox: Sandbox, verb: str, resource: str, namespace: str, sa: str) -> bool:
@@ -157,28 +148,4 @@ def test_the_charts_operator_pod_remediates_a_leak_where_it_watches(
     """The chart's Deployment runs as a pod with the chart's RBAC (namespaced mode) and acts."""
     op = operator_pod(sandbox, release)
     assert op.uid() == 65532
-    budgets.secret("pg-monitor", sandbox.db.monitor_dsn)
-    workloads.deploy(namespace, "leaky", replicas=2, env={"LEAK_RATE": "3", "LEAK_MAX": "20"})
-    budgets.create(
-        "leaky",
-        {
-            "database": {"secretRef": {"name": "pg-monitor"}},
-            "budget": {"maxConnections": 8},
-            "selector": {"matchLabels": {"app": "leaky"}},
-            "pollSeconds": 1,
-            "remediation": {
-                "breachSeconds": 1,
-                "cooldownSeconds": 60,
-                "terminateIdle": {"minIdleSeconds": 1},
-                "restartPods": {"minPodAgeSeconds": 0},
-            },
-        },
-    )
-    budgets.wait_event("IdleConnectionsTerminated", timeout=90)
-    budgets.wait_event("PodEvicted", timeout=90)
-    status = budgets.status("leaky")
-    assert status["lastAction"]["type"] in ("TerminateIdle", "RestartPods")
-    assert status["observedGeneration"] == budgets.get("leaky")["metadata"]["generation"]
-    logs = op.logs()
-    assert "Forbidden" not in logs, logs[-2000:]
-    assert sandbox.db.monitor_password not in logs
+    leak_until_remediated(sandbox, workloads, namespace, budgets, op)
