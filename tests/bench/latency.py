@@ -105,7 +105,19 @@ def _play(
                 if ep.ips:
                     ep.counts.append((now, sum(seen.get(ip, 0) for ip in ep.ips)))
 
+    by_ns = {ep.namespace: ep for ep in eps}
+
+    def learn_ips() -> None:
+        # A pod is Running (with its address) once its process starts, before it connects.
+        pods = kube.core.list_pod_for_all_namespaces(label_selector="bench=latency").items
+        with lock:
+            for p in pods:
+                ep = by_ns.get(p.metadata.namespace)
+                if ep is not None and p.status.pod_ip:
+                    ep.ips.add(p.status.pod_ip)
+
     ticker: Ticker | None = None
+    learner: Ticker | None = None
     try:
         # Every budget probed once, so its poll cycle has begun before its leak starts.
         deadline = time.monotonic() + 60
@@ -116,8 +128,9 @@ def _play(
             if len(items) == n and all((b.get("status") or {}).get("lastProbeTime") for b in items):
                 break
             time.sleep(0.5)
-        ticker = Ticker(sample, interval=SAMPLE_INTERVAL, limit=EPISODE_LIMIT + 4 * poll + 60)
-        ticker.start()
+        limit = EPISODE_LIMIT + 4 * poll + 60
+        learner = Ticker(learn_ips, interval=0.25, limit=limit).start()
+        ticker = Ticker(sample, interval=SAMPLE_INTERVAL, limit=limit).start()
         t0 = time.monotonic()
         pending = sorted(eps, key=lambda e: e.start_delay)
         for ep in pending:
@@ -126,19 +139,14 @@ def _play(
                 ep.namespace,
                 "leaky",
                 replicas=1,
+                labels={"bench": "latency"},
                 env={"LEAK_RATE": str(LEAK_RATE), "LEAK_MAX": str(CAP)},
                 database_url=server.app_dsn(),
                 wait=False,
             )
-        # Learn each episode's pod address (before its first connection: the pod is Running
-        # when its process starts), then wait for every episode to act and recover.
+        # Wait for every episode to act and recover.
         end = time.monotonic() + EPISODE_LIMIT
         while time.monotonic() < end:
-            for ep in eps:
-                if not ep.ips:
-                    pods = kube.core.list_namespaced_pod(ep.namespace, label_selector="app=leaky")
-                    with lock:
-                        ep.ips = {p.status.pod_ip for p in pods.items if p.status.pod_ip}
             acted = {
                 str(a.get("budget")): parse_time(str(a["time"])) for a in reversed(op.actions())
             }
@@ -148,8 +156,9 @@ def _play(
                 break
             time.sleep(1.0)
     finally:
-        if ticker is not None:
-            ticker.stop()
+        for t in (ticker, learner):
+            if t is not None:
+                t.stop()
         conn.close()
         op.stop()
         kube.delete_namespaces([e.namespace for e in eps])
@@ -171,7 +180,8 @@ def run(
         lost = 0
         for ep in eps:
             b, rec = ep.breach(), ep.recovered()
-            if b is None or ep.action_at is None or rec is None:
+            unseen_start = not ep.counts or ep.counts[0][1] > BUDGET
+            if b is None or ep.action_at is None or rec is None or unseen_start:
                 lost += 1
                 continue
             sustained = b + BREACH_SECONDS
