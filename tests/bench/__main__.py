@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 import tempfile
 import time
@@ -24,6 +25,33 @@ from sandbox.core import Sandbox
 
 PHASES = ("exhaustion", "latency", "probe", "footprint", "load")
 BIG_MAX_CONNECTIONS = 1300  # 1,000 backends, the latency episodes and headroom
+
+
+def operator_source() -> str:
+    """Which operator code runs: a commit of this repository, or another copy of it."""
+    import subprocess
+
+    import connbudget
+
+    where = Path(connbudget.__file__).resolve().parents[1]
+    commit = (
+        os.environ.get("CONNBUDGET_BENCH_COMMIT")
+        or subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    )
+    if where == ROOT / "operator":
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "operator"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        return f"commit {commit}" + (" with local changes" if dirty else "")
+    return f"commit {commit} (a copy in {where})"
 
 
 def main(argv: list[str]) -> int:
@@ -59,6 +87,7 @@ def main(argv: list[str]) -> int:
         "machine": machine(),
         "quick": quick,
         "repeats": repeats,
+        "operator": operator_source(),
     }
     say(f"connbudget benchmarks on {results['machine']}; logs in {work}")
     sb = Sandbox.up(progress=lambda m: say(f"sandbox: {m}"))

@@ -39,6 +39,7 @@ def render(r: dict[str, Any]) -> str:
         "",
         f"Run on {r['date']} on {r['machine']}, with `tests/bench/run`"
         + (" --quick (development figures, not the reference run)" if r.get("quick") else "")
+        + f" (operator code: {r.get('operator', 'unknown')})"
         + f"; the whole run took {r.get('total_seconds', 0) / 60:.1f} minutes. Every figure is "
         f"a median with the min-max over {r['repeats']} repeated runs where it says so; every "
         "comparison is a ratio of figures measured in the same run. Raw figures: "
