@@ -326,6 +326,36 @@ async def run_cycle(
     )
 
 
+async def keep_connected(
+    *, namespace: str, name: str, spec_raw: Mapping[str, Any], deps: Deps
+) -> bool:
+    """Open, or check, the budget's monitoring connection without acting or reporting anything.
+
+    A replica that does not lead keeps its connection open: when it takes over, the server may
+    be full (nobody acted while the old leader was dying), and a new connection would be refused.
+    Returns whether the connection works.
+    """
+    try:
+        spec = parse_spec(spec_raw)
+    except SpecError:
+        return False
+    secret = spec.database_secret
+    try:
+        dsn = await deps.kube.read_secret_value(namespace, secret)
+        ca_pem = (
+            await deps.kube.read_secret_value(
+                namespace, SecretRef(name=secret.name, key=secret.ca_key)
+            )
+            if secret.ca_key
+            else None
+        )
+        monitor = await deps.bind_monitor(f"{namespace}/{name}", dsn, ca_pem)
+        await monitor.sample()
+    except (SecretProblem, ProbeError, KubeError):
+        return False
+    return True
+
+
 async def _record_intent(
     decision: plan.Decision,
     old_status: Mapping[str, Any],

@@ -27,6 +27,7 @@ from connbudget.report.metrics import Metrics
 
 log = logging.getLogger("connbudget.reconciler")
 Key = tuple[str, str]  # (namespace, name)
+STANDBY_CHECK_SECONDS = 10.0  # how often a replica that does not lead checks its connection
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Reconciler:
         self.written: dict[Key, dict[str, Any]] = {}  # the status we wrote last (ahead of watch)
         self.runtimes: dict[Key, cycle.Runtime] = {}
         self.workers: dict[Key, asyncio.Task[None]] = {}
+        self.standby: dict[Key, asyncio.Task[None]] = {}  # keep connections open, act on nothing
         self.leading = False
 
     # --- watch events -------------------------------------------------------------------------
@@ -86,6 +88,7 @@ class Reconciler:
         if event == "DELETED":
             self.budgets.pop(key, None)
             await self._stop_worker(key)
+            await self._stop(self.standby, key)
             await self.monitors.unbind(f"{key[0]}/{key[1]}")
             self.metrics.forget(*key)
             self.written.pop(key, None)
@@ -102,6 +105,8 @@ class Reconciler:
         self.budgets[key] = b
         if self.leading and key not in self.workers:
             self._start_worker(key)
+        elif not self.leading and key not in self.standby:
+            self._start_standby(key)
 
     # --- leadership ---------------------------------------------------------------------------
 
@@ -110,6 +115,9 @@ class Reconciler:
         if not self.leading:
             log.info("leading: starting workers", extra={"budgets": len(self.budgets)})
         self.leading = True
+        for key in list(self.standby):
+            # The monitoring connection it kept open stays in the pool, for the worker to use.
+            self.standby.pop(key).cancel()
         for key in self.budgets:
             if key not in self.workers:
                 self._start_worker(key)
@@ -121,6 +129,9 @@ class Reconciler:
         self.leading = False
         for key in list(self.workers):
             await self._stop_worker(key)
+        for key in self.budgets:
+            if key not in self.standby:
+                self._start_standby(key)
 
     # --- workers ------------------------------------------------------------------------------
 
@@ -128,7 +139,27 @@ class Reconciler:
         self.workers[key] = asyncio.create_task(self._work(key), name=f"budget {key[0]}/{key[1]}")
 
     async def _stop_worker(self, key: Key) -> None:
-        task = self.workers.pop(key, None)
+        await self._stop(self.workers, key)
+
+    def _start_standby(self, key: Key) -> None:
+        self.standby[key] = asyncio.create_task(
+            self._keep_connected(key), name=f"standby {key[0]}/{key[1]}"
+        )
+
+    async def _keep_connected(self, key: Key) -> None:
+        while key in self.budgets and not self.leading:
+            b = self.budgets[key]
+            try:
+                await cycle.keep_connected(
+                    namespace=key[0], name=key[1], spec_raw=b.spec, deps=self._deps(b.ref)
+                )
+            except Exception:
+                log.exception("standby check failed", extra={"budget": f"{key[0]}/{key[1]}"})
+            await asyncio.sleep(STANDBY_CHECK_SECONDS)
+
+    @staticmethod
+    async def _stop(tasks: dict[Key, asyncio.Task[None]], key: Key) -> None:
+        task = tasks.pop(key, None)
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -216,5 +247,8 @@ class Reconciler:
         self.written[key] = {k: v for k, v in merged.items() if v is not None}
 
     async def close(self) -> None:
-        await self.follow()
+        self.leading = False
+        for tasks in (self.workers, self.standby):
+            for key in list(tasks):
+                await self._stop(tasks, key)
         await self.monitors.close()

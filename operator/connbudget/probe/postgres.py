@@ -226,12 +226,9 @@ class Monitor:
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
-        now = time.monotonic()
-        if now < self._retry_at and self._last_error is not None:
-            raise ProbeError(
-                self._last_error.failure,
-                f"{self._last_error} (next attempt in {self._retry_at - now:.0f}s)",
-            )
+        if time.monotonic() < self._retry_at and self._last_error is not None:
+            # The same message as the failed attempt: a problem is announced once, not per poll.
+            raise self._last_error
         validate_dsn(self._dsn)
         try:
             with ca_file(self._ca_pem) as ca_path:
@@ -252,7 +249,7 @@ class Monitor:
         return self._conn
 
     def _fail(self, err: ProbeError) -> None:
-        self._last_error = err
+        self._last_error = ProbeError(err.failure, f"{err} (retrying with backoff)")
         self._retry_at = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, BACKOFF_MAX_SECONDS)
 
@@ -274,6 +271,7 @@ class Monitor:
                     await conn.close()
                     self._conn = None
                     self._fail(err)
+                    raise self._last_error from None  # type: ignore[misc]
                 raise err from None
 
     async def sample(self) -> ServerSample:
