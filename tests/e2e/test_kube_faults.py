@@ -209,17 +209,13 @@ def test_kube_apiserver_restarted_while_the_operator_runs(
         restart_apiserver(sandbox, APISERVER_DOWN_SECONDS)
         print(f"API server restarted in {time.monotonic() - t0:.1f}s")
         assert op.proc.poll() is None
+
         # Right after a start the API server may still answer 503 for custom resources.
-        wait_until(
-            lambda: (
-                budgets.patch(
-                    "leaky", {"metadata": {"annotations": {"connbudget.io/paused": "true"}}}
-                )
-                or True
-            ),
-            30,
-            "the budget patched",
-        )
+        def pause() -> bool:
+            budgets.patch("leaky", {"metadata": {"annotations": {"connbudget.io/paused": "true"}}})
+            return True
+
+        wait_until(pause, 30, "the budget patched")
         wait_until(lambda: budgets.status("leaky").get("phase") == "Paused", 60, "Paused seen")
         print(f"pause seen {time.monotonic() - t0:.1f}s after the restart began")
         paused_at = len(actions(op))
