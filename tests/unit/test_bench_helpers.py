@@ -8,7 +8,7 @@ import pytest
 
 from bench.common import Spread, metric_samples, percentile, probe_counts
 from bench.footprint import _slope, expected_probes
-from bench.report import render, to_json
+from bench.report import from_json, render, to_json
 
 METRICS = """\
 # HELP connbudget_probe_duration_seconds Time to probe the database.
@@ -29,6 +29,7 @@ def test_a_spread_is_the_median_with_min_and_max() -> None:
     assert Spread.of([4]).show("{:.1f}", " ms") == "4.0 ms"
     assert Spread.of([]).show() == "n/a"
     assert to_json(s) == {"median": 2, "min": 1, "max": 3, "n": 3}
+    assert from_json({"a": [to_json(s)]}) == {"a": [s]}
 
 
 @pytest.mark.parametrize(
