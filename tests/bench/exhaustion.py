@@ -22,6 +22,7 @@ reused pool by itself.
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -118,8 +119,7 @@ class Lane:
     server: Server
     namespace: str
     timeline: Timeline = field(default_factory=lambda: Timeline(t0=0.0))
-    refusal_times: list[float] = field(default_factory=list)
-    other_errors: int = 0
+    tries: list[tuple[float, str]] = field(default_factory=list)  # (time, ok|refused|error)
     lock: threading.Lock = field(default_factory=threading.Lock)
     sampler_conn: psycopg.Connection[tuple[Any, ...]] | None = None
     idle_timeouts_before: int = 0
@@ -137,17 +137,17 @@ class Lane:
 
     def probe(self) -> None:
         t = time.time()
-        self.timeline.attempts += 1
         try:
             psycopg.connect(
                 self.server.app_dsn(), connect_timeout=CONNECT_TIMEOUT, application_name="probe"
             ).close()
         except psycopg.OperationalError as e:
-            if is_refusal(e):
-                self.timeline.refused += 1
-                self.refusal_times.append(t)
-            else:
-                self.other_errors += 1
+            self.tries.append((t, "refused" if is_refusal(e) else "error"))
+        else:
+            self.tries.append((t, "ok"))
+
+    def refusals(self, t1: float = math.inf) -> list[float]:
+        return [t for t, what in self.tries if what == "refused" and self.timeline.t0 <= t <= t1]
 
     def idle_timeouts(self) -> int:
         text = self.server.log.read_text(errors="replace") if self.server.log.exists() else ""
@@ -164,9 +164,18 @@ def _steady_errors(sb: Sandbox, namespace: str, t0: float, t1: float) -> int:
     return n
 
 
-def _summarise(lane: Lane, sb: Sandbox, actions: Sequence[dict[str, Any]], t1: float) -> RunResult:
+def _summarise(
+    lane: Lane, sb: Sandbox, actions: Sequence[dict[str, Any]], window: float
+) -> RunResult:
+    """The lane's figures over its own window, from its leak's start."""
     tl = lane.timeline
-    samples = sorted(tl.samples)
+    t1 = tl.t0 + window
+    tl.samples = sorted(x for x in tl.samples if tl.t0 <= x[0] <= t1)
+    tries = [(t, what) for t, what in lane.tries if tl.t0 <= t <= t1]
+    tl.attempts = len(tries)
+    tl.refused = sum(1 for _, what in tries if what == "refused")
+    actions = [a for a in actions if parse_time(str(a["time"])) <= t1]
+    samples = tl.samples
     peak = max((c for _, _, c, _ in samples), default=0)
     over = 0.0
     first_breach: float | None = None
@@ -193,7 +202,7 @@ def _summarise(lane: Lane, sb: Sandbox, actions: Sequence[dict[str, Any]], t1: f
         strategy=lane.strategy.key,
         refused=tl.refused,
         attempts=tl.attempts,
-        other_errors=lane.other_errors,
+        other_errors=sum(1 for _, what in tries if what == "error"),
         peak=peak,
         seconds_over_budget=round(over, 2),
         breach_to_recovery=(recovered - first_breach) if first_breach and recovered else None,
@@ -257,9 +266,11 @@ def play_repeat(
         for lane in lanes.values():
             lane.timeline = Timeline(t0=t0)
             lane.sampler_conn = lane.server.superuser()
-            tickers.append(Ticker(lane.sample, interval=SAMPLE_INTERVAL, limit=window + 30).start())
-            tickers.append(Ticker(lane.probe, interval=PROBE_INTERVAL, limit=window + 30).start())
+            tickers.append(Ticker(lane.sample, interval=SAMPLE_INTERVAL, limit=window + 60).start())
+            tickers.append(Ticker(lane.probe, interval=PROBE_INTERVAL, limit=window + 60).start())
+        # Each lane's window opens when its leaky Deployment is created (one after the other).
         for lane in lanes.values():
+            lane.timeline.t0 = time.time()
             wl.deploy(
                 lane.namespace,
                 "leaky",
@@ -269,7 +280,7 @@ def play_repeat(
                 database_url=lane.server.app_dsn(),
                 wait=False,
             )
-        end = t0 + window
+        end = max(lane.timeline.t0 for lane in lanes.values()) + window
         next_print = t0 + 5
         while time.time() < end:
             time.sleep(min(0.5, max(0.0, end - time.time())))
@@ -278,11 +289,10 @@ def play_repeat(
                 say(
                     f"  t={time.time() - t0:4.0f}s  "
                     + "  ".join(
-                        f"{k}: {_last(lane)}/{BUDGET} refused {lane.timeline.refused}"
+                        f"{k}: {_last(lane)}/{BUDGET} refused {len(lane.refusals())}"
                         for k, lane in lanes.items()
                     )
                 )
-        t1 = time.time()
         for tk in tickers:
             tk.stop()
         for lane in lanes.values():
@@ -296,7 +306,7 @@ def play_repeat(
                     lane.timeline.events.append(
                         (parse_time(str(a["time"])), _reason(str(a["action"])), "")
                     )
-        results = [_summarise(lane, sb, actions, t1) for lane in lanes.values()]
+        results = [_summarise(lane, sb, actions, window) for lane in lanes.values()]
     finally:
         op.stop()
         kube.delete_namespaces([lane.namespace for lane in lanes.values()])
@@ -363,7 +373,7 @@ def run(
                         charts / f"exhaustion-{key}.png",
                         budget=BUDGET,
                         title=f"Exhaustion scenario: {lane.strategy.label}",
-                        refusals=lane.refusal_times,
+                        refusals=lane.refusals(lane.timeline.t0 + window),
                     )
             _drain(servers)
     finally:

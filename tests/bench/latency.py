@@ -221,6 +221,10 @@ def run(
             f"{res['recovery_p99']:.2f}s" + (f"; {lost} episodes lost" if lost else "")
         )
     _chart(out, charts / "latency.png")
+    # The episodes' pods are stopping: wait until their connections are gone.
+    left = server.wait_backends("datname = 'app'", at_most=0, timeout=120)
+    if left:
+        say(f"  warning: {left} client backends still open after the episodes")
     return out
 
 

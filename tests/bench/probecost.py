@@ -155,6 +155,9 @@ def run(server: Server, *, repeats: int, quick: bool) -> dict[str, Any]:
     )
     out: dict[str, Any] = {}
     held: list[psycopg.Connection[Any]] = []
+    left = server.wait_backends("true", at_most=0, timeout=120)
+    if left:
+        say(f"  warning: {left} client backends of earlier benchmarks are still open")
     try:
         for n in BACKENDS:
             held += open_clients(server.app_dsn(), n - len(held), offset=len(held))
