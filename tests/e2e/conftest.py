@@ -302,6 +302,14 @@ class OperatorPod:
                 return int(line.split()[1])
         raise AssertionError(f"no Uid line for pid {self.pid}")
 
+    def mount_options(self) -> dict[str, set[str]]:
+        """Mount point → options, as the operator's process sees its filesystem."""
+        found: dict[str, set[str]] = {}
+        for line in Path(f"/proc/{self.pid}/mountinfo").read_text().splitlines():
+            fields = line.split()
+            found[fields[4]] = set(fields[5].split(","))
+        return found
+
     def get(self, port: int, path: str) -> str:
         with urllib.request.urlopen(f"http://{self.ip}:{port}{path}", timeout=5) as r:
             return str(r.read().decode())

@@ -111,6 +111,9 @@ def test_the_installed_operator_pod_remediates_a_leak(
     token_dir = Path(f"/proc/{op.pid}/root" + SERVICE_ACCOUNT_DIR.removeprefix("/var"))
     assert (token_dir / "namespace").read_text() == "connbudget-system"
     token = (token_dir / "token").read_text()
+    mounts = op.mount_options()
+    assert "ro" in mounts["/"]  # readOnlyRootFilesystem
+    assert "rw" in mounts["/tmp"]  # noqa: S108 (the emptyDir, where a CA from a Secret goes)
 
     leak_until_remediated(sandbox, workloads, namespace, budgets, op)
     lease = json.loads(

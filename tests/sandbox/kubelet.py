@@ -29,6 +29,7 @@ import logging
 import os
 import queue
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -339,9 +340,9 @@ class Kubelet:
                 self.net.add_pod(slot)
             pod_dir = self.state_dir / "pods" / ns / name
             pod_dir.mkdir(parents=True, exist_ok=True)
-            mount: list[str] = []
+            pod_binds: list[tuple[str, str]] = []
             if not no_process and _automounts_token(spec):
-                mount = self._mount_service_account(pod, pod_dir)
+                pod_binds.append((self._write_service_account(pod, pod_dir), SECRETS_MOUNT))
             for c, image in plans:
                 env = self._resolve_env(pod, c, rt.ip, image["env"])
                 argv = [_expand(a, env) for a in (c.get("command") or image["entrypoint"])]
@@ -354,7 +355,8 @@ class Kubelet:
                         env=env,
                         cwd=c.get("workingDir") or str(pod_dir),
                         log_path=pod_dir / f"{c['name']}.log",
-                        wrapper=mount + _run_as(spec, c),
+                        wrapper=_mount_namespace(pod_binds + _empty_dirs(spec, c, pod_dir), c)
+                        + _run_as(spec, c),
                     )
                 )
             if not no_process:
@@ -396,12 +398,12 @@ class Kubelet:
             },
         )
 
-    def _mount_service_account(self, pod: dict[str, Any], pod_dir: Path) -> list[str]:
+    def _write_service_account(self, pod: dict[str, Any], pod_dir: Path) -> str:
         """Write the pod's ServiceAccount token, CA and namespace, as the kubelet projects them.
 
         The token comes from the TokenRequest API, bound to the pod (it stops working when the pod
-        is deleted). Returns the command prefix that bind-mounts them at the standard path
-        ``/var/run/secrets/kubernetes.io/serviceaccount`` in a mount namespace of the pod's own.
+        is deleted). Returns the folder to bind-mount at ``/run/secrets``, so that they appear at
+        the standard path ``/var/run/secrets/kubernetes.io/serviceaccount``.
         """
         meta, spec = pod["metadata"], pod["spec"]
         account = spec.get("serviceAccountName") or "default"
@@ -434,9 +436,7 @@ class Kubelet:
             (folder / file).write_text(text)
             (folder / file).chmod(0o644)  # the projected volume's default mode
         Path(SECRETS_MOUNT).mkdir(exist_ok=True)
-        script = 'mount --bind "$0" ' + SECRETS_MOUNT + ' && exec "$@"'
-        prefix = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script]
-        return [*prefix, str(secrets)]
+        return str(secrets)
 
     def _resolve_image(self, container: dict[str, Any]) -> images_mod.Image:
         key = images_mod.image_key(container.get("image", ""))
@@ -718,6 +718,38 @@ _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)|\$\$")
 
 def _automounts_token(spec: dict[str, Any]) -> bool:
     return spec.get("automountServiceAccountToken") is not False
+
+
+def _empty_dirs(
+    spec: dict[str, Any], container: dict[str, Any], pod_dir: Path
+) -> list[tuple[str, str]]:
+    """(folder, mountPath) for each of the container's mounts of an ``emptyDir`` volume (other
+    volume types are not supported: their mounts are left out)."""
+    empty = {v["name"] for v in spec.get("volumes") or [] if "emptyDir" in v}
+    binds = []
+    for m in container.get("volumeMounts") or []:
+        if m.get("name") in empty:
+            folder = pod_dir / "volumes" / m["name"]
+            folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o1777)  # as writable as a real emptyDir for any runAsUser
+            binds.append((str(folder), str(m["mountPath"])))
+    return binds
+
+
+def _mount_namespace(binds: list[tuple[str, str]], container: dict[str, Any]) -> list[str]:
+    """The prefix that gives the container its own mount namespace: the bind mounts, then a
+    read-only root filesystem if its securityContext asks for one (the binds stay writable)."""
+    read_only = bool((container.get("securityContext") or {}).get("readOnlyRootFilesystem"))
+    if not binds and not read_only:
+        return []
+    steps = [
+        f"mkdir -p {shlex.quote(dst)} && mount --bind {shlex.quote(src)} {shlex.quote(dst)}"
+        for src, dst in binds
+    ]
+    if read_only:
+        steps.append("mount -o remount,bind,ro /")
+    script = " && ".join([*steps, 'exec "$@"'])
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"]
 
 
 def _run_as(spec: dict[str, Any], container: dict[str, Any]) -> list[str]:
