@@ -10,8 +10,11 @@ import json
 import os
 import signal
 import ssl
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,8 @@ from e2e.conftest import Budgets, Operator, all_text
 from sandbox import postgres
 from sandbox.core import Sandbox
 from sandbox.fixtures import STEADY_IMAGE, Workloads, eventually
-from sandbox.procs import free_port, run, spawn, stop_pid
+from sandbox.network import MAX_SLOTS
+from sandbox.procs import TAG_VAR, free_port, run, spawn, stop_pid
 
 FAST = {"pollSeconds": 1}  # every test polls each second to stay short
 APISERVER_STOP_GRACE = 5.0  # seconds for a killed kube-apiserver to be gone
@@ -326,3 +330,72 @@ def restart_apiserver(sandbox: Sandbox, down_seconds: float) -> None:
         timeout=APISERVER_START_TIMEOUT,
         what="API server back",
     )
+
+
+CLIENT_PORTS = "20000 20999"  # source ports of clients_at's connections
+
+# Opens N idle connections with an application_name, prints their backend pids, then waits for
+# stdin to close. Run inside a pod's network namespace, its backends have the pod's address.
+_CLIENTS_SCRIPT = """
+import json, sys, psycopg
+dsn, n, app = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+conns = [psycopg.connect(dsn, application_name=app, autocommit=True) for _ in range(n)]
+print(json.dumps([c.info.backend_pid for c in conns]), flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def clients_at(sandbox: Sandbox, pod_ip: str, n: int, app: str) -> Iterator[list[int]]:
+    """``n`` idle connections to the app database from ``pod_ip``, held by a process of the test.
+
+    The process is not the pod's: it outlives the pod (the kubelet removes the pod's network
+    namespace, and the connections stay open on the server, as a dead node's would). On exit the
+    process is killed and its backends terminated.
+    """
+    slot = next(s for s in range(1, MAX_SLOTS + 1) if sandbox.network.pod_ip(s) == pod_ip)
+    # Ports apart from the default ephemeral range: a new pod given this address later picks its
+    # ports in a fresh namespace from the same sequence, and a SYN on a port still in use here
+    # would make the server reset these connections (the server sees the same four-tuple).
+    run(
+        [
+            *sandbox.network.exec_prefix(slot),
+            "sysctl",
+            "-qw",
+            f"net.ipv4.ip_local_port_range={CLIENT_PORTS}",
+        ]
+    )
+    proc = subprocess.Popen(
+        [
+            *sandbox.network.exec_prefix(slot),
+            sys.executable,
+            "-c",
+            _CLIENTS_SCRIPT,
+            sandbox.db.app_dsn,
+            str(n),
+            app,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, TAG_VAR: sandbox.tag},  # the sandbox's teardown finds it too
+    )
+    pids: list[int] = []
+    try:
+        assert proc.stdout is not None
+        pids = [int(p) for p in json.loads(proc.stdout.readline() or b"[]")]
+        assert len(pids) == n, "the clients could not connect"
+        yield pids
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        # Their process died in a namespace with no link left: the server never hears of it.
+        with psycopg.connect(sandbox.db.superuser_dsn, autocommit=True) as su:
+            su.execute("SELECT pg_terminate_backend(p) FROM unnest(%s::int[]) AS p", (pids,))
+
+
+def alive_backends(sandbox: Sandbox, pids: list[int]) -> int:
+    with psycopg.connect(sandbox.db.superuser_dsn, autocommit=True) as su:
+        row = su.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
+        ).fetchone()
+    return int(row[0]) if row else 0
