@@ -348,8 +348,8 @@ def test_pgbouncer_down(
         ready_is(budgets, "leaky", "False:ProbeFailed", NOTICE_TIMEOUT)
         cond = budgets.condition("leaky", "Ready")
         assert cond is not None
-        assert "pooler probe failed" in cond["message"]
-        assert pooler_ip in cond["message"]
+        assert "pooler probe failed" in cond["message"], cond
+        assert pooler_ip in cond["message"], cond
         acted = len(actions(op))
         time.sleep(OUTAGE_SECONDS)
         assert len(actions(op)) == acted  # nothing done on half the picture
