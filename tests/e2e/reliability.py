@@ -90,6 +90,25 @@ def actions(op: Operator) -> list[dict[str, Any]]:
     return out
 
 
+def refresh_pids(sandbox: Sandbox) -> None:
+    """Reload the pids of a server restarted by a test, so the session's teardown stops it."""
+    sandbox.state["pids"] = json.loads((sandbox.state_dir / "state.json").read_text())["pids"]
+
+
+def planted_secrets(sandbox: Sandbox) -> list[str]:
+    """Every credential the sandbox planted: passwords, DSNs, the API server's admin token."""
+    db = sandbox.db
+    config = json.loads(Path(sandbox.kubeconfig).read_text())
+    tokens = [u["user"]["token"] for u in config.get("users", []) if u["user"].get("token")]
+    return [
+        db.monitor_password,
+        db.monitor_dsn,
+        db.app_password,
+        db.bouncer_admin_password,
+        *tokens,
+    ]
+
+
 def assert_no_secret(budgets: Budgets, names: list[str], op: Operator, secrets: list[str]) -> None:
     """No planted secret in logs, Events, any budget's status or the metrics."""
     text = "\n".join(all_text(budgets, n, op) for n in names)
@@ -324,6 +343,7 @@ def restart_apiserver(sandbox: Sandbox, down_seconds: float) -> None:
         cwd=cwd,
     )
     postgres.record_pid(sandbox.state_dir, "kube-apiserver", new.pid)
+    refresh_pids(sandbox)
     core = kubernetes.client.CoreV1Api(sandbox.api_client())
     eventually(
         lambda: core.list_namespace(limit=1),

@@ -22,8 +22,10 @@ from e2e.conftest import Budgets, Operator, start_operator, wait_until
 from e2e.reliability import (
     StatusGate,
     actions,
+    assert_no_secret,
     budget_spec,
     deploy_steady,
+    planted_secrets,
     pod_names,
     ready,
     restart_apiserver,
@@ -119,10 +121,12 @@ def test_the_operator_killed_between_acting_and_reporting_does_not_restart_twice
         assert len(leaky - pod_names(workloads, namespace, "app=leaky")) == 1
         assert pod_names(workloads, namespace, "app=steady") == steady
         assert not [a for a in actions(second) if a.get("action") == "RestartPods"]
+        for replica in (first, second):
+            assert_no_secret(budgets, ["leaky"], replica, planted_secrets(sandbox))
     finally:
-        for op in (first, second):
-            if op is not None:
-                op.stop()
+        for maybe in (first, second):
+            if maybe is not None:
+                maybe.stop()
         gate.close()
 
 
@@ -177,6 +181,8 @@ def test_two_replicas_one_acts_and_the_other_takes_over_when_it_dies(
             "connbudget-operator", namespace
         )
         assert lease.spec.lease_transitions >= 1
+        for op in ops:
+            assert_no_secret(budgets, ["leaky"], op, planted_secrets(sandbox))
         print(f"the follower took over {took:.1f}s after the leader was killed")
     finally:
         for op in ops:
@@ -235,5 +241,6 @@ def test_kube_apiserver_restarted_while_the_operator_runs(
         assert ready(budgets, "leaky") == "True:ProbeSucceeded"
         assert leading(op)
         assert pod_names(workloads, namespace, "app=steady") == steady
+        assert_no_secret(budgets, ["leaky"], op, planted_secrets(sandbox))
     finally:
         op.stop()

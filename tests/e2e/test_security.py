@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from e2e.conftest import Budgets, start_operator, wait_until
-from e2e.reliability import assert_no_secret, budget_spec, ready
+from e2e.reliability import assert_no_secret, budget_spec, planted_secrets, ready
 from sandbox import postgres
 from sandbox.core import Sandbox
 from sandbox.fixtures import Workloads
@@ -133,6 +133,6 @@ def test_tls_verify_full_with_the_ca_from_the_secret(
         # The CA went to a private file for each connection attempt, removed right after.
         assert list(private_tmp.glob("connbudget-ca-*")) == []
         assert op.proc.poll() is None
-        assert_no_secret(budgets, ["tls", "wrong-ca"], op, [db.monitor_password, db.monitor_dsn])
+        assert_no_secret(budgets, ["tls", "wrong-ca"], op, [dsn, *planted_secrets(sandbox)])
     finally:
         op.stop()
