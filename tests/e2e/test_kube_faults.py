@@ -130,6 +130,53 @@ def test_the_operator_killed_between_acting_and_reporting_does_not_restart_twice
         gate.close()
 
 
+def test_the_operator_killed_between_deciding_and_acting_restarts_once_after(
+    sandbox: Sandbox,
+    workloads: Workloads,
+    namespace: str,
+    budgets: Budgets,
+    kube_api: kubernetes.client.ApiClient,
+    tmp_path: Path,
+) -> None:
+    gate = StatusGate(kube_api, namespace, tmp_path / "gate")
+    first: Operator | None = None
+    second: Operator | None = None
+    try:
+        budgets.secret("pg-monitor", sandbox.db.monitor_dsn)
+        workloads.deploy(namespace, "leaky", replicas=2, env={"LEAK_RATE": "3", "LEAK_MAX": "30"})
+        leaky = pod_names(workloads, namespace, "app=leaky")
+        # Hold the write of the decision itself: the operator dies before it acts.
+        gate.arm(type="RestartPods", result="Started")
+        first = start_operator(sandbox, namespace, tmp_path / "operator-1.log")
+        budgets.create(
+            "leaky",
+            budget_spec("leaky", budget={"maxConnections": 8}, remediation=RESTART_ONCE),
+        )
+        assert gate.held.wait(60), "no restart was decided"
+        first.stop(signal.SIGKILL)
+        gate.release()
+        time.sleep(2)
+        assert evictions(budgets) == 0  # nothing was done: it could not be recorded first
+        assert pod_names(workloads, namespace, "app=leaky") == leaky
+
+        second = start_operator(sandbox, namespace, tmp_path / "operator-2.log")
+        budgets.wait_event("PodEvicted", timeout=60)
+        wait_until(
+            lambda: "Cooldown" in json.dumps(budgets.status("leaky").get("remediation")),
+            30,
+            "the new operator waiting for the cooldown",
+        )
+        time.sleep(3)
+        assert evictions(budgets) == 1
+        assert budgets.status("leaky")["lastAction"]["result"] == "Succeeded"
+        assert len(leaky - pod_names(workloads, namespace, "app=leaky")) == 1
+    finally:
+        for maybe in (first, second):
+            if maybe is not None:
+                maybe.stop()
+        gate.close()
+
+
 def test_two_replicas_one_acts_and_the_other_takes_over_when_it_dies(
     sandbox: Sandbox, workloads: Workloads, namespace: str, budgets: Budgets, tmp_path: Path
 ) -> None:
