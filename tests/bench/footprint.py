@@ -8,9 +8,10 @@ connection per database, however many budgets). Budgets keep the default poll (1
 - Footprint: for 1, 100 and 500 budgets, a fresh operator; once every budget has been probed and
   a settling time has passed, its resident memory and CPU over a window, whether every budget
   kept its cadence, and the database connections it holds.
-- Load and soak: 200 budgets, 500 pods, 1,000 client backends (two per pod, named after it), for
-  ``minutes`` minutes: resident memory and CPU every 10 s, every budget's probes each minute, and
-  every warning or error the operator logged or counted.
+- Load and soak: 200 budgets, 500 pods, 1,000 client backends (two per pod, named after it, each
+  running a query about once a minute), for ``minutes`` minutes: resident memory and CPU every
+  10 s, every budget's probes each minute, and every warning or error the operator logged or
+  counted.
 
 Cadence: a budget polled every P seconds, by a worker that wakes every second, probes at least
 ``floor(W / (P + 1))`` times in a window of W seconds; fewer means it missed a poll.
@@ -34,6 +35,7 @@ from bench.common import (
     Operator,
     Server,
     Spread,
+    Ticker,
     cpu_seconds,
     metric_samples,
     parse_time,
@@ -310,6 +312,15 @@ def load_soak(
     )
     fleet.scale_budgets(budgets)
     held = fleet.open_backends(backends)
+    # Each backend runs a query about once a minute, as an app's pooled connection would: none
+    # stays idle for leakDetection.idleSeconds (300 s), so none is (rightly) taken for a leak.
+    turn = iter(range(10**9))
+
+    def touch() -> None:
+        for _ in range(len(held) // 120 + 1):
+            held[next(turn) % len(held)].execute("SELECT 1")
+
+    toucher = Ticker(touch, interval=0.5, limit=minutes * 60 + 600).start()
     series: list[tuple[float, float, float]] = []  # t, RSS MB, CPU % over the last sample
     minutes_out: list[dict[str, Any]] = []
     try:
@@ -353,9 +364,11 @@ def load_soak(
             probe_errors = sum(v for _, v in metric_samples(text, "connbudget_probe_errors_total"))
             action_count = sum(v for _, v in metric_samples(text, "connbudget_actions_total"))
             logged = op.problems()
+            got_end = fleet.server.client_backends("application_name LIKE 'p%'")
         finally:
             op.stop()
     finally:
+        toucher.stop()
         for c in held:
             c.close()
     problems = [p for p in logged if parse_time(str(p.get("time"))) >= soak_from]
@@ -368,6 +381,8 @@ def load_soak(
         "budgets": budgets,
         "pods": fleet.pods,
         "backends": got,
+        "backends_at_end": got_end,
+        "touch_errors": len(toucher.errors),
         "minutes": minutes,
         "segments": minutes_out,
         "series": series,
@@ -390,7 +405,7 @@ def load_soak(
         f"{first:.1f} -> {last:.1f} MB ({last - first:+.1f} MB, {slope:+.2f} MB/min, "
         f"{'flat' if result['memory_flat'] else 'NOT flat'}); probe errors {probe_errors:.0f}, "
         f"warnings or errors logged {len(problems)} (and {len(startup)} while starting), actions "
-        f"{action_count:.0f}"
+        f"{action_count:.0f}; {got_end} client backends at the end"
     )
     return result
 

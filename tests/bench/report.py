@@ -421,7 +421,9 @@ def _load(ld: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[str]:
         "## Load and soak (issue 7)",
         "",
         f"{ld['budgets']} ConnectionBudgets (default poll, 10 namespaces, 5 databases), "
-        f"{ld['pods']} pods, {ld['backends']} client backends (two per pod, named after it), "
+        f"{ld['pods']} pods, {ld['backends']} client backends (two per pod, named after it, "
+        "each running a query about once a minute, so none is idle long enough to count as "
+        "leaked), "
         f"for {ld['minutes']:g} minutes, one operator. Each minute: the highest resident "
         "memory, CPU, and each budget's probes (cadence kept if every budget probed at least "
         "`floor(60 / 11)` = 5 times: a 10 s poll on a 1 s worker tick).",
@@ -441,7 +443,8 @@ def _load(ld: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[str]:
         f"end ({ld['rss_growth_mb']:+.1f} MB; fitted slope {ld['rss_slope_mb_per_min']:+.2f} "
         f"MB per minute). Probe errors: {ld['probe_errors']:.0f}; warnings or errors logged: "
         f"{ld['warnings']} during the soak, {ld.get('startup_warnings', 0)} while the "
-        f"operator started; actions: {ld['actions']:.0f} (every budget is within its budget).",
+        f"operator started; actions: {ld['actions']:.0f} (every budget is within its budget); "
+        f"client backends at the end: {ld.get('backends_at_end', 'n/a')}.",
         "",
         "The mean per-poll probe time here is the operator's own histogram "
         "(`connbudget_probe_duration_seconds`), measured from the budget's worker: with all "

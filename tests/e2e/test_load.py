@@ -41,6 +41,8 @@ def test_two_hundred_budgets_keep_their_cadence_under_load_without_errors(
     assert result["budgets"] == LOAD_BUDGETS
     assert result["pods"] == PODS
     assert result["backends"] >= LOAD_BACKENDS
+    assert result["backends_at_end"] >= LOAD_BACKENDS
+    assert result["touch_errors"] == 0
     assert result["cadence_kept"], result["segments"]
     assert result["probe_errors"] == 0
     assert result["warnings"] == 0, result["warning_samples"]
