@@ -113,11 +113,16 @@ def _exhaustion(ex: dict[str, Any], targets: list[tuple[str, str, str]]) -> list
         "Deployments are created one after the other; each lane's window "
         f"({_window(ex):.0f} s) opens when its own leaky Deployment is created.",
         "",
-        "| strategy | refused (of ~attempts) | refused vs no guard | peak | s over budget | "
+        "| strategy | refused (of attempts) | refused vs no guard | peak | s over budget | "
         "breach to recovery | collateral errors | pods restarted | backends terminated |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    none_refused = [r["refused"] for r in ex["none"]["runs"]] if "none" in ex else []
     for row in ex.values():
+        # Each repeat's refusals against the no-guard lane's in the same repeat.
+        vs_none = Spread.of(
+            r["refused"] / n for r, n in zip(row["runs"], none_refused, strict=False) if n
+        )
         rec = row["recovery"]
         never = row["never_recovered"]
         rec_s = rec.show("{:.1f}", " s") if rec.n else "never"
@@ -127,7 +132,7 @@ def _exhaustion(ex: dict[str, Any], targets: list[tuple[str, str, str]]) -> list
             rec_s = "no breach"
         out.append(
             f"| {row['label']} | {row['refused'].show('{:.0f}')} (of "
-            f"{row['attempts'].show('{:.0f}')}) | {row['refused_vs_none'].show('{:.2f}')} | "
+            f"{row['attempts'].show('{:.0f}')}) | {vs_none.show('{:.2f}')} | "
             f"{row['peak'].show('{:.0f}')} | {row['over_budget'].show('{:.1f}')} | {rec_s} | "
             f"{row['collateral'].show('{:.0f}')} | {row['restarted'].show('{:.0f}')} | "
             f"{row['terminated'].show('{:.0f}')} |"
@@ -353,22 +358,28 @@ def _footprint(fp: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[
                 "generated model classes and its thread pool.",
             ]
         if top["cpu_percent"] > 5:
-            out += [
-                f"- CPU: at {top['budgets']} budgets each budget's poll costs about "
-                f"{per_poll_ms:.1f} ms of CPU. A profile of the operator (cProfile, 100 budgets) "
-                "shows where it goes: every poll patches the budget's status (its "
-                "`lastProbeTime` changes each time), through the Kubernetes client in a thread "
-                "(JSON, TLS), and each patch comes back as a watch event that kopf processes "
-                "(deep copies and diffs of the whole object); every budget runs its own "
-                "`pg_stat_activity` query and decodes the whole result, although budgets on "
-                "the same database could share one sample per poll; and each budget's worker "
-                "wakes every second and parses its spec even when its poll is not due. What "
-                "would fix it: write status only when something other than the probe time "
-                "changed (or at most once a minute), share one sample per database per poll "
-                "among the budgets that name it, and parse the spec once per generation. "
-                "Together these make the per-poll cost roughly one query per database plus "
-                "pure computation per budget.",
-            ]
+            out.append(
+                " ".join(
+                    [
+                        f"- CPU: at {top['budgets']} budgets each budget's poll costs about",
+                        f"{per_poll_ms:.1f} ms of CPU. The operator's code, and a profile of its",
+                        "event loop (cProfile, 100 budgets), show where it goes: every poll",
+                        "patches the budget's status (its `lastProbeTime` changes each time),",
+                        "through the Kubernetes client in a thread (JSON, TLS), and each patch",
+                        "comes back as a watch event that kopf processes (deep copies and diffs",
+                        "of the whole object); every budget runs its own `pg_stat_activity`",
+                        "query, which returns every client backend of the server whichever",
+                        "database the budget names, and decodes the whole result, although",
+                        "budgets on the same database could share one sample per poll; and each",
+                        "budget's worker wakes every second and parses its spec even when its",
+                        "poll is not due. What would fix it: write status only when something",
+                        "other than the probe time changed (or at most once a minute), share one",
+                        "sample per database per poll among the budgets that name it, and parse",
+                        "the spec once per generation. Together these make the per-poll cost",
+                        "roughly one query per database plus pure computation per budget.",
+                    ]
+                )
+            )
         out.append("")
     startup = sum(r.get("warnings_no_pods_selected", 0) for r in rows.values())
     if startup:
