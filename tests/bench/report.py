@@ -226,6 +226,17 @@ def _latency(lat: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[s
                 _ok(met),
             )
         )
+    early = [x for res in lat.values() for x in res["reactions"] if x < 0]
+    if early:
+        out += [
+            "",
+            f"**A finding.** {len(early)} episodes acted before `breachSeconds` had passed by "
+            f"the sampler's clock (by up to {-min(early):.2f} s): the operator keeps the start of "
+            "a breach in status (`remediation.breachSince`) as an RFC 3339 time in whole "
+            "seconds and reads it back from there, so the fraction is dropped and a breach "
+            "counts as up to 1 s older than it is. Keeping fractional seconds (or the exact "
+            "time in the worker's memory) would make `breachSeconds` exact.",
+        ]
     out += [
         "",
         "With 20 episodes the p99 is the slowest episode (nearest rank).",
