@@ -110,8 +110,15 @@ def planted_secrets(sandbox: Sandbox) -> list[str]:
 
 
 def assert_no_secret(budgets: Budgets, names: list[str], op: Operator, secrets: list[str]) -> None:
-    """No planted secret in logs, Events, any budget's status or the metrics."""
-    text = "\n".join(all_text(budgets, n, op) for n in names)
+    """No planted secret in logs, Events, any budget's status or the metrics.
+
+    A killed operator's metrics are gone with it: its log, the Events and status remain.
+    """
+    if op.proc.poll() is None:
+        text = "\n".join(all_text(budgets, n, op) for n in names)
+    else:
+        events = "\n".join(f"{e.reason} {e.message}" for e in budgets.events())
+        text = "\n".join([op.logs(), events, *(json.dumps(budgets.status(n)) for n in names)])
     for secret in secrets:
         assert secret not in text, "a secret leaked into the operator's output"
 

@@ -363,7 +363,9 @@ def test_pgbouncer_down(
     finally:
         os.kill(pid, signal.SIGCONT)
     ready_is(budgets, "leaky", "True:ProbeSucceeded", RECOVERY_TIMEOUT)
-    assert not budgets.events("PoolerScaled")
-    assert pod_names(workloads, namespace, "app=pgbouncer") == {pooler_pod}
+    # Clients queued while it was stopped may be waiting now: scaling up within maxReplicas is
+    # a fair answer, once; the pooler pod itself is never restarted.
+    assert len(budgets.events("PoolerScaled")) <= 1
+    assert pooler_pod in pod_names(workloads, namespace, "app=pgbouncer")
     assert op.proc.poll() is None
     assert_no_secret(budgets, ["leaky"], op, planted_secrets(sandbox))
