@@ -162,14 +162,7 @@ async def run_cycle(
 
     secret = spec.database_secret
     try:
-        dsn = await deps.kube.read_secret_value(namespace, secret)
-        ca_pem = (
-            await deps.kube.read_secret_value(
-                namespace, SecretRef(name=secret.name, key=secret.ca_key)
-            )
-            if secret.ca_key
-            else None
-        )
+        dsn, ca_pem = await _read_credentials(deps, namespace, secret)
     except SecretProblem as e:
         deps.metrics.record_probe_error(namespace, name, Reason.SECRET_MISSING.value)
         return await _degraded(
@@ -326,6 +319,17 @@ async def run_cycle(
     )
 
 
+async def _read_credentials(
+    deps: Deps, namespace: str, secret: SecretRef
+) -> tuple[str, str | None]:
+    """The DSN and, if the budget names one, the PEM CA certificate (raises ``SecretProblem``)."""
+    dsn = await deps.kube.read_secret_value(namespace, secret)
+    if not secret.ca_key:
+        return dsn, None
+    ca_ref = SecretRef(name=secret.name, key=secret.ca_key)
+    return dsn, await deps.kube.read_secret_value(namespace, ca_ref)
+
+
 async def keep_connected(
     *, namespace: str, name: str, spec_raw: Mapping[str, Any], deps: Deps
 ) -> bool:
@@ -341,14 +345,7 @@ async def keep_connected(
         return False
     secret = spec.database_secret
     try:
-        dsn = await deps.kube.read_secret_value(namespace, secret)
-        ca_pem = (
-            await deps.kube.read_secret_value(
-                namespace, SecretRef(name=secret.name, key=secret.ca_key)
-            )
-            if secret.ca_key
-            else None
-        )
+        dsn, ca_pem = await _read_credentials(deps, namespace, secret)
         monitor = await deps.bind_monitor(f"{namespace}/{name}", dsn, ca_pem)
         await monitor.sample()
     except (SecretProblem, ProbeError, KubeError):

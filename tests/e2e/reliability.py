@@ -1,4 +1,5 @@
-"""Helpers shared by the reliability and security tests (faults, bad input, secrets, TLS)."""
+"""Helpers shared by the operator, reliability and security tests (budgets, backends, faults,
+bad input, secrets, TLS)."""
 
 from __future__ import annotations
 

@@ -11,45 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
-import psycopg
 import pytest
 from kubernetes.client.rest import ApiException
 
 from e2e.conftest import Budgets, Operator, all_text, start_operator, wait_until
+from e2e.reliability import backends, budget_spec
 from sandbox.core import Sandbox
 from sandbox.fixtures import STEADY_IMAGE, Workloads
 from sandbox.network import NETNS
 
 pytestmark = pytest.mark.sandbox
 
-FAST = {"pollSeconds": 1}  # every test polls each second to stay short
-
-
-def backends(dsn: str, prefix: str) -> dict[str, int]:
-    """application_name → client backends, for apps whose name starts with ``prefix``."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT application_name, count(*) FROM pg_stat_activity "
-            "WHERE backend_type = 'client backend' AND application_name LIKE %s GROUP BY 1",
-            (prefix + "%",),
-        ).fetchall()
-    return {a: int(n) for a, n in rows}
-
 
 def pod_names(workloads: Workloads, namespace: str, app: str) -> set[str]:
     return {p.metadata.name for p in workloads.pods(namespace, f"app={app}")}
-
-
-def budget_spec(app: str, **overrides: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "database": {"secretRef": {"name": "pg-monitor"}},
-        "budget": {"maxConnections": 20},
-        "selector": {"matchLabels": {"app": app}},
-        **FAST,
-    }
-    for key, value in overrides.items():
-        spec[key] = value
-    return spec
 
 
 def test_idle_leaked_backends_are_terminated_and_the_steady_app_is_untouched(
