@@ -736,16 +736,28 @@ def _empty_dirs(
     return binds
 
 
+# What a pod's process needs of the host: the project (its sources and virtual environment).
+KEEP_VISIBLE = sorted({str(images_mod.TESTS_DIR.parent), sys.prefix})
+
+
 def _mount_namespace(binds: list[tuple[str, str]], container: dict[str, Any]) -> list[str]:
     """The prefix that gives the container its own mount namespace: the bind mounts, then a
     read-only root filesystem if its securityContext asks for one (the binds stay writable)."""
     read_only = bool((container.get("securityContext") or {}).get("readOnlyRootFilesystem"))
     if not binds and not read_only:
         return []
-    steps = [
-        f"mkdir -p {shlex.quote(dst)} && mount --bind {shlex.quote(src)} {shlex.quote(dst)}"
-        for src, dst in binds
-    ]
+    q = shlex.quote
+    steps = []
+    for src, dst in binds:
+        # The sandbox shares the host's filesystem: a volume mounted over, say, /tmp would hide
+        # a checkout (and its virtual environment) that lives there. Keep those visible through
+        # the volume, as an image would have them in its own root filesystem.
+        for keep in KEEP_VISIBLE:
+            rel = os.path.relpath(keep, dst)
+            if rel != "." and not rel.startswith(".."):
+                inner = os.path.join(src, rel)
+                steps.append(f"mkdir -p {q(inner)} && mount --bind {q(keep)} {q(inner)}")
+        steps.append(f"mkdir -p {q(dst)} && mount --rbind {q(src)} {q(dst)}")
     if read_only:
         steps.append("mount -o remount,bind,ro /")
     script = " && ".join([*steps, 'exec "$@"'])
