@@ -149,3 +149,21 @@ def test_kstatus_reconciling_while_pending_and_stalled_only_for_problems_waiting
             cond = next(c for c in out["conditions"] if c["type"] == "Stalled")
             assert cond["reason"] == reason.value
             assert cond["message"] == "what to fix"
+
+
+def test_memory_keeps_fractions_of_a_second_so_the_breach_window_is_never_cut_short() -> None:
+    memory = Memory(
+        level=Level.OVER,
+        breach_since=NOW - 4.75,
+        cooldown_until=NOW + 40.25,
+        episode_since=NOW - 4.75,
+    )
+    d = run(spec(), [WEB1], [idle_group(WEB1, [40.0] * 90)], memory=memory)
+    out = status.render_status({}, status.Outcome(generation=1, now=NOW, decision=d))
+    back = status.memory_from_status(out)
+    assert back.breach_since == d.memory.breach_since == NOW - 4.75
+    assert back.cooldown_until == d.memory.cooldown_until
+    # Status written before this change (whole seconds) still reads.
+    assert status.parse_time("2026-11-25T04:00:00Z") == status.parse_time(
+        "2026-11-25T04:00:00.000Z"
+    )

@@ -48,13 +48,21 @@ def rfc3339(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def rfc3339_ms(t: float) -> str:
+    """With milliseconds, for the decision memory read back each cycle: whole seconds would cut
+    up to a second off ``breachSeconds`` and the cooldown."""
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
 def parse_time(value: object) -> float | None:
     if not isinstance(value, str) or not value:
         return None
-    try:
-        return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
-    except ValueError:
-        return None
+    for fmt in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
+        try:
+            return dt.datetime.strptime(value, fmt).replace(tzinfo=dt.UTC).timestamp()
+        except ValueError:
+            continue
+    return None
 
 
 def merge_conditions(
@@ -285,8 +293,8 @@ def render_status(old: Mapping[str, Any] | None, o: Outcome) -> dict[str, Any]:
         m = d.memory
         status["remediation"] = {
             "level": m.level.value,
-            "breachSince": rfc3339(m.breach_since) if m.breach_since else None,
-            "episodeSince": rfc3339(m.episode_since) if m.episode_since else None,
+            "breachSince": rfc3339_ms(m.breach_since) if m.breach_since else None,
+            "episodeSince": rfc3339_ms(m.episode_since) if m.episode_since else None,
             "escalation": m.escalation,
             "cleanedPods": list(m.cleaned_pods),
             "reasons": list(d.reasons),
@@ -294,7 +302,7 @@ def render_status(old: Mapping[str, Any] | None, o: Outcome) -> dict[str, Any]:
                 {"step": s.value, "reason": h.value, "message": msg} for s, h, msg in d.holds
             ],
         }
-        status["cooldownUntil"] = rfc3339(m.cooldown_until) if m.cooldown_until else None
+        status["cooldownUntil"] = rfc3339_ms(m.cooldown_until) if m.cooldown_until else None
     if o.last_action is not None:
         a = o.last_action
         status["lastAction"] = {
