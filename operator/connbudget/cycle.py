@@ -67,6 +67,8 @@ class KubeCalls(Protocol):
 
     async def read_scale(self, namespace: str, target: ObjectRef) -> Scale: ...
 
+    async def count_pods(self, namespace: str, label_selector: str) -> int: ...
+
     async def patch_scale(
         self, namespace: str, target: ObjectRef, replicas: int, *, dry_run: bool
     ) -> None: ...
@@ -102,7 +104,14 @@ class Runtime:
         default_factory=lambda: collections.deque(maxlen=HISTORY_LENGTH)
     )
     last_probe_at: float | None = None
+    # Since when the API server has pods for the selector that the watch index lacks.
+    unwatched_since: float | None = None
     last_problem: str | None = None
+
+
+# How long pods the watch has not delivered may hold back NoPodsSelected (a watch lagging longer
+# than this is reported as it is).
+WATCH_SYNC_GRACE_SECONDS = 30.0
 
 
 def is_probe_due(*, last_probe_at: float | None, poll_seconds: int, now: float) -> bool:
@@ -201,6 +210,17 @@ async def run_cycle(
     all_pods = deps.pods(namespace)
     governed = [p for p in all_pods if usage.is_governed(p, spec.selector, namespace)]
     problem: _Problem | None = None
+    if not governed and await _pods_not_yet_watched(deps, namespace, spec.selector.to_query()):
+        # Just after a start the pod watch may not have delivered every pod: reporting
+        # NoPodsSelected (and an Event) for pods that exist would be a false alarm. Probe again
+        # at the next tick, without reporting or acting, for a bounded time.
+        if runtime.unwatched_since is None:
+            runtime.unwatched_since = now
+        if now - runtime.unwatched_since < WATCH_SYNC_GRACE_SECONDS:
+            runtime.last_probe_at = None
+            return None
+    else:
+        runtime.unwatched_since = None
     if not governed:
         problem = _Problem(
             Reason.NO_PODS_SELECTED,
@@ -317,6 +337,14 @@ async def run_cycle(
             pooler_desired=desired,
         ),
     )
+
+
+async def _pods_not_yet_watched(deps: Deps, namespace: str, label_selector: str) -> bool:
+    """Whether the API server has pods for a selector the watch index has none for."""
+    try:
+        return await deps.kube.count_pods(namespace, label_selector) > 0
+    except KubeError:
+        return False  # cannot tell: report what the index shows
 
 
 async def _read_credentials(

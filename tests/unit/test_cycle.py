@@ -28,6 +28,7 @@ class FakeKube:
     ) -> None:
         self.dsn = dsn
         self.evict_result = evict
+        self.unwatched_pods = 0  # pods the API server has that the watch has not delivered
         self.calls: list[tuple[str, Any]] = []
 
     async def read_secret_value(self, namespace: str, ref: SecretRef) -> str:
@@ -62,6 +63,9 @@ class FakeKube:
         self, namespace: str, target: ObjectRef, replicas: int, *, dry_run: bool
     ) -> None:
         self.calls.append(("scale", replicas))
+
+    async def count_pods(self, namespace: str, label_selector: str) -> int:
+        return self.unwatched_pods
 
 
 class FakeMonitor:
@@ -231,6 +235,39 @@ def test_a_selector_matching_nothing_blocks_actions() -> None:
     assert kube.calls == []
     assert monitor.terminated == []
     assert out["usage"]["connections"] == 90  # still reported
+
+
+def test_pods_the_watch_has_not_delivered_yet_are_no_false_alarm() -> None:
+    kube, monitor = FakeKube(), FakeMonitor(leaking())
+    kube.unwatched_pods = 1  # just after a start: the API server has them, the index not yet
+    deps, events = make_deps(kube, monitor, [pod("other-1", "10.0.0.5", app="other")])
+    runtime = cycle.Runtime()
+
+    def once(now: float) -> dict[str, Any] | None:
+        deps.now = lambda: now
+        return asyncio.run(
+            cycle.run_cycle(
+                namespace="shop",
+                name="web",
+                generation=2,
+                spec_raw=SPEC,
+                annotations={},
+                old_status=OVER_STATUS,
+                runtime=runtime,
+                deps=deps,
+            )
+        )
+
+    assert once(NOW) is None  # nothing reported, nothing done
+    assert once(NOW + 1) is None  # probed again at the next tick
+    assert events == []
+    assert kube.calls == []
+    assert monitor.terminated == []
+    # A watch that still lags after the grace period: reported as it is.
+    late = once(NOW + cycle.WATCH_SYNC_GRACE_SECONDS + 1)
+    assert late is not None
+    ready = next(c for c in late["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "NoPodsSelected"
 
 
 def test_an_invalid_spec_is_reported_without_probing() -> None:

@@ -269,6 +269,14 @@ class Kube:
                 raise KubeError(404, f"no resource of kind {kind} in {api_version}")
         return self._plurals[key]
 
+    async def count_pods(self, namespace: str, label_selector: str) -> int:
+        """Pods matching ``label_selector`` per the API server (at most 1 is asked for): the
+        watch index's answer is confirmed this way before a selector is said to match nothing."""
+        listed = await self.call(
+            self.core.list_namespaced_pod, namespace, label_selector=label_selector, limit=1
+        )
+        return len(listed.items or [])
+
     async def read_scale(self, namespace: str, target: ObjectRef) -> Scale:
         """Read the target's ``/scale`` subresource."""
         group, _, version = target.api_version.rpartition("/")
