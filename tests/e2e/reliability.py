@@ -23,7 +23,7 @@ import kubernetes
 import psycopg
 
 from e2e.conftest import Budgets, Operator, all_text
-from sandbox import postgres
+from sandbox import postgres, tls
 from sandbox.core import Sandbox
 from sandbox.fixtures import STEADY_IMAGE, Workloads, eventually
 from sandbox.network import MAX_SLOTS
@@ -213,8 +213,10 @@ class StatusGate:
         self.match: dict[str, str] | None = None
         self.held = threading.Event()
         self._release = threading.Event()
-        ca_crt, ca_key = postgres.make_ca(folder, "connbudget-test-webhook-ca")
-        crt, key = _server_cert(folder, ca_crt, ca_key)
+        ca = tls.make_ca(folder, "connbudget-test-webhook-ca", days=1)
+        crt, key = tls.sign_server_cert(
+            folder, "webhook", ca=ca, common_name="webhook", sans=["IP:127.0.0.1"], days=1
+        )
         gate = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -260,7 +262,7 @@ class StatusGate:
                         "name": "gate.test.connbudget.io",
                         "clientConfig": {
                             "url": f"https://127.0.0.1:{port}/validate",
-                            "caBundle": base64.b64encode(ca_crt.read_bytes()).decode(),
+                            "caBundle": base64.b64encode(ca[0].read_bytes()).decode(),
                         },
                         "rules": [
                             {
@@ -312,17 +314,6 @@ class StatusGate:
                 raise
         self.server.shutdown()
         self.server.server_close()
-
-
-def _server_cert(folder: Path, ca_crt: Path, ca_key: Path) -> tuple[Path, Path]:
-    key, csr, crt = folder / "webhook.key", folder / "webhook.csr", folder / "webhook.crt"
-    ext = folder / "webhook.ext"
-    ext.write_text("subjectAltName = IP:127.0.0.1\n")
-    run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=webhook",
-         "-keyout", str(key), "-out", str(csr)])  # fmt: skip
-    run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
-         "-CAcreateserial", "-days", "1", "-extfile", str(ext), "-out", str(crt)])  # fmt: skip
-    return crt, key
 
 
 def restart_apiserver(sandbox: Sandbox, down_seconds: float) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from e2e.conftest import Budgets, start_operator, wait_until
 from e2e.reliability import assert_no_secret, budget_spec, planted_secrets, ready
-from sandbox import postgres
+from sandbox import postgres, tls
 from sandbox.core import Sandbox
 from sandbox.fixtures import Workloads
 from sandbox.postgres import MONITOR_ROLE
@@ -74,7 +74,7 @@ def test_tls_verify_full_with_the_ca_from_the_secret(
             "stringData": {"dsn": dsn, "ca.crt": tls_ca.read_text()},
         },
     )
-    other_ca, _ = postgres.make_ca(tmp_path / "other", "not-the-server-ca")
+    other_ca, _ = tls.make_ca(tmp_path / "other", "not-the-server-ca", days=1)
     budgets.core.create_namespaced_secret(
         namespace,
         {

@@ -26,6 +26,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from sandbox import tls
 from sandbox.procs import free_port, run, spawn, wait_for
 
 READY_TIMEOUT = 90.0  # seconds for /readyz; a 2-core machine needs about 10 s
@@ -65,25 +66,7 @@ class ControlPlane:
 def make_certs(certs: Path, *, host_ip: str) -> None:
     """Write a CA and a serving certificate for the API server (valid 30 days)."""
     certs.mkdir(mode=0o700, exist_ok=True)
-    ca_key, ca_crt = certs / "ca.key", certs / "ca.crt"
-    run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "30",
-            "-subj",
-            "/CN=connbudget-sandbox-ca",
-            "-keyout",
-            str(ca_key),
-            "-out",
-            str(ca_crt),
-        ]
-    )
+    ca = tls.make_ca(certs, "ca", days=30)
     sans = [
         "IP:127.0.0.1",
         "IP:10.96.0.1",
@@ -95,45 +78,15 @@ def make_certs(certs: Path, *, host_ip: str) -> None:
     ]
     if host_ip != "127.0.0.1":
         sans.append(f"IP:{host_ip}")
-    ext = certs / "serving.ext"
-    ext.write_text(
-        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-        f"extendedKeyUsage=serverAuth\nsubjectAltName={','.join(sans)}\n"
-    )
-    run(
-        [
-            "openssl",
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=kube-apiserver",
-            "-keyout",
-            str(certs / "apiserver.key"),
-            "-out",
-            str(certs / "apiserver.csr"),
-        ]
-    )
-    run(
-        [
-            "openssl",
-            "x509",
-            "-req",
-            "-in",
-            str(certs / "apiserver.csr"),
-            "-CA",
-            str(ca_crt),
-            "-CAkey",
-            str(ca_key),
-            "-CAcreateserial",
-            "-days",
-            "30",
-            "-extfile",
-            str(ext),
-            "-out",
-            str(certs / "apiserver.crt"),
-        ]
+    tls.sign_server_cert(
+        certs,
+        "apiserver",
+        ca=ca,
+        common_name="kube-apiserver",
+        sans=sans,
+        days=30,
+        extensions="basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n",
     )
     run(["openssl", "genrsa", "-out", str(certs / "sa.key"), "2048"])
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from sandbox import tls
 from sandbox.procs import alive, free_port, run, spawn, stop_pid, wait_for
 
 PG_MAJOR = 15
@@ -300,32 +301,7 @@ def _ready(info: DatabaseInfo) -> bool:
     return run([*argv, "-U", "postgres"], check=False).returncode == 0
 
 
-TLS_DAYS = "2"  # the sandbox's certificates live as long as a test session, at most
-
-
-def make_ca(folder: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed CA (certificate, key) in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    crt, key = folder / f"{name}.crt", folder / f"{name}.key"
-    run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            TLS_DAYS,
-            "-subj",
-            f"/CN={name}",
-            "-keyout",
-            str(key),
-            "-out",
-            str(crt),
-        ]
-    )
-    return crt, key
+TLS_DAYS = 2  # the sandbox's certificates live as long as a test session, at most
 
 
 def enable_tls(state: Path, info: DatabaseInfo) -> Path:
@@ -337,44 +313,15 @@ def enable_tls(state: Path, info: DatabaseInfo) -> Path:
     """
     user = _server_user()
     folder = state / "db" / "tls"
-    ca_crt, ca_key = make_ca(folder, "connbudget-sandbox-pg-ca")
-    key, csr, crt = folder / "server.key", folder / "server.csr", folder / "server.crt"
-    run(
-        [
-            "openssl",
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=postgres",
-            "-keyout",
-            str(key),
-            "-out",
-            str(csr),
-        ]
-    )
-    ext = folder / "san.ext"
-    ext.write_text(f"subjectAltName = IP:{info.host}, IP:127.0.0.1, DNS:localhost\n")
-    run(
-        [
-            "openssl",
-            "x509",
-            "-req",
-            "-in",
-            str(csr),
-            "-CA",
-            str(ca_crt),
-            "-CAkey",
-            str(ca_key),
-            "-CAcreateserial",
-            "-days",
-            TLS_DAYS,
-            "-extfile",
-            str(ext),
-            "-out",
-            str(crt),
-        ]
+    ca = tls.make_ca(folder, "connbudget-sandbox-pg-ca", days=TLS_DAYS)
+    ca_crt = ca[0]
+    crt, key = tls.sign_server_cert(
+        folder,
+        "server",
+        ca=ca,
+        common_name="postgres",
+        sans=[f"IP:{info.host}", "IP:127.0.0.1", "DNS:localhost"],
+        days=TLS_DAYS,
     )
     key.chmod(0o600)  # PostgreSQL refuses a key that others can read
     for path in (folder, key, crt):
