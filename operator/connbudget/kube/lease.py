@@ -18,6 +18,11 @@ log = logging.getLogger("connbudget.lease")
 LEASE_SECONDS = 15  # a dead leader's budgets wait at most this long for a new one
 
 
+def _micro_time(t: float) -> str:
+    """A Lease's ``MicroTime`` as the API server expects it."""
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def _parse(value: object) -> float | None:
     if isinstance(value, dt.datetime):
         return value.timestamp()
@@ -34,11 +39,10 @@ class LeaseElector:
 
     async def try_acquire(self, now: float) -> bool:
         """Take or renew the Lease; return whether this replica holds it now."""
-        stamp = dt.datetime.fromtimestamp(now, dt.UTC)
         spec = {
             "holderIdentity": self.identity,
             "leaseDurationSeconds": LEASE_SECONDS,
-            "renewTime": stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "renewTime": _micro_time(now),
         }
         try:
             lease = await self.kube.call(
@@ -68,6 +72,13 @@ class LeaseElector:
             new_spec["acquireTime"] = spec["renewTime"]
             new_spec["leaseTransitions"] = (lease.spec.lease_transitions or 0) + 1
             log.info("taking over the lease", extra={"from": holder, "to": self.identity})
+        else:
+            # A renewal replaces the whole spec: keep when it was acquired and how many times it
+            # changed hands, or they would vanish at the first renewal.
+            new_spec["leaseTransitions"] = lease.spec.lease_transitions or 0
+            acquired = _parse(lease.spec.acquire_time)
+            if acquired is not None:
+                new_spec["acquireTime"] = _micro_time(acquired)
         body = {
             "metadata": {
                 "name": self.name,
