@@ -10,6 +10,7 @@ and Events, and no action is taken on them.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import logging
 import time
@@ -44,7 +45,9 @@ from connbudget.report.metrics import Metrics
 
 log = logging.getLogger("connbudget.cycle")
 HISTORY_LENGTH = 64  # samples kept for the growth-rate forecast (it uses the last 30 s of them)
-PACING_SLACK_SECONDS = 0.05  # a timer tick this early still counts as on time
+# A tick this early still counts as on time. Workers tick on whole seconds, and a cycle may run
+# late within its second (hundreds of budgets tick together): half a tick keeps the cadence.
+PACING_SLACK_SECONDS = 0.5
 IDLE_RECHECK_SLACK_SECONDS = 0.5  # rounding between the probe's idle ages and the re-check
 
 
@@ -107,6 +110,9 @@ class Runtime:
     # Since when the API server has pods for the selector that the watch index lacks.
     unwatched_since: float | None = None
     last_problem: str | None = None
+    # The spec as last parsed (a copy of the raw spec, and the result): parsed again only when it
+    # changes, not on every tick.
+    parsed: tuple[dict[str, Any], BudgetSpec] | None = None
 
 
 # How long pods the watch has not delivered may hold back NoPodsSelected (a watch lagging longer
@@ -152,7 +158,7 @@ async def run_cycle(
     now = deps.now()
     budget_id = f"{namespace}/{name}"
     try:
-        spec = parse_spec(spec_raw)
+        spec = _parsed_spec(runtime, spec_raw)
     except SpecError as e:
         return await _degraded(
             runtime,
@@ -337,6 +343,15 @@ async def run_cycle(
             pooler_desired=desired,
         ),
     )
+
+
+def _parsed_spec(runtime: Runtime, spec_raw: Mapping[str, Any]) -> BudgetSpec:
+    """The budget's spec, parsed once per change (raises ``SpecError``)."""
+    if runtime.parsed is not None and runtime.parsed[0] == spec_raw:
+        return runtime.parsed[1]
+    spec = parse_spec(spec_raw)
+    runtime.parsed = (copy.deepcopy(dict(spec_raw)), spec)
+    return spec
 
 
 async def _pods_not_yet_watched(deps: Deps, namespace: str, label_selector: str) -> bool:

@@ -305,6 +305,9 @@ def test_polling_follows_poll_seconds() -> None:
     assert cycle.is_probe_due(last_probe_at=None, poll_seconds=10, now=NOW)
     assert not cycle.is_probe_due(last_probe_at=NOW - 5, poll_seconds=10, now=NOW)
     assert cycle.is_probe_due(last_probe_at=NOW - 9.98, poll_seconds=10, now=NOW)
+    # A cycle that ran late in its tick's second is still due at the tick a poll later.
+    assert cycle.is_probe_due(last_probe_at=NOW - 9.7, poll_seconds=10, now=NOW)
+    assert not cycle.is_probe_due(last_probe_at=NOW - 9.0, poll_seconds=10, now=NOW)
 
 
 def test_a_role_without_pg_signal_backend_is_permission_denied() -> None:
@@ -349,3 +352,34 @@ def test_a_pooler_target_without_scale_is_a_condition_and_no_action() -> None:
     assert kube.calls == []
     assert monitor.terminated == []
     assert "ProbeFailed" in {r for _, r, _ in events}
+
+
+def test_the_spec_is_parsed_once_and_again_when_it_changes() -> None:
+    kube, monitor = FakeKube(), FakeMonitor(leaking())
+    deps, _ = make_deps(kube, monitor, [WEB1])
+    runtime = cycle.Runtime()
+    spec_raw: dict[str, Any] = {**SPEC, "budget": {"maxConnections": 80}, "pollSeconds": 1}
+
+    def budget_seen() -> int:
+        runtime.last_probe_at = None  # due every time
+        out = asyncio.run(
+            cycle.run_cycle(
+                namespace="shop",
+                name="web",
+                generation=2,
+                spec_raw=spec_raw,
+                annotations={},
+                old_status={},
+                runtime=runtime,
+                deps=deps,
+            )
+        )
+        assert out is not None
+        return int(out["usage"]["budget"])
+
+    assert budget_seen() == 80
+    parsed = runtime.parsed
+    assert budget_seen() == 80
+    assert runtime.parsed is parsed  # not parsed again
+    spec_raw["budget"]["maxConnections"] = 60  # changed in place, as a watch event never does
+    assert budget_seen() == 60

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,11 +23,24 @@ from connbudget.kube.pods import pod_info_from_body
 from connbudget.model.observations import PodInfo, PoolerSample
 from connbudget.probe.pgbouncer import sample_poolers
 from connbudget.probe.postgres import MonitorPool
+from connbudget.report import status
 from connbudget.report.metrics import Metrics
 
 log = logging.getLogger("connbudget.reconciler")
 Key = tuple[str, str]  # (namespace, name)
 STANDBY_CHECK_SECONDS = 10.0  # how often a replica that does not lead checks its connection
+# A status that would change only in lastProbeTime is written at most this often (a heartbeat:
+# lastProbeTime is never older than this while probing works).
+STATUS_HEARTBEAT_SECONDS = 60.0
+
+
+def next_tick_in(now: float) -> float:
+    """Seconds to the next tick; every worker ticks on the same wall-clock boundaries.
+
+    So the budgets of one database that are due in the same second ask for a sample together,
+    and share one query (``Monitor.sample``), instead of each at its own moment.
+    """
+    return TICK_SECONDS - now % TICK_SECONDS
 
 
 @dataclass
@@ -60,13 +73,22 @@ def budget_from_body(body: Mapping[str, Any]) -> Budget:
 class Reconciler:
     """Keeps the pod and budget caches, and one worker per budget while this replica leads."""
 
-    def __init__(self, *, kube: Kube, monitors: MonitorPool, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        *,
+        kube: Kube,
+        monitors: MonitorPool,
+        metrics: Metrics,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.kube = kube
+        self.monotonic = monotonic
         self.monitors = monitors
         self.metrics = metrics
         self.pods: dict[str, dict[str, PodInfo]] = {}
         self.budgets: dict[Key, Budget] = {}
         self.written: dict[Key, dict[str, Any]] = {}  # the status we wrote last (ahead of watch)
+        self.written_at: dict[Key, float] = {}  # when (monotonic) this process last wrote it
         self.runtimes: dict[Key, cycle.Runtime] = {}
         self.workers: dict[Key, asyncio.Task[None]] = {}
         self.standby: dict[Key, asyncio.Task[None]] = {}  # keep connections open, act on nothing
@@ -91,15 +113,13 @@ class Reconciler:
             await self._stop(self.standby, key)
             await self.monitors.unbind(f"{key[0]}/{key[1]}")
             self.metrics.forget(*key)
-            self.written.pop(key, None)
-            self.runtimes.pop(key, None)
+            self._forget(key)
             return
         old = self.budgets.get(key)
         if old is not None:
             b.changed = old.changed
             if old.ref.uid != b.ref.uid:  # deleted and created again under the same name
-                self.written.pop(key, None)
-                self.runtimes.pop(key, None)
+                self._forget(key)
             if old.generation != b.generation or old.annotations != b.annotations:
                 b.changed.set()
         self.budgets[key] = b
@@ -107,6 +127,11 @@ class Reconciler:
             self._start_worker(key)
         elif not self.leading and key not in self.standby:
             self._start_standby(key)
+
+    def _forget(self, key: Key) -> None:
+        self.written.pop(key, None)
+        self.written_at.pop(key, None)
+        self.runtimes.pop(key, None)
 
     # --- leadership ---------------------------------------------------------------------------
 
@@ -129,6 +154,10 @@ class Reconciler:
         self.leading = False
         for key in list(self.workers):
             await self._stop_worker(key)
+        # Another replica writes the status now: what this one wrote last is no longer the truth
+        # (its cooldowns and episodes would be lost if this replica led again and read it back).
+        self.written.clear()
+        self.written_at.clear()
         for key in self.budgets:
             if key not in self.standby:
                 self._start_standby(key)
@@ -213,7 +242,7 @@ class Reconciler:
                 # A bug must not kill the budget's worker: log it and try again next tick.
                 log.exception("reconcile failed", extra={"budget": f"{key[0]}/{key[1]}"})
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(b.changed.wait(), timeout=TICK_SECONDS)
+                await asyncio.wait_for(b.changed.wait(), timeout=next_tick_in(time.time()))
             if b.changed.is_set():
                 runtime.last_probe_at = None  # the spec or annotations changed: probe at once
 
@@ -231,8 +260,15 @@ class Reconciler:
         )
         if new_status is None:
             return
-        await self._write(key, old_status, new_status)
         self.metrics.db_connections.set(self.monitors.open_connections)
+        last = self.written_at.get(key)
+        if (
+            last is not None
+            and self.monotonic() - last < STATUS_HEARTBEAT_SECONDS
+            and not status.changes_anything(old_status, new_status)
+        ):
+            return  # only the probe time would move
+        await self._write(key, old_status, new_status)
 
     async def _write(
         self, key: Key, old_status: dict[str, Any], new_status: dict[str, Any]
@@ -245,6 +281,7 @@ class Reconciler:
             raise
         merged = {**old_status, **new_status}
         self.written[key] = {k: v for k, v in merged.items() if v is not None}
+        self.written_at[key] = self.monotonic()
 
     async def close(self) -> None:
         self.leading = False

@@ -1,0 +1,132 @@
+"""Status writes: only when something other than the probe time changed, or as a heartbeat.
+
+The reconciler runs with a fake cycle and a fake API client that records every status patch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import pytest
+
+from connbudget import cycle
+from connbudget.handlers import reconciler as rec
+from connbudget.kube.api import Kube
+from connbudget.probe.postgres import MonitorPool
+from connbudget.report import status
+from connbudget.report.metrics import Metrics
+from unit.builders import NOW
+
+KEY = ("shop", "web")
+BODY: dict[str, Any] = {
+    "metadata": {"namespace": "shop", "name": "web", "uid": "u1", "generation": 1},
+    "spec": {},
+}
+
+
+class PatchRecorder:
+    def __init__(self) -> None:
+        self.patches: list[dict[str, Any]] = []
+
+    async def patch_budget_status(self, namespace: str, name: str, body: dict[str, Any]) -> None:
+        self.patches.append(body)
+
+
+def probed(at: float, connections: int = 10) -> dict[str, Any]:
+    return {
+        "observedGeneration": 1,
+        "phase": "WithinBudget",
+        "lastProbeTime": status.rfc3339(at),
+        "usage": {"connections": connections, "budget": 80, "secondsToFull": None},
+    }
+
+
+class Scripted:
+    """A cycle that returns the next status of a script, ignoring its arguments."""
+
+    def __init__(self, statuses: list[dict[str, Any]]) -> None:
+        self.statuses = statuses
+
+    async def __call__(self, **_: object) -> dict[str, Any] | None:
+        return self.statuses.pop(0)
+
+
+def run_cycles(
+    monkeypatch: pytest.MonkeyPatch, statuses: list[dict[str, Any]], clock: list[float]
+) -> tuple[rec.Reconciler, PatchRecorder]:
+    kube = PatchRecorder()
+    ticks = iter(clock)
+    r = rec.Reconciler(
+        kube=cast(Kube, kube),
+        monitors=MonitorPool(),
+        metrics=Metrics(),
+        monotonic=lambda: next(ticks),
+    )
+    monkeypatch.setattr(cycle, "run_cycle", Scripted(list(statuses)))
+    b = rec.budget_from_body(BODY)
+    r.budgets[KEY] = b
+
+    async def main() -> None:
+        for _ in statuses:
+            await r._once(KEY, b, cycle.Runtime())
+
+    asyncio.run(main())
+    return r, kube
+
+
+def test_a_probe_that_changes_nothing_else_is_not_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    # monotonic() is read once per skipped cycle and twice per written one (check, then record).
+    _, kube = run_cycles(
+        monkeypatch,
+        [probed(NOW), probed(NOW + 10), probed(NOW + 20, 11), probed(NOW + 30, 11)],
+        clock=[0.0, 10.0, 20.0, 20.0, 30.0],
+    )
+    assert [p["usage"]["connections"] for p in kube.patches] == [10, 11]
+    assert [p["lastProbeTime"] for p in kube.patches] == [
+        status.rfc3339(NOW),
+        status.rfc3339(NOW + 20),
+    ]
+
+
+def test_the_probe_time_is_still_written_once_a_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    beat = rec.STATUS_HEARTBEAT_SECONDS
+    _, kube = run_cycles(
+        monkeypatch,
+        [probed(NOW), probed(NOW + 10), probed(NOW + beat)],
+        clock=[0.0, 10.0, beat, beat],
+    )
+    assert [p["lastProbeTime"] for p in kube.patches] == [
+        status.rfc3339(NOW),
+        status.rfc3339(NOW + beat),
+    ]
+
+
+def test_the_first_cycle_of_a_process_always_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the watch shows may be a previous operator's: the first status of this one is written,
+    # so lastProbeTime tells that a new operator is probing.
+    body = {**BODY, "status": probed(NOW)}
+    monkeypatch.setitem(BODY, "status", body["status"])
+    _, kube = run_cycles(monkeypatch, [probed(NOW + 10)], clock=[0.0])
+    assert len(kube.patches) == 1
+
+
+def test_a_replica_that_stops_leading_forgets_what_it_wrote(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    r, _ = run_cycles(monkeypatch, [probed(NOW)], clock=[0.0])
+    assert KEY in r.written
+    asyncio.run(r.follow())
+    # Another replica writes now: its status (from the watch) is what counts, not ours.
+    assert KEY not in r.written
+    assert KEY not in r.written_at
+    asyncio.run(r.close())
+
+
+def test_changes_anything_reads_a_merge_patch() -> None:
+    old = {"phase": "WithinBudget", "lastProbeTime": "a", "cooldownUntil": None}
+    assert not status.changes_anything(old, {"phase": "WithinBudget", "lastProbeTime": "b"})
+    # None deletes a field: the same as a field that is not there.
+    assert not status.changes_anything({"phase": "x"}, {"phase": "x", "cooldownUntil": None})
+    assert status.changes_anything(old, {"cooldownUntil": "2027-01-15T08:00:00.000Z"})
+    assert status.changes_anything(old, {"phase": "OverBudget"})
