@@ -215,6 +215,9 @@ class Monitor:
         self._retry_at = 0.0
         self._backoff = BACKOFF_FIRST_SECONDS
         self._last_error: ProbeError | None = None
+        # The next sample, shared by every budget that asks while another query runs.
+        self._next: asyncio.Future[ServerSample] | None = None
+        self._sampling: set[asyncio.Task[None]] = set()
 
     @property
     def connected(self) -> bool:
@@ -257,26 +260,56 @@ class Monitor:
         self, query: LiteralString, params: dict[str, Any] | None = None
     ) -> list[tuple[Any, ...]]:
         async with self._lock:
-            conn = await self._connection()
-            try:
-                return await answer_within(_query(conn, query, params), ANSWER_TIMEOUT_SECONDS)
-            except TimeoutError as e:
-                # The connection is being closed in the background; the next poll opens another.
+            return await self._run_locked(query, params)
+
+    async def _run_locked(
+        self, query: LiteralString, params: dict[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        conn = await self._connection()
+        try:
+            return await answer_within(_query(conn, query, params), ANSWER_TIMEOUT_SECONDS)
+        except TimeoutError as e:
+            # The connection is being closed in the background; the next poll opens another.
+            self._conn = None
+            self._fail(classify(e, self._dsn))
+            raise self._last_error from None  # type: ignore[misc]
+        except (psycopg.Error, OSError) as e:
+            err = classify(e, self._dsn)
+            if conn.broken or conn.closed or isinstance(e, psycopg.OperationalError):
+                await conn.close()
                 self._conn = None
-                self._fail(classify(e, self._dsn))
+                self._fail(err)
                 raise self._last_error from None  # type: ignore[misc]
-            except (psycopg.Error, OSError) as e:
-                err = classify(e, self._dsn)
-                if conn.broken or conn.closed or isinstance(e, psycopg.OperationalError):
-                    await conn.close()
-                    self._conn = None
-                    self._fail(err)
-                    raise self._last_error from None  # type: ignore[misc]
-                raise err from None
+            raise err from None
 
     async def sample(self) -> ServerSample:
-        """Sample the server's client backends (one query)."""
-        (row,) = await self._run(queries.BACKENDS)
+        """Sample the server's client backends: one query, shared by concurrent callers.
+
+        A caller gets a sample whose query started after it asked (never an older one); callers
+        that ask while a query runs share the next one. With many budgets on one database, that
+        is one query per tick instead of one per budget, and each result is decoded once.
+        """
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(self._sample_for(self._next))
+            self._sampling.add(task)
+            task.add_done_callback(self._sampling.discard)
+        return await asyncio.shield(self._next)
+
+    async def _sample_for(self, shared: asyncio.Future[ServerSample]) -> None:
+        async with self._lock:  # the query before this one has ended
+            self._next = None  # who asks from now on waits for the next query
+            try:
+                shared.set_result(await self._sample_locked())
+            except Exception as e:  # every waiter sees the probe's error
+                shared.set_exception(e)
+                shared.exception()  # retrieved: an error no waiter is left for is no problem
+            except BaseException:
+                shared.cancel()
+                raise
+
+    async def _sample_locked(self) -> ServerSample:
+        (row,) = await self._run_locked(queries.BACKENDS)
         now, database, max_conn, reserved, groups = row
         return ServerSample(
             sampled_at=float(now),
