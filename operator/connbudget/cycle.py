@@ -13,6 +13,7 @@ import collections
 import copy
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from connbudget.report.metrics import Metrics
 log = logging.getLogger("connbudget.cycle")
 HISTORY_LENGTH = 64  # samples kept for the growth-rate forecast (it uses the last 30 s of them)
 # A tick this early still counts as on time. Workers tick on whole seconds, and a cycle may run
-# late within its second (hundreds of budgets tick together): half a tick keeps the cadence.
+# late within its second (hundreds of budgets tick together): half a second keeps the cadence.
 PACING_SLACK_SECONDS = 0.5
 IDLE_RECHECK_SLACK_SECONDS = 0.5  # rounding between the probe's idle ages and the re-check
 
@@ -123,6 +124,20 @@ WATCH_SYNC_GRACE_SECONDS = 30.0
 def is_probe_due(*, last_probe_at: float | None, poll_seconds: int, now: float) -> bool:
     """Tell whether a budget polled at ``last_probe_at`` is due again at ``now``."""
     return last_probe_at is None or now - last_probe_at >= poll_seconds - PACING_SLACK_SECONDS
+
+
+def seconds_to_next_cycle(runtime: Runtime, now: float, *, tick: float) -> float:
+    """How long a budget's worker may sleep: to the first tick at which its probe is due.
+
+    Workers tick on the same wall-clock boundaries (multiples of ``tick``), so the budgets of one
+    database due in the same second ask for a sample together and share one query. A budget
+    whose spec is not parsed yet, or that must probe again at once, wakes at the next tick.
+    """
+    next_tick = tick - now % tick
+    if runtime.last_probe_at is None or runtime.parsed is None:
+        return next_tick
+    due = runtime.last_probe_at + runtime.parsed[1].poll_seconds - PACING_SLACK_SECONDS
+    return max(next_tick, math.ceil(due / tick) * tick - now)
 
 
 def _parse_selector(text: str) -> dict[str, str]:

@@ -135,6 +135,7 @@ def main(argv: list[str]) -> int:
     say(f"\nall done in {results['total_seconds'] / 60:.1f} min")
     out = ROOT / "tests" / "bench" / "results.json"
     out.write_text(json.dumps(results, indent=2, default=report.to_json) + "\n")
+    args.output.mkdir(parents=True, exist_ok=True)
     md = args.output / "BENCHMARKS.md"
     md.write_text(report.render(results))
     say(f"wrote {md}, {out} and the charts in {charts}")

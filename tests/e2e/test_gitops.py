@@ -1,6 +1,7 @@
-"""GitOps: Flux's health rules (kstatus, built from sigs.k8s.io/cli-utils) read the statuses the
-operator writes, and re-applying Git's manifests after a remediation is a server-side-apply no-op
-(the operator owns status and the pooler's replicas, nothing Git manages)."""
+"""GitOps: Flux's health rules (kstatus, built from sigs.k8s.io/cli-utils) and the Argo CD health
+check read the statuses the operator writes, and re-applying Git's manifests after a remediation
+is a server-side-apply no-op (the operator owns status and the pooler's replicas, nothing Git
+manages)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from sandbox.core import Sandbox
 from sandbox.fixtures import Workloads, eventually
 from sandbox.network import NETNS
 from sandbox.postgres import BOUNCER_ADMIN
+from unit.argocd import health as argocd_health
 
 pytestmark = pytest.mark.sandbox
 GITOPS = "kustomize-controller"  # Flux's field manager; Argo CD's is "argocd-controller"
@@ -71,11 +73,17 @@ def test_flux_health_checks_read_the_operators_status(
 
     v = eventually(verdicts, timeout=45, interval=1, what="kstatus Current and Failed")
     assert "not-there" in v["no-secret"]["message"]  # Flux shows what to fix
+    # Argo CD's health check, shipped in manifests/gitops, on the same live objects.
+    assert argocd_health(budgets.get("healthy"))[0] == "Healthy"
+    state, message = argocd_health(budgets.get("no-secret"))
+    assert state == "Degraded"
+    assert "not-there" in message
 
     # A spec the operator has not seen yet is in progress, not healthy.
     operator.stop()
     budgets.patch("healthy", {"spec": {"budget": {"maxConnections": 40}}})
     assert kstatus(sandbox, namespace)["healthy"]["status"] == "InProgress"
+    assert argocd_health(budgets.get("healthy"))[0] == "Progressing"
 
 
 def _manifest(obj: dict[str, Any]) -> str:

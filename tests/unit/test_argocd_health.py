@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from connbudget.model.conditions import Reason
 from connbudget.policy import attribution, usage
 from connbudget.report import status
+from unit.argocd import health
 from unit.builders import NOW, idle_group, pod, run, sample, spec
 
-lupa = pytest.importorskip("lupa")
-SCRIPT = Path(__file__).resolve().parents[2] / "manifests" / "gitops" / "argocd-health.lua"
 WEB1 = pod("web-1", "10.0.0.1")
-
-
-def health(obj: dict[str, Any]) -> tuple[str, str]:
-    lua = lupa.LuaRuntime(unpack_returned_tuples=True)
-    check = lua.eval(f"function(obj) {SCRIPT.read_text()} end")
-    out = check(lua.table_from(obj, recursive=True))
-    return str(out["status"]), str(out["message"])
 
 
 def rendered(groups: int, *, paused: bool = False, problem: bool = False) -> dict[str, Any]:

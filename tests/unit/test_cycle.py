@@ -12,7 +12,7 @@ from connbudget import cycle
 from connbudget.kube.api import EvictionResult, Scale, SecretProblem
 from connbudget.model.actions import IdleBackend
 from connbudget.model.observations import PodInfo, PoolerSample, ServerSample
-from connbudget.model.spec import ObjectRef, SecretRef
+from connbudget.model.spec import ObjectRef, SecretRef, parse_spec
 from connbudget.probe.errors import ProbeError, ProbeFailure
 from connbudget.report.metrics import Metrics
 from unit.builders import NOW, idle_group, pod, sample
@@ -383,3 +383,18 @@ def test_the_spec_is_parsed_once_and_again_when_it_changes() -> None:
     assert runtime.parsed is parsed  # not parsed again
     spec_raw["budget"]["maxConnections"] = 60  # changed in place, as a watch event never does
     assert budget_seen() == 60
+
+
+def test_a_worker_sleeps_until_the_tick_at_which_its_probe_is_due() -> None:
+    runtime = cycle.Runtime()
+    t0 = 1_800_000_000.0  # a whole second
+    # Nothing parsed or probed yet: the next tick.
+    assert cycle.seconds_to_next_cycle(runtime, t0 + 0.25, tick=1.0) == pytest.approx(0.75)
+    runtime.parsed = ({}, parse_spec({**SPEC, "pollSeconds": 10}))
+    runtime.last_probe_at = t0 + 0.3  # probed late in its tick's second
+    # Due at the tick 10 s later, not 11 s: the pacing slack covers the 0.3 s.
+    wait = cycle.seconds_to_next_cycle(runtime, t0 + 0.4, tick=1.0)
+    assert wait == pytest.approx(9.6)
+    assert cycle.is_probe_due(last_probe_at=t0 + 0.3, poll_seconds=10, now=t0 + 0.4 + wait)
+    # Past due (the cycle was slow): the next tick, never a negative sleep.
+    assert cycle.seconds_to_next_cycle(runtime, t0 + 12.5, tick=1.0) == pytest.approx(0.5)

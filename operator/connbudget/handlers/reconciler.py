@@ -34,15 +34,6 @@ STANDBY_CHECK_SECONDS = 10.0  # how often a replica that does not lead checks it
 STATUS_HEARTBEAT_SECONDS = 60.0
 
 
-def next_tick_in(now: float) -> float:
-    """Seconds to the next tick; every worker ticks on the same wall-clock boundaries.
-
-    So the budgets of one database that are due in the same second ask for a sample together,
-    and share one query (``Monitor.sample``), instead of each at its own moment.
-    """
-    return TICK_SECONDS - now % TICK_SECONDS
-
-
 @dataclass
 class Budget:
     """The latest state of a ConnectionBudget, as the watch delivered it."""
@@ -242,7 +233,10 @@ class Reconciler:
                 # A bug must not kill the budget's worker: log it and try again next tick.
                 log.exception("reconcile failed", extra={"budget": f"{key[0]}/{key[1]}"})
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(b.changed.wait(), timeout=next_tick_in(time.time()))
+                await asyncio.wait_for(
+                    b.changed.wait(),
+                    timeout=cycle.seconds_to_next_cycle(runtime, time.time(), tick=TICK_SECONDS),
+                )
             if b.changed.is_set():
                 runtime.last_probe_at = None  # the spec or annotations changed: probe at once
 
