@@ -133,6 +133,7 @@ def run_cycle(
     spec: dict[str, Any] | None = None,
     annotations: dict[str, str] | None = None,
     old_status: dict[str, Any] | None = None,
+    runtime: cycle.Runtime | None = None,
 ) -> dict[str, Any]:
     out = asyncio.run(
         cycle.run_cycle(
@@ -142,7 +143,7 @@ def run_cycle(
             spec_raw=spec or SPEC,
             annotations=annotations or {},
             old_status=old_status or {},
-            runtime=cycle.Runtime(),
+            runtime=runtime or cycle.Runtime(),
             deps=deps,
         )
     )
@@ -362,20 +363,7 @@ def test_the_spec_is_parsed_once_and_again_when_it_changes() -> None:
 
     def budget_seen() -> int:
         runtime.last_probe_at = None  # due every time
-        out = asyncio.run(
-            cycle.run_cycle(
-                namespace="shop",
-                name="web",
-                generation=2,
-                spec_raw=spec_raw,
-                annotations={},
-                old_status={},
-                runtime=runtime,
-                deps=deps,
-            )
-        )
-        assert out is not None
-        return int(out["usage"]["budget"])
+        return int(run_cycle(deps, spec=spec_raw, runtime=runtime)["usage"]["budget"])
 
     assert budget_seen() == 80
     parsed = runtime.parsed
