@@ -13,7 +13,6 @@ import collections
 import copy
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,9 +45,10 @@ from connbudget.report.metrics import Metrics
 
 log = logging.getLogger("connbudget.cycle")
 HISTORY_LENGTH = 64  # samples kept for the growth-rate forecast (it uses the last 30 s of them)
-# A tick this early still counts as on time. Workers tick on whole seconds, and a cycle may run
-# late within its second (hundreds of budgets tick together): half a second keeps the cadence.
-PACING_SLACK_SECONDS = 0.5
+PACING_SLACK_SECONDS = 0.05  # a wake-up this early still counts as on time
+# Workers sleep this much past the due time: the loop's timer and the wall clock (NTP may slew
+# it) must not make a poll come a hair early (see seconds_to_next_cycle).
+WAKE_MARGIN_SECONDS = 0.02
 IDLE_RECHECK_SLACK_SECONDS = 0.5  # rounding between the probe's idle ages and the re-check
 
 
@@ -127,17 +127,16 @@ def is_probe_due(*, last_probe_at: float | None, poll_seconds: int, now: float) 
 
 
 def seconds_to_next_cycle(runtime: Runtime, now: float, *, tick: float) -> float:
-    """How long a budget's worker may sleep: to the first tick at which its probe is due.
+    """How long a budget's worker may sleep: until its next probe is due.
 
-    Workers tick on the same wall-clock boundaries (multiples of ``tick``), so the budgets of one
-    database due in the same second ask for a sample together and share one query. A budget
-    whose spec is not parsed yet, or that must probe again at once, wakes at the next tick.
+    Never before a whole poll interval has passed: a poll even a little early would find a
+    breach of exactly ``breachSeconds`` not yet sustained and act one poll late. A budget whose
+    spec is not parsed yet, or that must probe again at once, wakes after one ``tick``.
     """
-    next_tick = tick - now % tick
     if runtime.last_probe_at is None or runtime.parsed is None:
-        return next_tick
-    due = runtime.last_probe_at + runtime.parsed[1].poll_seconds - PACING_SLACK_SECONDS
-    return max(next_tick, math.ceil(due / tick) * tick - now)
+        return tick
+    due = runtime.last_probe_at + runtime.parsed[1].poll_seconds
+    return max(0.0, due - now + WAKE_MARGIN_SECONDS)
 
 
 def _parse_selector(text: str) -> dict[str, str]:

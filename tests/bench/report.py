@@ -386,8 +386,8 @@ def _footprint(fp: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[
                     [
                         f"- CPU: at {top['budgets']} budgets each budget's poll costs about",
                         f"{per_poll_ms:.1f} ms of CPU. Status is written only when more than",
-                        "`lastProbeTime` changes (or once a minute), the budgets of one database",
-                        "due in the same second share one sample, and a worker sleeps until its",
+                        "`lastProbeTime` changes (or once a minute), budgets of one database that",
+                        "ask at once share one sample, and a worker sleeps until its",
                         "poll is due; what is left is per budget and poll (attribution over the",
                         "server's whole sample, status rendering and comparison, metrics) and",
                         "kopf's handling of watch events. What would likely fix it (not",

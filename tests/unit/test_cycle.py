@@ -306,9 +306,6 @@ def test_polling_follows_poll_seconds() -> None:
     assert cycle.is_probe_due(last_probe_at=None, poll_seconds=10, now=NOW)
     assert not cycle.is_probe_due(last_probe_at=NOW - 5, poll_seconds=10, now=NOW)
     assert cycle.is_probe_due(last_probe_at=NOW - 9.98, poll_seconds=10, now=NOW)
-    # A cycle that ran late in its tick's second is still due at the tick a poll later.
-    assert cycle.is_probe_due(last_probe_at=NOW - 9.7, poll_seconds=10, now=NOW)
-    assert not cycle.is_probe_due(last_probe_at=NOW - 9.0, poll_seconds=10, now=NOW)
 
 
 def test_a_role_without_pg_signal_backend_is_permission_denied() -> None:
@@ -373,16 +370,17 @@ def test_the_spec_is_parsed_once_and_again_when_it_changes() -> None:
     assert budget_seen() == 60
 
 
-def test_a_worker_sleeps_until_the_tick_at_which_its_probe_is_due() -> None:
+def test_a_worker_sleeps_until_its_probe_is_due_never_less_than_a_poll() -> None:
     runtime = cycle.Runtime()
-    t0 = 1_800_000_000.0  # a whole second
-    # Nothing parsed or probed yet: the next tick.
-    assert cycle.seconds_to_next_cycle(runtime, t0 + 0.25, tick=1.0) == pytest.approx(0.75)
+    t0 = 1_800_000_000.0
+    # Nothing parsed or probed yet: one tick.
+    assert cycle.seconds_to_next_cycle(runtime, t0, tick=1.0) == 1.0
     runtime.parsed = ({}, parse_spec({**SPEC, "pollSeconds": 10}))
-    runtime.last_probe_at = t0 + 0.3  # probed late in its tick's second
-    # Due at the tick 10 s later, not 11 s: the pacing slack covers the 0.3 s.
+    runtime.last_probe_at = t0 + 0.3
     wait = cycle.seconds_to_next_cycle(runtime, t0 + 0.4, tick=1.0)
-    assert wait == pytest.approx(9.6)
+    assert wait == pytest.approx(9.9 + cycle.WAKE_MARGIN_SECONDS)
     assert cycle.is_probe_due(last_probe_at=t0 + 0.3, poll_seconds=10, now=t0 + 0.4 + wait)
-    # Past due (the cycle was slow): the next tick, never a negative sleep.
-    assert cycle.seconds_to_next_cycle(runtime, t0 + 12.5, tick=1.0) == pytest.approx(0.5)
+    # A whole poll has passed when it wakes: a breach seen at the last probe has lasted a poll.
+    assert t0 + 0.4 + wait - (t0 + 0.3) > 10
+    # Past due (the cycle was slow): at once, never a negative sleep.
+    assert cycle.seconds_to_next_cycle(runtime, t0 + 12.5, tick=1.0) == 0.0

@@ -287,7 +287,7 @@ class Monitor:
 
         A caller gets a sample whose query started after it asked (never an older one); callers
         that ask while a query runs share the next one. With many budgets on one database, that
-        is one query per tick instead of one per budget, and each result is decoded once.
+        is one query for all who ask at once instead of one each, and each result decoded once.
         """
         if self._next is None:
             self._next = asyncio.get_running_loop().create_future()
