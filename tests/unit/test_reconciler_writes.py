@@ -105,8 +105,7 @@ def test_the_probe_time_is_still_written_once_a_heartbeat(monkeypatch: pytest.Mo
 def test_the_first_cycle_of_a_process_always_writes(monkeypatch: pytest.MonkeyPatch) -> None:
     # What the watch shows may be a previous operator's: the first status of this one is written,
     # so lastProbeTime tells that a new operator is probing.
-    body = {**BODY, "status": probed(NOW)}
-    monkeypatch.setitem(BODY, "status", body["status"])
+    monkeypatch.setitem(BODY, "status", probed(NOW))
     _, kube = run_cycles(monkeypatch, [probed(NOW + 10)], clock=[0.0])
     assert len(kube.patches) == 1
 
@@ -123,10 +122,17 @@ def test_a_replica_that_stops_leading_forgets_what_it_wrote(
     asyncio.run(r.close())
 
 
-def test_changes_anything_reads_a_merge_patch() -> None:
+def test_worth_writing_reads_a_merge_patch() -> None:
     old = {"phase": "WithinBudget", "lastProbeTime": "a", "cooldownUntil": None}
-    assert not status.changes_anything(old, {"phase": "WithinBudget", "lastProbeTime": "b"})
+
+    def worth(new: dict[str, Any], since: float | None = 10.0) -> bool:
+        return status.worth_writing(old, new, seconds_since_write=since, heartbeat=60.0)
+
+    assert not worth({"phase": "WithinBudget", "lastProbeTime": "b"})
     # None deletes a field: the same as a field that is not there.
-    assert not status.changes_anything({"phase": "x"}, {"phase": "x", "cooldownUntil": None})
-    assert status.changes_anything(old, {"cooldownUntil": "2027-01-15T08:00:00.000Z"})
-    assert status.changes_anything(old, {"phase": "OverBudget"})
+    assert not worth({"phase": "WithinBudget", "lastProbeTime": "b", "unattributed": None})
+    assert worth({"cooldownUntil": "2027-01-15T08:00:00.000Z"})
+    assert worth({"phase": "OverBudget"})
+    # The heartbeat, and a first write, go out whatever they change.
+    assert worth({"lastProbeTime": "b"}, since=60.0)
+    assert worth({"lastProbeTime": "b"}, since=None)

@@ -256,10 +256,11 @@ class Reconciler:
             return
         self.metrics.db_connections.set(self.monitors.open_connections)
         last = self.written_at.get(key)
-        if (
-            last is not None
-            and self.monotonic() - last < STATUS_HEARTBEAT_SECONDS
-            and not status.changes_anything(old_status, new_status)
+        if not status.worth_writing(
+            old_status,
+            new_status,
+            seconds_since_write=None if last is None else self.monotonic() - last,
+            heartbeat=STATUS_HEARTBEAT_SECONDS,
         ):
             return  # only the probe time would move
         await self._write(key, old_status, new_status)

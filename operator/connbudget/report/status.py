@@ -250,13 +250,22 @@ def _conditions(o: Outcome) -> list[Condition]:
     return conds
 
 
-def changes_anything(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    """Whether the merge patch ``new`` would change ``old`` in more than ``lastProbeTime``.
+def worth_writing(
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    *,
+    seconds_since_write: float | None,
+    heartbeat: float,
+) -> bool:
+    """Whether to write the merge patch ``new`` over ``old``, written ``seconds_since_write`` ago.
 
-    A field set to ``None`` in the patch deletes it, so it equals a field ``old`` lacks. Used to
-    leave out writes that would only move the probe time: each write costs the API server a
-    PATCH and every watcher an event, and with hundreds of budgets that is most of the work.
+    A patch that would change nothing but ``lastProbeTime`` is left out (each write costs the API
+    server a PATCH and every watcher an event, and with hundreds of budgets that is most of the
+    work), unless the last write is a ``heartbeat`` old or there was none (None). A field set to
+    ``None`` in the patch deletes it, so it equals a field ``old`` lacks.
     """
+    if seconds_since_write is None or seconds_since_write >= heartbeat:
+        return True
     return any(k != "lastProbeTime" and old.get(k) != v for k, v in new.items())
 
 
