@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import TypedDict
 
+from sandbox.apps import envs
+
 TESTS_DIR = Path(__file__).resolve().parent.parent
 OPERATOR_IMAGE = "ghcr.io/connbudget/connbudget"
 
@@ -35,6 +37,74 @@ def _python_module(module: str) -> Image:
     )
 
 
+def _app(env: str, program: str, cmd: list[str], *, django: bool, **env_vars: str) -> Image:
+    """A real app from one of ``sandbox.apps.envs``' pinned environments, on ``$(APP_PORT)``;
+    a Django app migrates its database first (``sandbox.apps.django_site.start``)."""
+    return Image(
+        entrypoint=[envs.env_bin(env, "python"), "-m", "sandbox.apps.django_site.start", program]
+        if django
+        else [envs.env_bin(env, program)],
+        cmd=cmd,
+        env={"PYTHONPATH": str(TESTS_DIR), "PYTHONUNBUFFERED": "1", "APP_PORT": "8000"} | env_vars,
+    )
+
+
+def app_images() -> dict[str, Image]:
+    """The real apps (``sandbox.apps``) and their HTTP driver; ``tests/sandbox/apps/setup``
+    installs their environments. ``WEB_CONCURRENCY`` is the number of server processes."""
+    everywhere = "0.0.0.0"  # noqa: S104 (the pod's own network namespace)
+    bind = f"{everywhere}:$(APP_PORT)"
+    pool_app = ["sandbox.apps.pools:application", "--bind", bind, "--worker-class", "gthread"]
+    pool_app += ["--workers", "1", "--threads", "$(POOL_THREADS)"]
+    return {
+        # Django 5.0.1, uvicorn (ASGI), connections closed at the end of each request
+        # (CONN_MAX_AGE 0, as Django asks under ASGI): leaks when a client hangs up (#35059).
+        "sandbox.local/django-asgi-leak": _app(
+            "django-asgi-5.0.1",
+            "uvicorn",
+            [
+                *["sandbox.apps.django_site.asgi:application", "--host", everywhere],
+                *["--port", "$(APP_PORT)", "--no-access-log"],
+            ],
+            django=True,
+            CONN_MAX_AGE="0",
+            WEB_CONCURRENCY="1",
+            # Collections rare enough that a leaked connection lives until PostgreSQL is full, as
+            # in a large app (see django_site/settings.py); empty for CPython's defaults.
+            GC_THRESHOLD="1000000,10,10",
+        ),
+        # Django 5.0.2, gunicorn sync workers, each with one persistent connection, no health check.
+        "sandbox.local/django-wsgi-pool": _app(
+            "django-wsgi-5.0.2",
+            "gunicorn",
+            ["sandbox.apps.django_site.wsgi:application", "--bind", bind, "--worker-class", "sync"],
+            django=True,
+            CONN_MAX_AGE="600",
+            CONN_HEALTH_CHECKS="0",
+            WEB_CONCURRENCY="2",
+        ),
+        "sandbox.local/psycopg-pool-app": _app(
+            "pools",
+            "gunicorn",
+            pool_app,
+            django=False,
+            POOL_KIND="psycopg",
+            POOL_SIZE="2",
+            POOL_THREADS="4",
+        ),
+        "sandbox.local/sqlalchemy-app": _app(
+            "pools",
+            "gunicorn",
+            pool_app,
+            django=False,
+            POOL_KIND="sqlalchemy",
+            POOL_SIZE="2",
+            POOL_THREADS="4",
+        ),
+        "sandbox.local/http-driver": _python_module("sandbox.workloads.driver"),
+    }
+
+
 def default_images() -> dict[str, Image]:
     """The images every sandbox knows."""
     return {
@@ -50,6 +120,7 @@ def default_images() -> dict[str, Image]:
             cmd=["run"],
             env={"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"},
         ),
+        **app_images(),
     }
 
 

@@ -1,0 +1,119 @@
+"""Deploy a real app with its HTTP driver: one Deployment whose pods have two containers.
+
+``app`` runs one of the app images (``sandbox.images.app_images``), ``driver`` runs
+``sandbox.local/http-driver`` and reaches the app at ``127.0.0.1`` (the containers share the pod's
+network namespace). Both get ``DATABASE_URL`` from a Secret and ``PGAPPNAME`` (the pod's name)
+like ``Workloads.deploy``'s pods; the driver ignores them.
+
+The three kinds, with the settings they were measured with:
+
+- ``leak``: ``sandbox.local/django-asgi-leak`` driven at ``LEAK_RATE`` abandoned requests per second
+  (each leaks one connection under Django 5.0.1's ASGI handler);
+- ``django``: ``sandbox.local/django-wsgi-pool`` (gunicorn, ``WEB_CONCURRENCY`` workers with a
+  persistent connection each) driven by as many lanes;
+- ``psycopg`` / ``sqlalchemy``: the pool apps (``POOL_SIZE`` connections) driven by as many lanes.
+
+Each pod's log is read with ``Sandbox.pod_log(ns, pod, "app")`` (or ``"driver"``) and counted
+with ``sandbox.workloads.outcomes.count_outcomes``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubernetes.client.rest import ApiException
+
+from sandbox.fixtures import Workloads
+from sandbox.procs import free_port
+
+APP_IMAGES = {
+    "leak": "sandbox.local/django-asgi-leak:5.0.1",
+    "django": "sandbox.local/django-wsgi-pool:5.0.2",
+    "psycopg": "sandbox.local/psycopg-pool-app:3.2.1",
+    "sqlalchemy": "sandbox.local/sqlalchemy-app:2.0.25",
+}
+DRIVER_IMAGE = "sandbox.local/http-driver:dev"
+
+
+def leak_settings(rate: float, seconds: float, **extra: str) -> dict[str, str]:
+    """Driver settings for ``rate`` leaked connections per second during ``seconds``."""
+    return {"LEAK_RATE": str(rate), "DRIVE_SECONDS": str(seconds), **extra}
+
+
+def pool_settings(
+    connections: int, gap: tuple[float, float], seconds: float, **extra: str
+) -> dict[str, str]:
+    """Driver settings for a pool of ``connections`` reused every ``gap`` seconds."""
+    return {
+        "DRIVE_LANES": str(connections),
+        "REUSE_GAP_MIN": str(gap[0]),
+        "REUSE_GAP_MAX": str(gap[1]),
+        "DRIVE_SECONDS": str(seconds),
+        **extra,
+    }
+
+
+def deploy_app(
+    workloads: Workloads,
+    namespace: str,
+    name: str,
+    *,
+    kind: str,
+    driver_env: dict[str, str],
+    app_env: dict[str, str] | None = None,
+    replicas: int = 1,
+    labels: dict[str, str] | None = None,
+    wait: bool = True,
+) -> dict[str, Any]:
+    """Create the Deployment ``name`` of app ``kind`` (see ``APP_IMAGES``) with its driver.
+
+    In loopback network mode the pods share 127.0.0.1, so the Deployment gets a free port of its
+    own and should have one replica.
+    """
+    db = workloads.sandbox.db
+    secret = f"{name}-db"
+    body = {"metadata": {"name": secret}, "stringData": {"url": db.app_dsn}}
+    try:
+        workloads.core.create_namespaced_secret(namespace, body)
+    except ApiException as e:
+        if e.status != 409:
+            raise
+        workloads.core.replace_namespaced_secret(secret, namespace, body)
+    port = "8000" if workloads.sandbox.network.mode == "netns" else str(free_port())
+    common = [
+        {"name": "PGAPPNAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": secret, "key": "url"}}},
+    ]
+
+    def env(extra: dict[str, str]) -> list[dict[str, Any]]:
+        return common + [{"name": k, "value": v} for k, v in extra.items()]
+
+    app_vars = {"APP_PORT": port, **(app_env or {})}
+    driver_vars = {"TARGET_PORT": port, **driver_env}
+    if kind in ("django", "psycopg", "sqlalchemy") and "DRIVE_LANES" in driver_vars:
+        # One lane per connection: gunicorn workers or pool size follow the lanes.
+        size = "WEB_CONCURRENCY" if kind == "django" else "POOL_SIZE"
+        app_vars.setdefault(size, driver_vars["DRIVE_LANES"])
+    deployment: dict[str, Any] = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name, "kind": kind, **(labels or {})}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 5,
+                    "containers": [
+                        {"name": "app", "image": APP_IMAGES[kind], "env": env(app_vars)},
+                        {"name": "driver", "image": DRIVER_IMAGE, "env": env(driver_vars)},
+                    ],
+                },
+            },
+        },
+    }
+    workloads.apps.create_namespaced_deployment(namespace, deployment)
+    if wait:
+        workloads.wait_available(namespace, name, replicas)
+    return deployment

@@ -1,0 +1,11 @@
+from __future__ import annotations
+
+from django.urls import path  # type: ignore[import-not-found]
+
+from sandbox.apps.django_site import views
+
+urlpatterns = [
+    path("work", views.work),
+    path("awork", views.awork),
+    path("healthz", views.healthz),
+]
