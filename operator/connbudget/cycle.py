@@ -37,7 +37,7 @@ from connbudget.model.spec import (
     is_paused,
     parse_spec,
 )
-from connbudget.policy import attribution, plan, usage
+from connbudget.policy import attribution, evidence, plan, usage
 from connbudget.probe.errors import ProbeError, ProbeFailure
 from connbudget.report import events, status
 from connbudget.report.events import NORMAL, WARNING, EventReason
@@ -93,7 +93,8 @@ class Deps:
     bind_monitor: Callable[[str, str, str | None], Awaitable[MonitorLike]]
     sample_poolers: Callable[[str, Sequence[str], int], Awaitable[PoolerSample]]
     pods: Callable[[str], Sequence[PodInfo]]  # every pod of a namespace, from the watch index
-    post_event: Callable[[str, str, str], Awaitable[None]]  # (type, reason, message)
+    # (type, reason, message, series): Events of one series and reason are one Event, counted
+    post_event: Callable[[str, str, str, str | None], Awaitable[None]]
     metrics: Metrics
     now: Callable[[], float] = time.time
     # Writes a status before a restart or a scaling is carried out (None: not recorded ahead).
@@ -108,6 +109,19 @@ class Runtime:
         default_factory=lambda: collections.deque(maxlen=HISTORY_LENGTH)
     )
     last_probe_at: float | None = None
+    # The cadence the last decision asked for (None: the spec's pollSeconds).
+    next_poll_seconds: float | None = None
+    # Each governed backend followed across polls: who leaks, who pools (policy.evidence).
+    evidence: evidence.Evidence = field(default_factory=evidence.Evidence)
+    # Connections the operator removed itself (terminated), added back into the forecast's
+    # series, so that its own actions never look like a slowing leak.
+    removed: int = 0
+    # The last termination was refused (permission): termination cannot hold the budget.
+    termination_denied: bool = False
+    # Events of one episode (from one recovery to the next) and reason are one Event.
+    episode: int = 0
+    # The owners the evidence said were leaking at the last poll.
+    leaking: set[str] = field(default_factory=set)
     # Since when the API server has pods for the selector that the watch index lacks.
     unwatched_since: float | None = None
     last_problem: str | None = None
@@ -121,7 +135,7 @@ class Runtime:
 WATCH_SYNC_GRACE_SECONDS = 30.0
 
 
-def is_probe_due(*, last_probe_at: float | None, poll_seconds: int, now: float) -> bool:
+def is_probe_due(*, last_probe_at: float | None, poll_seconds: float, now: float) -> bool:
     """Tell whether a budget polled at ``last_probe_at`` is due again at ``now``."""
     return last_probe_at is None or now - last_probe_at >= poll_seconds - PACING_SLACK_SECONDS
 
@@ -135,8 +149,15 @@ def seconds_to_next_cycle(runtime: Runtime, now: float, *, tick: float) -> float
     """
     if runtime.last_probe_at is None or runtime.parsed is None:
         return tick
-    due = runtime.last_probe_at + runtime.parsed[1].poll_seconds
+    due = runtime.last_probe_at + _poll_seconds(runtime, runtime.parsed[1])
     return max(0.0, due - now + WAKE_MARGIN_SECONDS)
+
+
+def _poll_seconds(runtime: Runtime, spec: BudgetSpec) -> float:
+    """The current cadence: the last decision's (faster while it matters), else pollSeconds."""
+    if runtime.next_poll_seconds is None:
+        return float(spec.poll_seconds)
+    return min(runtime.next_poll_seconds, float(spec.poll_seconds))
 
 
 def _parse_selector(text: str) -> dict[str, str]:
@@ -183,7 +204,7 @@ async def run_cycle(
             _Problem(Reason.SPEC_INVALID, f"invalid spec: {e}", EventReason.SPEC_INVALID, None),
         )
     if not is_probe_due(
-        last_probe_at=runtime.last_probe_at, poll_seconds=spec.poll_seconds, now=now
+        last_probe_at=runtime.last_probe_at, poll_seconds=_poll_seconds(runtime, spec), now=now
     ):
         return None
     runtime.last_probe_at = now
@@ -210,6 +231,7 @@ async def run_cycle(
     except ProbeError as e:
         deps.metrics.record_probe_error(namespace, name, e.failure.value)
         runtime.history.clear()  # a gap in the samples: the old rate says nothing now
+        runtime.evidence.clear()  # nor does a backend seen before the gap
         if e.failure in (ProbeFailure.AUTHENTICATION_FAILED, ProbeFailure.DSN_INVALID):
             # The Secret may be fixed any moment: read it again at the next poll.
             deps.kube.forget_secret(namespace, secret)
@@ -303,6 +325,19 @@ async def run_cycle(
     pooler_clients = attribution.attribute_pooler_clients(
         clients=pooler_sample.clients if pooler_sample else (), index=index
     )
+    floor = float(spec.remediation.terminate_idle.min_idle_seconds)
+    runtime.evidence.observe(
+        at=sample.sampled_at,
+        seen=evidence.seen_backends(
+            attributed=attributed,
+            sampled_at=sample.sampled_at,
+            governed=frozenset(p.name for p in governed),
+        ),
+        floor=floor,
+    )
+    owners = runtime.evidence.judge(
+        at=sample.sampled_at, floor=floor, idle_seconds=spec.leak_idle_seconds
+    )
     use = usage.compute_usage(
         spec=spec,
         namespace=namespace,
@@ -310,8 +345,9 @@ async def run_cycle(
         attributed=attributed,
         pooled=pooler_clients,
         pods=index.by_name,
+        owners=owners,
     )
-    runtime.history.append((sample.sampled_at, use.server_total))
+    runtime.history.append((sample.sampled_at, use.server_total + runtime.removed))
     memory = status.memory_from_status(old_status)
     decision = plan.decide(
         spec=spec,
@@ -324,13 +360,19 @@ async def run_cycle(
         pooler_clients=pooler_clients,
         history=list(runtime.history),
         memory=memory,
+        paused=paused,
+        owners=owners,
         # What only the operator can judge blocks every action until it is fixed.
-        paused=paused or problem is not None,
+        blocked=problem.message if problem is not None else None,
+        termination_possible=not runtime.termination_denied,
     )
+    runtime.next_poll_seconds = decision.next_poll_seconds
     deps.metrics.record_usage(
         namespace, name, use, [a.group for a in attributed], decision.seconds_to_full
     )
-    await _post_transition(deps, decision, use)
+    deps.metrics.record_owners(namespace, name, owners.values())
+    await _post_transition(deps, runtime, decision, use)
+    await _post_leaks(deps, runtime, owners)
     outcome = status.Outcome(
         generation=generation,
         now=now,
@@ -343,7 +385,14 @@ async def run_cycle(
         probe_time=now,
     )
     await _record_intent(decision, old_status, outcome, deps, now)
-    last_action, denied = await _carry_out(decision, spec, namespace, name, monitor, deps, now)
+    done = await _carry_out(decision, spec, namespace, name, monitor, deps, runtime, now)
+    last_action, denied = done.last, done.denied
+    runtime.removed += done.terminated
+    if done.restarted:
+        # A restarted pod's connections end over the next seconds: a drop the operator caused,
+        # which the forecast must not read as a slowing leak. Start its series afresh.
+        runtime.history.clear()
+    runtime.termination_denied = done.termination_denied
     if denied is not None:
         problem = _Problem(Reason.PERMISSION_DENIED, denied, EventReason.ACTION_FAILED, True)
     await _post_problem(runtime, deps, problem)
@@ -463,21 +512,41 @@ async def _post_problem(runtime: Runtime, deps: Deps, problem: _Problem | None) 
     """Post an Event when a problem appears or changes (not on every poll)."""
     key = f"{problem.reason}:{problem.message}" if problem else None
     if problem is not None and key != runtime.last_problem:
-        await deps.post_event(WARNING, problem.event.value, problem.message)
+        await deps.post_event(WARNING, problem.event.value, problem.message, None)
         log.warning(
             "budget degraded", extra={"reason": problem.reason.value, "detail": problem.message}
         )
     runtime.last_problem = key
 
 
-async def _post_transition(deps: Deps, decision: plan.Decision, use: usage.Usage) -> None:
+def _series(runtime: Runtime) -> str:
+    return f"episode-{runtime.episode}"
+
+
+async def _post_transition(
+    deps: Deps, runtime: Runtime, decision: plan.Decision, use: usage.Usage
+) -> None:
+    """Post an Event for a change of level: one per reason and episode (repeats update it)."""
     text = events.usage_text(use)
     if decision.transition is plan.Transition.WARNING:
-        await deps.post_event(WARNING, EventReason.BUDGET_WARNING.value, text)
+        await deps.post_event(WARNING, EventReason.BUDGET_WARNING.value, text, _series(runtime))
     elif decision.transition is plan.Transition.EXCEEDED:
-        await deps.post_event(WARNING, EventReason.BUDGET_EXCEEDED.value, text)
+        await deps.post_event(WARNING, EventReason.BUDGET_EXCEEDED.value, text, _series(runtime))
     elif decision.transition is plan.Transition.RECOVERED:
-        await deps.post_event(NORMAL, EventReason.BUDGET_RECOVERED.value, text)
+        await deps.post_event(NORMAL, EventReason.BUDGET_RECOVERED.value, text, _series(runtime))
+        runtime.episode += 1  # what comes next is another episode
+
+
+async def _post_leaks(
+    deps: Deps, runtime: Runtime, owners: Mapping[str, evidence.OwnerEvidence]
+) -> None:
+    """Post a ``LeakDetected`` Event when an owner starts leaking (once per owner and episode)."""
+    leaking = {o for o, ev in owners.items() if ev.cls is evidence.OwnerClass.LEAKING}
+    for owner in sorted(leaking - runtime.leaking):
+        await deps.post_event(
+            WARNING, EventReason.LEAK_DETECTED.value, events.leak_text(owners[owner]), owner
+        )
+    runtime.leaking = leaking
 
 
 def _step_name(action: Action) -> str:
@@ -488,6 +557,17 @@ def _step_name(action: Action) -> str:
     return "ScalePooler"
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Done:
+    """What carrying out a plan did."""
+
+    last: status.LastAction | None = None
+    denied: str | None = None  # an action was refused for lack of permissions
+    terminated: int = 0  # backends terminated
+    restarted: bool = False  # a pod or a workload was restarted
+    termination_denied: bool = False  # a termination was refused for lack of permissions
+
+
 async def _carry_out(
     decision: plan.Decision,
     spec: BudgetSpec,
@@ -495,20 +575,21 @@ async def _carry_out(
     name: str,
     monitor: MonitorLike,
     deps: Deps,
+    runtime: Runtime,
     now: float,
-) -> tuple[status.LastAction | None, str | None]:
-    """Carry out the plan's actions (or, in dry-run, only report them).
-
-    Returns the last action, and a message if an action was refused for lack of permissions.
-    """
+) -> _Done:
+    """Carry out the plan's actions (or, in dry-run, only report them)."""
     last: status.LastAction | None = None
     denied: str | None = None
+    terminated = 0
+    restarted = termination_denied = False
     why = "; ".join(decision.reasons)
+    series = _series(runtime)
     for action in decision.actions:
         step = _step_name(action)
         if decision.dry_run:
             message = f"dry-run: would {events.describe(action)}" + (f" ({why})" if why else "")
-            await deps.post_event(NORMAL, EventReason.DRY_RUN.value, message)
+            await deps.post_event(NORMAL, EventReason.DRY_RUN.value, message, series)
             deps.metrics.record_action(namespace, name, step, "DryRun")
             last = status.LastAction(
                 type=step,
@@ -520,17 +601,26 @@ async def _carry_out(
             )
             continue
         try:
-            result, reason, message = await _execute(action, spec, namespace, monitor, deps, now)
+            result, reason, message, n = await _execute(action, spec, namespace, monitor, deps, now)
         except (ProbeError, KubeError) as e:
-            result, reason = "Failed", EventReason.ACTION_FAILED
+            result, reason, n = "Failed", EventReason.ACTION_FAILED, 0
             message = f"could not {events.describe(action)}: {e}"
             if (isinstance(e, ProbeError) and e.failure is ProbeFailure.PERMISSION_DENIED) or (
                 isinstance(e, KubeError) and e.status == 403
             ):
                 denied = message
+                termination_denied = termination_denied or isinstance(action, TerminateBackends)
+        if isinstance(action, TerminateBackends):
+            terminated += n
+        elif result == "Succeeded":
+            restarted = restarted or isinstance(action, RestartPod)
         event_type = NORMAL if result == "Succeeded" else WARNING
-        await deps.post_event(event_type, reason.value, message + (f" ({why})" if why else ""))
+        await deps.post_event(
+            event_type, reason.value, message + (f" ({why})" if why else ""), series
+        )
         deps.metrics.record_action(namespace, name, step, result)
+        if n:
+            deps.metrics.record_terminated(namespace, name, n)
         log.info(
             "action",
             extra={
@@ -548,12 +638,19 @@ async def _carry_out(
             time=now,
             message=message,
         )
-    return last, denied
+    return _Done(
+        last=last,
+        denied=denied,
+        terminated=terminated,
+        restarted=restarted,
+        termination_denied=termination_denied,
+    )
 
 
 async def _execute(
     action: Action, spec: BudgetSpec, namespace: str, monitor: MonitorLike, deps: Deps, now: float
-) -> tuple[str, EventReason, str]:
+) -> tuple[str, EventReason, str, int]:
+    """Carry out one action: its result, Event reason, message and how many backends it ended."""
     if isinstance(action, TerminateBackends):
         # Each was idle at least this long at the probe; one that ran a query since is not now.
         min_idle = min(b.idle_seconds for b in action.backends) - IDLE_RECHECK_SLACK_SECONDS
@@ -563,6 +660,7 @@ async def _execute(
                 "Skipped",
                 EventReason.IDLE_TERMINATED,
                 f"none of the {len(action.backends)} chosen backends was still idle",
+                0,
             )
         ended = TerminateBackends(backends=tuple(b for b in action.backends if b.pid in done))
         skipped = len(action.backends) - len(ended.backends)
@@ -571,6 +669,7 @@ async def _execute(
             EventReason.IDLE_TERMINATED,
             events.describe(ended).replace("terminate", "terminated", 1)
             + (f" ({skipped} no longer idle, left alone)" if skipped else ""),
+            len(ended.backends),
         )
     if isinstance(action, RestartPod):
         if action.method is RestartMethod.ROLLOUT_RESTART:
@@ -581,6 +680,7 @@ async def _execute(
                 "Succeeded",
                 EventReason.WORKLOAD_RESTARTED,
                 f"restarted {action.owner_kind}/{action.owner_name} (pod {action.pod} leaked)",
+                0,
             )
         if action.method is RestartMethod.DELETE:
             res = await deps.kube.delete_pod(namespace, action.pod, action.uid, dry_run=False)
@@ -594,9 +694,10 @@ async def _execute(
                 EventReason.RESTART_BLOCKED,
                 f"eviction of pod {action.pod} refused by a PodDisruptionBudget; retrying "
                 f"after the cooldown ({spec.remediation.cooldown_seconds}s), never bypassing it",
+                0,
             )
         if res is EvictionResult.GONE:
-            return "Skipped", reason, f"pod {action.pod} was already gone"
-        return "Succeeded", reason, f"{events.describe(action)}: done"
+            return "Skipped", reason, f"pod {action.pod} was already gone", 0
+        return "Succeeded", reason, f"{events.describe(action)}: done", 0
     await deps.kube.patch_scale(namespace, action.target, action.desired, dry_run=False)
-    return "Succeeded", EventReason.POOLER_SCALED, events.describe(action)
+    return "Succeeded", EventReason.POOLER_SCALED, events.describe(action), 0

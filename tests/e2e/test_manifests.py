@@ -57,6 +57,7 @@ def test_the_install_is_least_privilege(sandbox: Sandbox, installed: None, names
         ("patch", "connectionbudgets.connbudget.io/status"),
         ("watch", "connectionbudgets.connbudget.io"),
         ("create", "events"),
+        ("patch", "events"),
         ("patch", "deployments.apps/scale"),
         ("get", "statefulsets.apps/scale"),
         ("watch", "namespaces"),
@@ -74,6 +75,7 @@ def test_the_install_is_least_privilege(sandbox: Sandbox, installed: None, names
         ("create", "pods"),
         ("get", "configmaps"),
         ("patch", "pods/status"),
+        ("delete", "events"),
     ]
     assert [a for a in allowed if not can(*a)] == []
     assert [r for r in refused if can(*r)] == []

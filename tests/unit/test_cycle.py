@@ -15,11 +15,12 @@ from connbudget.model.observations import PodInfo, PoolerSample, ServerSample
 from connbudget.model.spec import ObjectRef, SecretRef, parse_spec
 from connbudget.probe.errors import ProbeError, ProbeFailure
 from connbudget.report.metrics import Metrics
-from unit.builders import NOW, idle_group, pod, sample
+from unit.builders import NOW, leak_group, pod, sample
 
 PASSWORD = "pa55-Word-Zz"
 DSN = f"postgresql://mon:{PASSWORD}@db:5432/app"
 WEB1 = pod("web-1", "10.0.0.1")
+WEB2 = pod("web-2", "10.0.0.2")
 
 
 class FakeKube:
@@ -97,7 +98,7 @@ def make_deps(
     async def poolers(template: str, hosts: Sequence[str], replicas: int) -> PoolerSample:
         return PoolerSample(replicas=replicas)
 
-    async def post(type_: str, reason: str, message: str) -> None:
+    async def post(type_: str, reason: str, message: str, series: str | None) -> None:
         events.append((type_, reason, message))
 
     return cycle.Deps(
@@ -152,15 +153,28 @@ def run_cycle(
 
 
 def leaking() -> ServerSample:
-    return sample([idle_group(WEB1, [40.0] * 90)])
+    """90 leaked connections: web-1 leaves 30 idle in a transaction (a restart is the remedy)
+    and 30 idle, web-2 leaves 30 idle (termination is)."""
+    return sample(
+        [
+            leak_group(WEB1, 30, state="idle in transaction"),
+            leak_group(WEB1, 30),
+            leak_group(WEB2, 30),
+        ]
+    )
 
 
 def test_a_breach_terminates_and_evicts_and_reports_it() -> None:
     kube, monitor = FakeKube(), FakeMonitor(leaking())
-    deps, events = make_deps(kube, monitor, [WEB1])
+    deps, events = make_deps(kube, monitor, [WEB1, WEB2])
     out = run_cycle(deps, old_status=OVER_STATUS)
-    assert monitor.terminated
+    # web-2's idle leaked connections are terminated; web-1's are not, it is being evicted.
+    assert len(monitor.terminated) == 30
     assert kube.calls == [("evict", "web-1")]
+    assert out["remediation"]["restartCause"] == "IdleInTransaction"
+    web = next(o for o in out["usage"]["byOwner"] if o["owner"] == "Deployment/web")
+    assert (web["class"], web["abandoned"]) == ("Leaking", 90)
+    assert web["leakRatePerMinute"] > 0
     assert {r for _, r, _ in events} >= {"IdleConnectionsTerminated", "PodEvicted"}
     assert out["lastAction"]["type"] == "RestartPods"
     assert out["cooldownUntil"]
@@ -169,7 +183,7 @@ def test_a_breach_terminates_and_evicts_and_reports_it() -> None:
 @pytest.mark.parametrize("how", ["dry-run", "paused"])
 def test_dry_run_and_pause_never_call_anything_that_acts(how: str) -> None:
     kube, monitor = FakeKube(), FakeMonitor(leaking())
-    deps, events = make_deps(kube, monitor, [WEB1])
+    deps, events = make_deps(kube, monitor, [WEB1, WEB2])
     spec = {**SPEC, "remediation": {**SPEC["remediation"], "dryRun": how == "dry-run"}}
     annotations = {"connbudget.io/paused": "true"} if how == "paused" else {}
     out = run_cycle(deps, spec=spec, annotations=annotations, old_status=OVER_STATUS)
@@ -185,7 +199,7 @@ def test_dry_run_and_pause_never_call_anything_that_acts(how: str) -> None:
 
 def test_a_blocked_eviction_is_reported_and_waits_for_the_cooldown() -> None:
     kube, monitor = FakeKube(evict=EvictionResult.BLOCKED), FakeMonitor(leaking())
-    deps, events = make_deps(kube, monitor, [WEB1])
+    deps, events = make_deps(kube, monitor, [WEB1, WEB2])
     out = run_cycle(deps, old_status=OVER_STATUS)
     assert ("Warning", "RestartBlocked") in {(t, r) for t, r, _ in events}
     assert out["lastAction"]["result"] == "Blocked"
@@ -215,7 +229,7 @@ def test_a_blocked_eviction_is_reported_and_waits_for_the_cooldown() -> None:
 def test_what_only_the_operator_can_judge_is_a_condition_and_no_action(
     kube: FakeKube, monitor: FakeMonitor, reason: str
 ) -> None:
-    deps, events = make_deps(kube, monitor, [WEB1])
+    deps, events = make_deps(kube, monitor, [WEB1, WEB2])
     out = run_cycle(deps, old_status=OVER_STATUS)
     ready = next(c for c in out["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("False", reason)
@@ -273,7 +287,7 @@ def test_pods_the_watch_has_not_delivered_yet_are_no_false_alarm() -> None:
 
 def test_an_invalid_spec_is_reported_without_probing() -> None:
     kube, monitor = FakeKube(), FakeMonitor(leaking())
-    deps, events = make_deps(kube, monitor, [WEB1])
+    deps, events = make_deps(kube, monitor, [WEB1, WEB2])
     out = run_cycle(deps, spec={**SPEC, "budget": {}})
     ready = next(c for c in out["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "SpecInvalid"
@@ -283,7 +297,7 @@ def test_an_invalid_spec_is_reported_without_probing() -> None:
 
 def test_the_same_problem_is_announced_once_not_every_poll() -> None:
     kube, monitor = FakeKube(dsn=None), FakeMonitor(leaking())
-    deps, events = make_deps(kube, monitor, [WEB1])
+    deps, events = make_deps(kube, monitor, [WEB1, WEB2])
     runtime = cycle.Runtime()
     for i in range(3):
         deps.now = lambda i=i: NOW + 20 * i  # type: ignore[misc]
@@ -319,7 +333,7 @@ def test_a_role_without_pg_signal_backend_is_permission_denied() -> None:
             )
 
     kube, monitor = FakeKube(), Refusing(leaking())
-    deps, events = make_deps(kube, monitor, [WEB1])
+    deps, events = make_deps(kube, monitor, [WEB1, WEB2])
     out = run_cycle(
         deps,
         spec={**SPEC, "remediation": {**SPEC["remediation"], "steps": ["TerminateIdle"]}},
@@ -339,7 +353,7 @@ def test_a_pooler_target_without_scale_is_a_condition_and_no_action() -> None:
             raise KubeError(404, "no resource of kind Pooler in example.com/v1")
 
     kube, monitor = NoScale(), FakeMonitor(leaking())
-    deps, events = make_deps(kube, monitor, [WEB1])
+    deps, events = make_deps(kube, monitor, [WEB1, WEB2])
     spec = {
         **SPEC,
         "pooler": {"targetRef": {"apiVersion": "example.com/v1", "kind": "Pooler", "name": "pgb"}},
@@ -354,7 +368,7 @@ def test_a_pooler_target_without_scale_is_a_condition_and_no_action() -> None:
 
 def test_the_spec_is_parsed_once_and_again_when_it_changes() -> None:
     kube, monitor = FakeKube(), FakeMonitor(leaking())
-    deps, _ = make_deps(kube, monitor, [WEB1])
+    deps, _ = make_deps(kube, monitor, [WEB1, WEB2])
     runtime = cycle.Runtime()
     spec_raw: dict[str, Any] = {**SPEC, "budget": {"maxConnections": 80}, "pollSeconds": 1}
 

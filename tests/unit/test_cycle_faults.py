@@ -13,6 +13,7 @@ from unit.test_cycle import (
     OVER_STATUS,
     SPEC,
     WEB1,
+    WEB2,
     FakeKube,
     FakeMonitor,
     leaking,
@@ -31,7 +32,7 @@ POOLER_SPEC = {
 
 def test_a_pooler_pod_that_does_not_answer_is_a_condition_and_no_action() -> None:
     kube, monitor = FakeKube(), FakeMonitor(leaking())
-    deps, events = make_deps(kube, monitor, [WEB1])
+    deps, events = make_deps(kube, monitor, [WEB1, WEB2])
 
     async def down(template: str, hosts: Sequence[str], replicas: int) -> PoolerSample:
         return PoolerSample(replicas=replicas, errors=("198.18.0.9: connection timeout expired",))
@@ -48,7 +49,7 @@ def test_a_pooler_pod_that_does_not_answer_is_a_condition_and_no_action() -> Non
 
 def test_a_pooler_that_answers_again_lifts_the_block() -> None:
     kube, monitor = FakeKube(), FakeMonitor(leaking())
-    deps, _ = make_deps(kube, monitor, [WEB1])
+    deps, _ = make_deps(kube, monitor, [WEB1, WEB2])
     out = run_cycle(deps, spec=POOLER_SPEC, old_status=OVER_STATUS)
     ready = next(c for c in out["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True"
@@ -57,7 +58,7 @@ def test_a_pooler_that_answers_again_lifts_the_block() -> None:
 
 def test_a_restart_is_recorded_with_its_cooldown_before_it_is_carried_out() -> None:
     kube, monitor = FakeKube(), FakeMonitor(leaking())
-    deps, _ = make_deps(kube, monitor, [WEB1])
+    deps, _ = make_deps(kube, monitor, [WEB1, WEB2])
     written: list[dict[str, Any]] = []
 
     async def write_status(status: dict[str, Any]) -> None:
@@ -78,7 +79,7 @@ def test_no_restart_when_the_intent_cannot_be_recorded() -> None:
     from connbudget.kube.api import KubeError
 
     kube, monitor = FakeKube(), FakeMonitor(leaking())
-    deps, _ = make_deps(kube, monitor, [WEB1])
+    deps, _ = make_deps(kube, monitor, [WEB1, WEB2])
 
     async def unreachable(status: dict[str, Any]) -> None:
         raise KubeError(503, "the API server is unavailable")

@@ -1,4 +1,5 @@
-"""The remediation plan: levels, breach timing, gentle-first escalation, limits, pause, dry-run."""
+"""The remediation plan: levels, breach timing, evidence-driven terminations, restarts only when
+termination cannot hold, limits, pause, blocks, dry-run."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import dataclasses
 import pytest
 
 from connbudget.model.actions import RestartPod, ScalePooler, TerminateBackends
-from connbudget.model.observations import PoolerSample
+from connbudget.model.observations import BackendGroup, PodInfo, PoolerSample
 from connbudget.model.spec import AttributionMode, ObjectRef, RestartMethod, Step
 from connbudget.policy import attribution, plan, usage
 from connbudget.policy.plan import Hold, Level, Memory, Transition
-from unit.builders import NOW, active_group, idle_group, pod, run, spec
+from unit.builders import NOW, active_group, idle_group, leaking, pod, pooling, run, spec
 
 WEB1, WEB2, WORKER = (
     pod("web-1", "10.0.0.1"),
@@ -58,17 +59,25 @@ def test_a_short_breach_waits_for_the_breach_window() -> None:
     assert d.memory.breach_since == NOW
 
 
-def test_a_sustained_breach_terminates_longest_idle_first_down_to_the_warning_line() -> None:
-    idles = [float(i) for i in range(20, 105)]  # 85 idle backends, 20..104 s idle
+def test_a_leaking_owners_abandoned_connections_are_terminated_at_once_longest_first() -> None:
+    idles = [1.0, 2.0, 2.9, 3.0, 5.0, 8.0]
+    ev = leaking(abandoned={"web-1": 3}, after=3.0)
+    d = run(spec(), [WEB1], [idle_group(WEB1, idles)], owners=[ev])
+    # Far below the budget: a leak is ended at its own pace, not when the budget is breached.
+    assert d.level is Level.WITHIN
+    assert terminated(d) == [("web-1", 8.0), ("web-1", 5.0), ("web-1", 3.0)]
+    assert restarts(d) == []
+    assert d.next_poll_seconds == plan.FAST_POLL_SECONDS  # while it leaks, every second
+
+
+def test_without_evidence_a_breach_terminates_nothing_younger_than_idle_seconds() -> None:
+    # 85 connections idle 20-104 s of a workload nobody has seen leak: could be a pool.
+    idles = [float(i) for i in range(20, 105)]
     d = run(spec(), [WEB1], [idle_group(WEB1, idles)], memory=OVER)
-    got = terminated(d)
-    # 85 counted, warning line 64: terminate 22 so usage falls below it.
-    assert len(got) == 22
-    assert [s for _, s in got] == sorted((s for _, s in got), reverse=True)
-    assert got[0][1] == 104.0
+    assert d.level is Level.OVER
+    assert terminated(d) == []
     assert restarts(d) == []
     assert d.memory.episode_since == NOW
-    assert d.memory.cleaned_pods == ("web-1",)
 
 
 def test_a_fast_leak_is_acted_on_at_once() -> None:
@@ -77,7 +86,30 @@ def test_a_fast_leak_is_acted_on_at_once() -> None:
     assert d.memory.breach_since == NOW  # the breach has just begun...
     assert d.seconds_to_full is not None
     assert d.seconds_to_full < 15
-    assert terminated(d)  # ...but the server would be full before breachSeconds
+    assert d.memory.episode_since == NOW  # ...but the server would be full before breachSeconds
+    assert any("acting" in r for r in d.reasons)
+
+
+def test_a_nearly_full_server_is_never_held_for_the_breach_window() -> None:
+    d = run(spec(), [WEB1], [idle_group(WEB1, [1.0] * 95)])  # 95 of 97 usable slots
+    assert plan.is_nearly_full(run_usage(95))
+    assert d.memory.breach_since == NOW
+    assert Hold.BREACH_WINDOW not in [h for _, h, _ in d.holds]
+    assert any("full or nearly full" in r for r in d.reasons)
+
+
+def run_usage(server_total: int) -> usage.Usage:
+    return usage.Usage(
+        connections=server_total,
+        budget=80,
+        warning_line=64,
+        server_max_connections=100,
+        reserved=3,
+        server_total=server_total,
+        leaked=0,
+        unattributed=0,
+        by_owner=(),
+    )
 
 
 def test_leaked_backends_are_terminated_whatever_the_budget_says() -> None:
@@ -94,12 +126,15 @@ def test_active_and_idle_in_transaction_backends_are_never_terminated() -> None:
     assert d.actions == ()
 
 
-def test_a_reused_pool_is_not_emptied_when_the_leak_is_elsewhere() -> None:
-    steady = pod("web-steady", "10.0.0.5")
-    groups = [idle_group(WEB1, [40.0] * 80), idle_group(steady, [12.0] * 5)]
-    d = run(spec(), [WEB1, steady], groups, memory=OVER)
-    pods = {p for p, _ in terminated(d)}
-    assert pods == {"web-1"}
+def test_a_pools_connections_are_never_terminated_within_its_reuse_gaps() -> None:
+    pool = pod("pool-1", "10.0.0.5", owner="pool")
+    groups = [idle_group(WEB1, [40.0] * 80), idle_group(pool, [12.0, 90.0, 170.0, 200.0])]
+    owners = [leaking(abandoned={"web-1": 80}), pooling("Deployment/pool", max_gap=90.0)]
+    d = run(spec(), [WEB1, pool], groups, memory=OVER, owners=owners)
+    assert {p for p, _ in terminated(d)} == {"web-1"}
+    # Only once idle beyond idleSeconds and three times its longest gap (270 s).
+    old = run(spec(), [pool], [idle_group(pool, [269.0, 301.0])], owners=owners[1:])
+    assert terminated(old) == [("pool-1", 301.0)]
 
 
 def test_pods_outside_the_selector_are_never_touched() -> None:
@@ -116,27 +151,71 @@ def test_pods_outside_the_selector_are_never_touched() -> None:
     assert d.actions == ()
 
 
-def test_still_breached_next_cycle_escalates_to_restarting_the_worst_pod() -> None:
-    groups = [idle_group(WEB1, [40.0] * 60), idle_group(WEB2, [40.0] * 30)]
-    first = run(spec(), [WEB1, WEB2], groups, memory=OVER)
-    assert terminated(first)
-    assert restarts(first) == []
-    second = run(spec(), [WEB1, WEB2], groups, memory=first.memory, now=NOW + 10)
-    (r,) = restarts(second)
+SUSTAINED = Memory(level=Level.OVER, breach_since=NOW - 60, episode_since=NOW - 50, escalation=1)
+
+
+def test_a_leak_termination_holds_is_never_a_reason_to_restart() -> None:
+    # Over the budget, for long, but terminating the abandoned ones brings it back within.
+    groups = [idle_group(WEB1, [40.0] * 50 + [1.0] * 35)]
+    d = run(spec(), [WEB1], groups, memory=SUSTAINED, owners=[leaking(abandoned={"web-1": 50})])
+    assert len(terminated(d)) == 50
+    assert restarts(d) == []
+    assert d.restart_cause is None
+
+
+def test_more_than_termination_can_remove_restarts_the_worst_leaking_pod() -> None:
+    # 95 connections, 7 abandoned: terminations cannot bring it within 80.
+    groups = [idle_group(WEB1, [40.0] * 5 + [1.0] * 55), idle_group(WEB2, [40.0] * 2 + [1.0] * 33)]
+    ev = leaking(abandoned={"web-1": 5, "web-2": 2})
+    first = run(spec(), [WEB1, WEB2], groups, memory=OVER, owners=[ev])
+    assert restarts(first) == []  # the breach window has passed, but no cycle has terminated yet
+    d = run(spec(), [WEB1, WEB2], groups, memory=first.memory, now=NOW + 1, owners=[ev])
+    (r,) = restarts(d)
     assert (r.pod, r.method) == ("web-1", RestartMethod.EVICT)
-    assert second.memory.cooldown_until == NOW + 10 + 60
+    assert d.restart_cause is plan.RestartCause.TERMINATION_INSUFFICIENT
+    assert d.memory.cooldown_until == NOW + 1 + 60
+    # The evicted pod's backends are left to die with it; the other pod's are terminated.
+    assert {p for p, _ in terminated(d)} == {"web-2"}
+
+
+def test_an_idle_in_transaction_leak_is_restarted_never_terminated() -> None:
+    groups = [active_group(WEB1, 90, state="idle in transaction", in_state=60.0)]
+    ev = leaking(in_transaction={"web-1": 90})
+    d = run(spec(), [WEB1], groups, memory=OVER, owners=[ev])
+    assert terminated(d) == []
+    assert [r.pod for r in restarts(d)] == ["web-1"]
+    assert d.restart_cause is plan.RestartCause.IDLE_IN_TRANSACTION
+
+
+def test_a_leak_that_may_not_be_terminated_is_restarted() -> None:
+    groups = [idle_group(WEB1, [40.0] * 90)]
+    ev = leaking(abandoned={"web-1": 90})
+    refused = run(spec(), [WEB1], groups, memory=OVER, owners=[ev], termination_possible=False)
+    assert terminated(refused) == []
+    assert [r.pod for r in restarts(refused)] == ["web-1"]
+    assert refused.restart_cause is plan.RestartCause.NOT_TERMINABLE
+    no_step = spec(remediation={"steps": ["RestartPods"]})
+    d = run(no_step, [WEB1], groups, memory=OVER, owners=[ev])
+    assert terminated(d) == []
+    assert d.restart_cause is plan.RestartCause.NOT_TERMINABLE
+
+
+def test_a_pooling_owners_pods_are_never_offenders() -> None:
+    pool = pod("pool-1", "10.0.0.5", owner="pool")
+    groups = [active_group(pool, 90, state="idle in transaction", in_state=60.0)]
+    d = run(spec(), [pool], groups, memory=SUSTAINED, owners=[pooling("Deployment/pool")])
+    assert d.actions == ()
+
+
+def in_tx(p: PodInfo) -> list[BackendGroup]:
+    return [active_group(p, 30, state="idle in transaction", in_state=60.0)]
 
 
 def test_restarts_wait_for_the_cooldown_but_terminations_do_not() -> None:
-    groups = [idle_group(WEB1, [40.0] * 90)]
-    memory = Memory(
-        level=Level.OVER,
-        breach_since=NOW - 60,
-        episode_since=NOW - 50,
-        escalation=1,
-        cooldown_until=NOW + 30,
-    )
-    d = run(spec(), [WEB1], groups, memory=memory)
+    groups = [idle_group(WEB1, [40.0] * 60), *in_tx(WEB1)]
+    ev = leaking(abandoned={"web-1": 60}, in_transaction={"web-1": 30})
+    memory = dataclasses.replace(SUSTAINED, cooldown_until=NOW + 30)
+    d = run(spec(), [WEB1], groups, memory=memory, owners=[ev])
     assert restarts(d) == []
     assert (Step.RESTART_PODS, Hold.COOLDOWN) in [(s, h) for s, h, _ in d.holds]
     assert terminated(d)
@@ -144,73 +223,85 @@ def test_restarts_wait_for_the_cooldown_but_terminations_do_not() -> None:
 
 def test_young_pods_are_not_restarted() -> None:
     young = pod("web-9", "10.0.0.7", age=30)
-    memory = Memory(level=Level.OVER, breach_since=NOW - 60, episode_since=NOW - 50, escalation=1)
-    d = run(spec(), [young], [idle_group(young, [40.0] * 90)], memory=memory)
+    ev = leaking(in_transaction={"web-9": 90})
+    d = run(spec(), [young], in_tx(young) * 3, memory=SUSTAINED, owners=[ev])
     assert restarts(d) == []
     assert Hold.MIN_POD_AGE in [h for _, h, _ in d.holds]
 
 
 def test_terminating_pods_are_not_restarted_again() -> None:
     leaving = pod("web-1", "10.0.0.1", terminating=True)
-    memory = Memory(level=Level.OVER, breach_since=NOW - 60, episode_since=NOW - 50, escalation=1)
-    d = run(
-        spec(),
-        [leaving, WEB2],
-        [idle_group(leaving, [40.0] * 60), idle_group(WEB2, [40.0] * 30)],
-        memory=memory,
-    )
+    ev = leaking(in_transaction={"web-1": 60, "web-2": 30})
+    groups = [*in_tx(leaving), *in_tx(leaving), *in_tx(WEB2)]
+    d = run(spec(), [leaving, WEB2], groups, memory=SUSTAINED, owners=[ev])
     assert [r.pod for r in restarts(d)] == ["web-2"]
 
 
 def test_max_pods_per_cycle_bounds_restarts() -> None:
     pods = [pod(f"web-{i}", f"10.0.1.{i}") for i in range(5)]
-    groups = [idle_group(p, [40.0] * 20) for p in pods]
-    memory = Memory(level=Level.OVER, breach_since=NOW - 60, episode_since=NOW - 50, escalation=1)
+    groups = [g for p in pods for g in in_tx(p)]
+    ev = leaking(in_transaction={p.name: 30 for p in pods})
     s = spec(remediation__restartPods={"maxPodsPerCycle": 2})
-    assert len(restarts(run(s, pods, groups, memory=memory))) == 2
+    assert len(restarts(run(s, pods, groups, memory=SUSTAINED, owners=[ev]))) == 2
 
 
 def test_rollout_restart_targets_each_owner_once() -> None:
     pods = [pod(f"web-{i}", f"10.0.1.{i}") for i in range(3)]
-    groups = [idle_group(p, [40.0] * 30) for p in pods]
-    memory = Memory(level=Level.OVER, breach_since=NOW - 60, episode_since=NOW - 50, escalation=1)
+    groups = [g for p in pods for g in in_tx(p)]
+    ev = leaking(in_transaction={p.name: 30 for p in pods})
     s = spec(remediation__restartPods={"maxPodsPerCycle": 3, "method": "RolloutRestart"})
-    (r,) = restarts(run(s, pods, groups, memory=memory))
+    (r,) = restarts(run(s, pods, groups, memory=SUSTAINED, owners=[ev]))
     assert r.targets == ("Deployment/web",)
 
 
-def test_a_pod_that_re_leaks_after_termination_is_restarted() -> None:
-    memory = Memory(
-        level=Level.OVER,
-        breach_since=NOW - 60,
-        episode_since=NOW - 50,
-        escalation=0,
-        cleaned_pods=("web-2",),
+def test_when_the_steps_before_have_nothing_to_do_the_pooler_scales_in_the_same_cycle() -> None:
+    s = spec(
+        pooler={
+            "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "pgbouncer"},
+            "serverConnectionsPerReplica": 20,
+        }
     )
-    groups = [idle_group(WEB1, [40.0] * 50), idle_group(WEB2, [15.0] * 40)]
-    d = run(spec(), [WEB1, WEB2], groups, memory=memory)
-    assert [r.pod for r in restarts(d)] == ["web-2"]
-
-
-def test_when_terminate_finds_nothing_the_next_step_acts_in_the_same_cycle() -> None:
-    s = spec(remediation__terminateIdle={"minIdleSeconds": 10})
-    only_pooled = pod("web-1", "10.0.0.1")
-    d = run(s, [only_pooled], [idle_group(only_pooled, [5.0] * 90)], memory=OVER)
-    # Nothing is idle long enough to terminate, and nothing looks leaked: no restart either.
-    assert d.actions == ()
-    assert d.memory.escalation == 2  # walked through every step
+    d = plan.decide(
+        spec=s,
+        namespace="shop",
+        now=NOW,
+        usage=run_usage(95),
+        attributed=[],
+        pods=[],
+        pooler=PoolerSample(replicas=3, server_connections=60),
+        pooler_clients={},
+        history=[],
+        memory=OVER,
+        paused=False,
+    )
+    (a,) = d.actions
+    assert isinstance(a, ScalePooler)
+    # 35 connections are not the pooler's: 45 left for it, two replicas of 20.
+    assert (a.current, a.desired) == (3, 2)
 
 
 def test_paused_plans_nothing() -> None:
-    d = run(spec(), [WEB1], [idle_group(WEB1, [400.0] * 90)], memory=OVER, paused=True)
+    ev = leaking(abandoned={"web-1": 90})
+    d = run(spec(), [WEB1], [idle_group(WEB1, [400.0] * 90)], memory=OVER, paused=True, owners=[ev])
     assert d.actions == ()
     assert [h for _, h, _ in d.holds] == [Hold.PAUSED]
 
 
+def test_a_block_is_never_reported_as_a_pause() -> None:
+    ev = leaking(abandoned={"web-1": 90})
+    groups = [idle_group(WEB1, [400.0] * 90)]
+    d = run(spec(), [WEB1], groups, memory=OVER, owners=[ev], blocked="pooler probe failed")
+    assert d.actions == ()
+    ((_, hold, message),) = d.holds
+    assert hold is Hold.BLOCKED
+    assert "paused" not in message
+    assert "pooler probe failed" in message
+
+
 def test_dry_run_plans_and_advances_the_cooldown() -> None:
     s = spec(remediation__dryRun=True)
-    memory = Memory(level=Level.OVER, breach_since=NOW - 60, episode_since=NOW - 50, escalation=1)
-    d = run(s, [WEB1], [idle_group(WEB1, [40.0] * 90)], memory=memory)
+    ev = leaking(in_transaction={"web-1": 90})
+    d = run(s, [WEB1], in_tx(WEB1) * 3, memory=SUSTAINED, owners=[ev])
     assert d.dry_run
     assert restarts(d)
     assert d.memory.cooldown_until == NOW + 60
@@ -316,7 +407,8 @@ def test_a_relapse_in_the_same_episode_acts_without_a_second_breach_window() -> 
     memory = Memory(level=Level.WARNING, episode_since=NOW - 30, escalation=1)
     d = run(spec(), [WEB1], [idle_group(WEB1, [40.0] * 85)], memory=memory)
     assert d.memory.breach_since == NOW  # a new breach...
-    assert terminated(d)  # ...acted on at once
+    assert any("over the budget again" in r for r in d.reasons)  # ...acted on at once
+    assert Hold.BREACH_WINDOW not in [h for _, h, _ in d.holds]
 
 
 def test_the_forecast_counts_the_poll_interval() -> None:
@@ -326,7 +418,22 @@ def test_the_forecast_counts_the_poll_interval() -> None:
     d = run(s, [WEB1], [idle_group(WEB1, [12.0] * 81)], history=history)
     assert d.seconds_to_full is not None
     assert 15 < d.seconds_to_full < 15 + 10
-    assert terminated(d)
+    assert d.memory.episode_since == NOW
+
+
+@pytest.mark.parametrize(
+    ("groups", "history", "fast"),
+    [
+        pytest.param(10, None, False, id="calm"),
+        pytest.param(70, None, True, id="warning"),
+        pytest.param(10, [(NOW - 4 + i, 10 + 8 * i) for i in range(5)], True, id="filling"),
+    ],
+)
+def test_the_cadence_is_fast_only_while_it_matters(
+    groups: int, history: list[tuple[float, int]] | None, fast: bool
+) -> None:
+    d = run(spec(pollSeconds=10), [WEB1], [idle_group(WEB1, [1.0] * groups)], history=history)
+    assert d.next_poll_seconds == (1 if fast else 10)
 
 
 def test_pods_sharing_one_address_are_told_apart_by_application_name() -> None:

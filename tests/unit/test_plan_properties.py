@@ -43,9 +43,10 @@ def worlds(draw: st.DrawFn) -> tuple[list[PodInfo], list[BackendGroup]]:
                     count=len(idles),
                     max_idle_seconds=max(idles),
                     oldest_backend_start=NOW - 900,
-                    idle=tuple((i * 1000 + j, s, NOW - 900) for j, s in enumerate(idles))
-                    if state == "idle"
-                    else (),
+                    backends=tuple(
+                        (i * 1000 + 100 * STATES.index(state) + j, s, NOW - 900)
+                        for j, s in enumerate(idles)
+                    ),
                 )
             )
     return pods, groups

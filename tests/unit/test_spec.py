@@ -38,8 +38,9 @@ def test_minimal_spec_gets_the_documented_defaults() -> None:
     assert s.remediation.restart_pods.method is RestartMethod.EVICT
     assert s.remediation.restart_pods.max_pods_per_cycle == 1
     assert s.remediation.restart_pods.min_pod_age_seconds == 120
-    assert s.remediation.terminate_idle.min_idle_seconds == 10
-    assert s.poll_seconds == 10
+    assert s.remediation.terminate_idle.min_idle_seconds == 3
+    assert s.remediation.terminate_idle.max_per_cycle == 100
+    assert s.poll_seconds == 5
     assert s.pooler is None
 
 

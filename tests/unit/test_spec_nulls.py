@@ -29,7 +29,7 @@ def test_a_null_optional_field_takes_its_default() -> None:
     assert spec.budget.warning_percent == 80
     assert spec.remediation.dry_run is False
     assert spec.remediation.restart_pods.method is RestartMethod.EVICT
-    assert spec.poll_seconds == 10
+    assert spec.poll_seconds == 5
 
 
 def test_a_null_required_field_is_missing_not_a_crash() -> None:

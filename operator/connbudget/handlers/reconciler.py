@@ -186,9 +186,11 @@ class Reconciler:
                 await task
 
     def _deps(self, ref: BudgetRef) -> cycle.Deps:
-        async def post_event(type_: str, reason: str, message: str) -> None:
+        async def post_event(type_: str, reason: str, message: str, series: str | None) -> None:
             try:
-                await self.kube.post_event(ref, type_, reason, message, now=time.time())
+                await self.kube.post_event(
+                    ref, type_, reason, message, now=time.time(), series=series
+                )
             except KubeError as e:
                 log.warning(
                     "posting an Event failed",

@@ -78,6 +78,8 @@ class Kube:
     def __init__(self, api: kubernetes.client.ApiClient) -> None:
         self.api = api
         self._secrets: dict[tuple[str, str, str], tuple[str, float]] = {}
+        # (namespace, name, uid, type, reason, series) -> (Event name, count)
+        self._event_series: dict[tuple[str, str, str, str, str, str], tuple[str, int]] = {}
         self.core = kubernetes.client.CoreV1Api(api)
         self.apps = kubernetes.client.AppsV1Api(api)
         self.custom = kubernetes.client.CustomObjectsApi(api)
@@ -225,10 +227,36 @@ class Kube:
         )
 
     async def post_event(
-        self, ref: BudgetRef, type_: str, reason: str, message: str, *, now: float
+        self,
+        ref: BudgetRef,
+        type_: str,
+        reason: str,
+        message: str,
+        *,
+        now: float,
+        series: str | None = None,
     ) -> None:
-        """Create a core/v1 Event about a ConnectionBudget."""
+        """Record a core/v1 Event about a ConnectionBudget.
+
+        Events of one ``series`` (say, one episode) with the same reason are one Event, updated
+        with a count, the latest message and ``lastTimestamp``, the way the kubelet's recorder
+        aggregates repeats: a person reads one line per reason, not one per poll. If that Event
+        is gone (expired), a new one starts.
+        """
         stamp = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        key = (ref.namespace, ref.name, ref.uid, type_, reason, series or "")
+        previous = self._event_series.get(key) if series is not None else None
+        if previous is not None:
+            name, count = previous
+            patch = {"message": message[:1024], "lastTimestamp": stamp, "count": count + 1}
+            try:
+                await self.call(self.core.patch_namespaced_event, name, ref.namespace, patch)
+            except KubeError as e:
+                if e.status != 404:
+                    raise
+            else:
+                self._event_series[key] = (name, count + 1)
+                return
         body = {
             "metadata": {"generateName": f"{ref.name}.", "namespace": ref.namespace},
             "involvedObject": {
@@ -248,7 +276,12 @@ class Kube:
             "lastTimestamp": stamp,
             "count": 1,
         }
-        await self.call(self.core.create_namespaced_event, ref.namespace, body)
+        created = await self.call(self.core.create_namespaced_event, ref.namespace, body)
+        if series is not None:
+            # Series of other episodes of this budget are finished: forget them.
+            for k in [k for k in self._event_series if k[:3] == key[:3] and k[5] != key[5]]:
+                del self._event_series[k]
+            self._event_series[key] = (str(created.metadata.name), 1)
 
     async def _plural(self, api_version: str, kind: str) -> str:
         """The resource name of ``kind`` in ``api_version`` (discovered once, then cached)."""

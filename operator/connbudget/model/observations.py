@@ -17,8 +17,10 @@ PROBE_APPLICATION_NAME = "connbudget-probe"
 class BackendGroup:
     """Client backends that share database, user, application name, client address and state.
 
-    ``idle`` lists ``(pid, idle_seconds, backend_start)`` of the group's backends when the state is
-    ``idle``, longest idle first: the candidates for termination.
+    ``backends`` lists ``(pid, seconds_in_state, backend_start)`` of every backend of the group,
+    longest in its state first: the seconds since ``state_change`` tell, poll after poll, whether
+    a backend was used again (``policy.evidence`` follows them). ``idle`` is the same list for an
+    ``idle`` group (the candidates for termination), empty for any other state.
     """
 
     database: str | None
@@ -29,7 +31,12 @@ class BackendGroup:
     count: int
     max_idle_seconds: float
     oldest_backend_start: float
-    idle: tuple[tuple[int, float, float], ...] = ()
+    backends: tuple[tuple[int, float, float], ...] = ()
+
+    @property
+    def idle(self) -> tuple[tuple[int, float, float], ...]:
+        """``(pid, idle_seconds, backend_start)`` of the group's backends if they are idle."""
+        return self.backends if self.state == "idle" else ()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -124,8 +124,8 @@ class BudgetLimit:
 
 @dataclass(frozen=True, kw_only=True)
 class TerminateIdleSpec:
-    max_per_cycle: int = 50
-    min_idle_seconds: int = 10
+    max_per_cycle: int = 100
+    min_idle_seconds: int = 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,7 +164,7 @@ class BudgetSpec:
     leak_idle_seconds: int = 300
     remediation: RemediationSpec = RemediationSpec()
     pooler: PoolerSpec | None = None
-    poll_seconds: int = 10
+    poll_seconds: int = 5
 
 
 def _present(data: Mapping[str, object], key: str, default: object) -> object:
@@ -354,10 +354,10 @@ def parse_spec(spec: Mapping[str, object]) -> BudgetSpec:
     rp = r.obj(rem.get("restartPods"), "spec.remediation.restartPods")
     terminate = TerminateIdleSpec(
         max_per_cycle=r.need_int(
-            ti, "maxPerCycle", "spec.remediation.terminateIdle", default=50, low=1, high=10_000
+            ti, "maxPerCycle", "spec.remediation.terminateIdle", default=100, low=1, high=10_000
         ),
         min_idle_seconds=r.need_int(
-            ti, "minIdleSeconds", "spec.remediation.terminateIdle", default=10, low=1, high=604_800
+            ti, "minIdleSeconds", "spec.remediation.terminateIdle", default=3, low=1, high=604_800
         ),
     )
     if terminate.min_idle_seconds > idle_seconds:
@@ -425,7 +425,7 @@ def parse_spec(spec: Mapping[str, object]) -> BudgetSpec:
             ),
             pod_labels={k: str(v) for k, v in raw_labels.items()} or None,
         )
-    poll = r.need_int(spec, "pollSeconds", "spec", default=10, low=1, high=3600)
+    poll = r.need_int(spec, "pollSeconds", "spec", default=5, low=1, high=3600)
     if r.problems or secret is None:
         raise SpecError(r.problems or ["spec.database.secretRef is required"])
     return BudgetSpec(

@@ -1,34 +1,41 @@
-"""Decide, once per probe, what a ConnectionBudget should do: hysteresis, breach timing, escalation.
+"""Decide, once per probe, what a ConnectionBudget should do: hysteresis, breach timing, remedies.
 
 Pure: no I/O, no clock; all inputs are arguments (``now`` is epoch seconds from the caller).
 
 The rules, and the failure each prevents:
 
+- **Evidence, not idle age.** Which connections may be terminated is decided per owning workload
+  from ``policy.evidence``: a *leaking* owner's connections once idle longer than the gaps its own
+  connections show before being used again (and never before ``terminateIdle.minIdleSeconds``);
+  any other owner's only once idle beyond ``leakDetection.idleSeconds`` and well beyond its own
+  reuse gaps. A healthy pool (Django's ``CONN_MAX_AGE``, SQLAlchemy, psycopg_pool) leaves a
+  connection idle for minutes and, without a pre-ping, turns a killed one into a failed request.
+- **At the leak's pace.** A leaking owner's abandoned connections are terminated as soon as the
+  evidence says so, whatever the level (as ``idle_session_timeout`` would, but only for the leak),
+  so the leak never reaches the budget; and the budget is polled every second while usage is at
+  the warning line, an owner leaks, or the forecast says the server is full within two polls.
 - **Levels with hysteresis.** ``Warning`` from ``warningPercent`` of the budget, ``OverBudget``
   above the budget; after a breach the budget counts as recovered only below the warning line, so
   a usage hovering at the budget does not flap between states and Events.
-- **Breach timing.** Act when usage has stayed over the budget for ``breachSeconds`` (a short spike
-  is no leak), or at once when the growth rate says the usable slots run out before that window
-  would end or before the next poll (a fast leak fills 100 slots in about 15 s; waiting it out
-  means an outage), or at once when usage goes over the budget again in an episode whose leak was
-  already confirmed.
-- **Leaks are leaks.** A governed pod's backend idle longer than ``leakDetection.idleSeconds`` is
-  terminated whatever the budget says (step ``TerminateIdle`` only; nothing escalates from it).
-- **Escalation.** While breached, each cycle walks ``steps`` in order up to the current escalation
-  level, moving on in the same cycle when a step finds nothing to do; a step that acted raises the
-  level for the next cycle if the budget is still breached then, and a pod that re-leaks after its
-  idle backends were terminated is restarted.
-- **Gentle first.** Only ``idle`` backends are terminated (never ``active`` or ``idle in
-  transaction``), only of governed pods, longest idle first from the pods holding the most idle
-  backends; young idle backends (down to ``minIdleSeconds``) only while breached, only as many as
-  bring usage below the warning line, and never from a pod holding less than half as many idle
-  backends as the worst one: its pool is being reused, the leak is elsewhere.
+- **Breach timing.** A breach is acted on once it has lasted ``breachSeconds`` (a short spike is
+  no leak), or at once when the server is full or nearly full, when the growth rate says the
+  usable slots run out before the window ends or before the next poll, or when usage goes over
+  the budget again in an episode already being remediated. The growth rate counts what the
+  operator itself removed, so its own terminations never look like a slowing leak.
+- **Restart only when it helps.** A leak in the code starts again in the new pod; evicting pods
+  while termination holds the budget is disruption without relief. A pod is restarted only when
+  termination cannot hold: its leaked connections are ``idle in transaction`` (terminating them
+  would roll back whatever they hold; a restart lets the app close them), termination is not
+  allowed or not permitted, its leaked clients sit in PgBouncer, or the breach lasted
+  ``breachSeconds`` and more than terminations can remove. A pooling owner's pods are never
+  offenders, and a pod restarted in a cycle never has its backends terminated in the same cycle.
 - **Disruption limits.** Restarts and pooler scaling wait out ``cooldownSeconds`` (kept in status,
   so an operator restart does not reset it); at most ``maxPodsPerCycle`` pods, none younger than
   ``minPodAgeSeconds``, none terminating, never a pod outside the selector.
-- **Pause and dry-run.** Paused: nothing is planned. Dry-run: the plan is made and reported (and the
-  cooldown advances as if it had been carried out, so the report is what would have happened), but
-  nothing is carried out.
+- **Pause, blocks and dry-run.** Paused, or blocked by a problem only the operator can judge:
+  nothing is planned, and the hold says which. Dry-run: the plan is made and reported (and the
+  cooldown advances as if it had been carried out, so the report is what would have happened),
+  but nothing is carried out.
 """
 
 from __future__ import annotations
@@ -43,7 +50,16 @@ from connbudget.model.observations import PodInfo, PoolerClient, PoolerSample
 from connbudget.model.spec import BudgetSpec, RestartMethod, Step
 from connbudget.policy import forecast
 from connbudget.policy.attribution import Attributed, Via
+from connbudget.policy.evidence import OwnerClass, OwnerEvidence, abandon_after
 from connbudget.policy.usage import Usage, is_governed
+
+FAST_POLL_SECONDS = 1  # the cadence while usage is high, an owner leaks or the server fills soon
+# The forecast asks for the fast cadence when the server is full within this many polls.
+FAST_POLL_WITHIN_POLLS = 2
+# A server with no more free slots than this share of its usable ones (and at least
+# NEAR_FULL_MIN_FREE) is nearly full: acted on at once, never held for a breach window.
+NEAR_FULL_FREE_PERCENT = 5
+NEAR_FULL_MIN_FREE = 2
 
 
 class Level(enum.StrEnum):
@@ -64,9 +80,19 @@ class Hold(enum.StrEnum):
     """Why a step that had something to do did not do it."""
 
     PAUSED = "Paused"
+    BLOCKED = "Blocked"
     COOLDOWN = "Cooldown"
     MIN_POD_AGE = "MinPodAge"
     BREACH_WINDOW = "BreachWindow"
+
+
+class RestartCause(enum.StrEnum):
+    """Why terminating backends cannot hold the budget, so pods are restarted."""
+
+    IDLE_IN_TRANSACTION = "IdleInTransaction"
+    NOT_TERMINABLE = "NotTerminable"
+    POOLED_CLIENTS = "PooledClients"
+    TERMINATION_INSUFFICIENT = "TerminationInsufficient"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,6 +117,8 @@ class Decision:
     seconds_to_full: float | None
     reasons: tuple[str, ...]  # why, in words, for status and Events
     holds: tuple[tuple[Step, Hold, str], ...]  # steps that waited, and why
+    restart_cause: RestartCause | None = None
+    next_poll_seconds: float = 10.0
 
     @property
     def remediating(self) -> bool:
@@ -110,6 +138,13 @@ def decide_level(usage: Usage) -> Level:
     return Level.WITHIN
 
 
+def is_nearly_full(usage: Usage) -> bool:
+    """Tell whether the server has (almost) no usable slot left for anyone."""
+    free = usage.usable_slots - usage.server_total
+    margin = max(NEAR_FULL_MIN_FREE, math.ceil(usage.usable_slots * NEAR_FULL_FREE_PERCENT / 100))
+    return free <= margin
+
+
 def _transition(old: Level, new: Level) -> Transition | None:
     if new == old:
         return None
@@ -122,18 +157,28 @@ def _transition(old: Level, new: Level) -> Transition | None:
     return None
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Idle:
-    pod: PodInfo
-    backends: tuple[IdleBackend, ...]
+def _terminate_after(owner: OwnerEvidence | None, spec: BudgetSpec) -> float:
+    """Idle seconds after which a governed backend of ``owner`` may be terminated."""
+    if owner is None:
+        return float(spec.leak_idle_seconds)
+    return owner.terminate_after
 
 
-def _idle_by_pod(
-    attributed: Sequence[Attributed], spec: BudgetSpec, namespace: str
-) -> dict[str, _Idle]:
-    """Idle direct backends of governed, non-terminating pods, per pod, longest idle first."""
-    out: dict[str, list[IdleBackend]] = {}
-    pods: dict[str, PodInfo] = {}
+def plan_terminations(
+    *,
+    attributed: Sequence[Attributed],
+    owners: Mapping[str, OwnerEvidence],
+    spec: BudgetSpec,
+    namespace: str,
+    spare: frozenset[str] = frozenset(),
+) -> tuple[IdleBackend, ...]:
+    """Choose the idle backends the evidence says are abandoned; at most ``maxPerCycle``.
+
+    Only ``idle`` backends (never ``active`` or ``idle in transaction``) of governed pods that are
+    not terminating and not in ``spare`` (pods restarted in this cycle), each idle at least its
+    owner's ``terminate_after``; the longest idle first.
+    """
+    chosen: list[IdleBackend] = []
     for a in attributed:
         pod = a.pod
         if (
@@ -141,85 +186,110 @@ def _idle_by_pod(
             or a.group.state != "idle"
             or pod is None
             or pod.terminating
+            or pod.name in spare
             or not is_governed(pod, spec.selector, namespace)
         ):
             continue
-        pods[pod.name] = pod
-        out.setdefault(pod.name, []).extend(
+        after = _terminate_after(owners.get(pod.owner), spec)
+        chosen.extend(
             IdleBackend(pid=pid, pod=pod.name, idle_seconds=idle_s, backend_start=start)
             for pid, idle_s, start in a.group.idle
+            if idle_s >= after
         )
-    return {
-        name: _Idle(pod=pods[name], backends=tuple(sorted(bs, key=lambda b: -b.idle_seconds)))
-        for name, bs in out.items()
-    }
-
-
-def plan_terminations(
-    *,
-    idle: Mapping[str, _Idle],
-    spec: BudgetSpec,
-    breached: bool,
-    excess: int,
-) -> tuple[IdleBackend, ...]:
-    """Choose idle backends to terminate (see the module's rules); at most ``maxPerCycle``."""
-    leak_after = spec.leak_idle_seconds
-    min_idle = spec.remediation.terminate_idle.min_idle_seconds
-    worst = max((len(i.backends) for i in idle.values()), default=0)
-    leaked: list[IdleBackend] = []
-    young: list[IdleBackend] = []
-    # Pods holding the most idle backends first; in each, the longest idle first.
-    for entry in sorted(idle.values(), key=lambda i: (-len(i.backends), i.pod.name)):
-        reused_pool = 2 * len(entry.backends) < worst
-        for b in entry.backends:
-            if b.idle_seconds > leak_after:
-                leaked.append(b)
-            elif breached and not reused_pool and b.idle_seconds >= min_idle:
-                young.append(b)
-    chosen = leaked + young[: max(excess - len(leaked), 0)]
+    chosen.sort(key=lambda b: (-b.idle_seconds, b.pid))
     return tuple(chosen[: spec.remediation.terminate_idle.max_per_cycle])
 
 
-def _restart_candidates(
+def _pooled_offenders(
     *,
-    idle: Mapping[str, _Idle],
     pods: Sequence[PodInfo],
     pooler_clients: Mapping[str, Sequence[PoolerClient]],
+    owners: Mapping[str, OwnerEvidence],
+    spec: BudgetSpec,
+) -> dict[str, int]:
+    """Pods holding PgBouncer clients idle beyond their owner's abandon age (never a pool's)."""
+    floor = float(spec.remediation.terminate_idle.min_idle_seconds)
+    out: dict[str, int] = {}
+    for pod in pods:
+        ev = owners.get(pod.owner)
+        if ev is not None and ev.cls is OwnerClass.POOLING:
+            continue
+        after = ev.abandon_after if ev is not None else abandon_after(None, floor=floor)
+        n = sum(1 for c in pooler_clients.get(pod.name, ()) if c.idle_seconds >= after)
+        if n:
+            out[pod.name] = n
+    return out
+
+
+def _restart_cause(
+    *,
+    pods: Sequence[PodInfo],
+    owners: Mapping[str, OwnerEvidence],
+    pooled: Mapping[str, int],
+    spec: BudgetSpec,
+    termination_possible: bool,
+    insufficient: bool,
+) -> tuple[RestartCause | None, dict[str, int]]:
+    """Why termination cannot hold the budget, and the offending pods with their leaked counts."""
+    leaking = [o for o in owners.values() if o.cls is OwnerClass.LEAKING]
+    by_pod = {p.name: p for p in pods}
+    in_tx = {
+        name: n
+        for o in leaking
+        for name, n in o.in_transaction_by_pod.items()
+        if name in by_pod and by_pod[name].owner == o.owner
+    }
+    if in_tx:
+        return RestartCause.IDLE_IN_TRANSACTION, in_tx
+    if not termination_possible or Step.TERMINATE_IDLE not in spec.remediation.steps:
+        held = {
+            name: n
+            for o in leaking
+            for name, n in o.abandoned_by_pod.items()
+            if name in by_pod and by_pod[name].owner == o.owner
+        }
+        if held:
+            return RestartCause.NOT_TERMINABLE, held
+    if pooled:
+        return RestartCause.POOLED_CLIENTS, dict(pooled)
+    if insufficient:
+        held = {
+            name: n
+            for o in owners.values()
+            if o.cls is not OwnerClass.POOLING
+            for name, n in o.abandoned_by_pod.items()
+            if name in by_pod and by_pod[name].owner == o.owner
+        }
+        if held:
+            return RestartCause.TERMINATION_INSUFFICIENT, held
+    return None, {}
+
+
+def _plan_restarts(
+    *,
+    offenders: Mapping[str, int],
+    pods: Sequence[PodInfo],
     spec: BudgetSpec,
     namespace: str,
     now: float,
-    releaking: set[str],
-) -> tuple[list[PodInfo], int]:
-    """Governed pods worth restarting, worst first, and how many were too young to restart."""
-    min_idle = spec.remediation.terminate_idle.min_idle_seconds
-    scored: list[tuple[int, int, int, str, PodInfo]] = []
-    too_young = 0
-    for pod in pods:
-        if pod.terminating or not is_governed(pod, spec.selector, namespace):
-            continue
-        stale_idle = (
-            sum(1 for b in idle[pod.name].backends if b.idle_seconds >= min_idle)
-            if pod.name in idle
-            else 0
-        )
-        pooled = sum(1 for c in pooler_clients.get(pod.name, ()) if c.idle_seconds >= min_idle)
-        if stale_idle + pooled == 0:
-            continue  # holds nothing that looks leaked: not an offender
-        if now - pod.created_at < spec.remediation.restart_pods.min_pod_age_seconds:
-            too_young += 1
-            continue
-        scored.append(
-            (0 if pod.name in releaking else 1, -(stale_idle + pooled), -stale_idle, pod.name, pod)
-        )
-    scored.sort(key=lambda s: s[:4])
-    return [s[4] for s in scored], too_young
-
-
-def _plan_restarts(candidates: Sequence[PodInfo], spec: BudgetSpec) -> tuple[RestartPod, ...]:
+) -> tuple[tuple[RestartPod, ...], int]:
+    """Restarts of the worst offenders (most leaked connections first) within the limits, and how
+    many offenders were too young to restart."""
     rp = spec.remediation.restart_pods
     out: list[RestartPod] = []
     owners_done: set[str] = set()
-    for pod in candidates:
+    too_young = 0
+    eligible = [
+        p
+        for p in pods
+        if p.name in offenders and not p.terminating and is_governed(p, spec.selector, namespace)
+    ]
+    for pod in sorted(eligible, key=lambda p: (-offenders[p.name], p.name)):
+        if now - pod.created_at < rp.min_pod_age_seconds:
+            too_young += 1
+            continue
+        if len(out) >= rp.max_pods_per_cycle:
+            continue
         if rp.method is RestartMethod.ROLLOUT_RESTART:
             # One rollout restart per workload: it replaces every pod of it, gradually.
             if pod.owner in owners_done or pod.owner_kind == "Pod":
@@ -235,9 +305,7 @@ def _plan_restarts(candidates: Sequence[PodInfo], spec: BudgetSpec) -> tuple[Res
                 owner_name=pod.owner_name or pod.name,
             )
         )
-        if len(out) >= rp.max_pods_per_cycle:
-            break
-    return tuple(out)
+    return tuple(out), too_young
 
 
 def plan_scaling(
@@ -269,6 +337,97 @@ def plan_scaling(
     return None
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Timing:
+    """When a breach may be acted on, and why (in words)."""
+
+    act: bool
+    sustained: bool  # over the budget for breachSeconds at least
+    breach_since: float | None
+    to_full: float | None
+    reasons: tuple[str, ...]
+    hold: str | None  # why a breach waits, if it does
+
+
+def _breach_timing(
+    *,
+    spec: BudgetSpec,
+    usage: Usage,
+    level: Level,
+    now: float,
+    memory: Memory,
+    episode_since: float | None,
+    history: Sequence[tuple[float, int]],
+) -> _Timing:
+    rem = spec.remediation
+    over = level is Level.OVER
+    breach_since = (memory.breach_since or now) if over else None
+    breached_for = now - breach_since if breach_since is not None else 0.0
+    to_full = forecast.seconds_to_full(history=history, usable_slots=usage.usable_slots)
+    reasons: list[str] = []
+    sustained = over and breached_for >= rem.breach_seconds
+    full = over and is_nearly_full(usage)
+    # The next chance to act is one poll away: full before the window ends *or* before the next
+    # poll is too late.
+    urgent = (
+        over
+        and to_full is not None
+        and to_full < rem.breach_seconds - breached_for + spec.poll_seconds
+    )
+    # A leak already confirmed in this episode needs no second breach window.
+    relapse = over and episode_since is not None
+    if over:
+        reasons.append(
+            f"{usage.connections} connections over the budget of {usage.budget} "
+            f"for {breached_for:.0f}s (breachSeconds {rem.breach_seconds})"
+        )
+    if to_full is not None:
+        reasons.append(f"at the recent growth rate the server is full in {to_full:.0f}s")
+    act = sustained or full or urgent or relapse
+    if act:
+        why = (
+            "the server is full or nearly full"
+            if full
+            else "the breach lasted breachSeconds"
+            if sustained
+            else "over the budget again in the same episode"
+            if relapse
+            else "the server would be full before breachSeconds (or the next poll)"
+        )
+        reasons.append(f"acting: {why}")
+    hold = (
+        f"waiting {rem.breach_seconds - breached_for:.0f}s more before acting"
+        if over and not act
+        else None
+    )
+    return _Timing(
+        act=act,
+        sustained=sustained,
+        breach_since=breach_since,
+        to_full=to_full,
+        reasons=tuple(reasons),
+        hold=hold,
+    )
+
+
+def decide_poll_seconds(
+    *, spec: BudgetSpec, level: Level, owners: Mapping[str, OwnerEvidence], to_full: float | None
+) -> float:
+    """The cadence for the next probe: ``FAST_POLL_SECONDS`` while it matters, else pollSeconds.
+
+    It matters while usage is at or above the warning line, while an owner leaks (its abandoned
+    connections are terminated at the leak's pace, not a poll late), and when the forecast says
+    the server is full within ``FAST_POLL_WITHIN_POLLS`` polls.
+    """
+    poll = float(spec.poll_seconds)
+    busy = (
+        level is not Level.WITHIN
+        or any(o.cls is OwnerClass.LEAKING for o in owners.values())
+        or (to_full is not None and to_full < FAST_POLL_WITHIN_POLLS * poll)
+    )
+    return min(float(FAST_POLL_SECONDS), poll) if busy else poll
+
+
 def decide(
     *,
     spec: BudgetSpec,
@@ -282,18 +441,25 @@ def decide(
     history: Sequence[tuple[float, int]],
     memory: Memory,
     paused: bool,
+    owners: Mapping[str, OwnerEvidence] | None = None,
+    blocked: str | None = None,
+    termination_possible: bool = True,
 ) -> Decision:
-    """Decide this cycle's level, actions and next memory (the rules: see the module docstring)."""
+    """Decide this cycle's level, actions and next memory (the rules: see the module docstring).
+
+    ``owners`` is the evidence per owning workload (``policy.evidence``); ``history`` the
+    ``(time, connections)`` series for the forecast, with what the operator removed added back;
+    ``blocked`` what stops every action (a problem only the operator can judge) other than a
+    pause; ``termination_possible`` is False when the last termination was refused.
+    """
+    owners = owners or {}
     rem = spec.remediation
     level = decide_level(usage)
-    over = level is Level.OVER
-    reasons: list[str] = []
     holds: list[tuple[Step, Hold, str]] = []
 
     # Hysteresis: after a breach, usage between the warning line and the budget is not recovery.
     in_episode = memory.episode_since is not None or memory.level is Level.OVER
     episode_since: float | None
-    escalation: int
     cleaned: tuple[str, ...]
     if level is Level.WITHIN or not in_episode:
         episode_since, escalation, cleaned = None, 0, ()
@@ -303,144 +469,71 @@ def decide(
             memory.escalation,
             memory.cleaned_pods,
         )
-    transition = _transition(memory.level, level)
-
-    breach_since = (memory.breach_since or now) if over else None
-    breached_for = now - breach_since if breach_since is not None else 0.0
-    to_full = forecast.seconds_to_full(history=history, usable_slots=usage.usable_slots)
-    sustained = over and breached_for >= rem.breach_seconds
-    # The next chance to act is one poll away: full before the window ends *or* before the next
-    # poll is too late.
-    urgent = (
-        over
-        and to_full is not None
-        and (to_full < rem.breach_seconds - breached_for + spec.poll_seconds)
+    timing = _breach_timing(
+        spec=spec,
+        usage=usage,
+        level=level,
+        now=now,
+        memory=memory,
+        episode_since=episode_since,
+        history=history,
     )
-    # A leak already confirmed in this episode needs no second breach window.
-    relapse = over and episode_since is not None
-    if over:
+    reasons = list(timing.reasons)
+    if timing.hold is not None:
+        holds.append((rem.steps[0], Hold.BREACH_WINDOW, timing.hold))
+    if timing.act and episode_since is None:
+        episode_since, escalation, cleaned = now, 0, ()
+    leaking = sorted(o.owner for o in owners.values() if o.cls is OwnerClass.LEAKING)
+    if leaking:
         reasons.append(
-            f"{usage.connections} connections over the budget of {usage.budget} "
-            f"for {breached_for:.0f}s (breachSeconds {rem.breach_seconds})"
+            "leaking: "
+            + ", ".join(
+                f"{o} ({owners[o].rate_per_minute:.0f}/min, abandoned after "
+                f"{owners[o].abandon_after:.0f}s idle)"
+                for o in leaking
+            )
         )
-    if to_full is not None:
-        reasons.append(f"at the recent growth rate the server is full in {to_full:.0f}s")
-    act_on_breach = sustained or urgent or relapse
-    if over and not act_on_breach:
+
+    actions: list[Action] = []
+    restart_cause: RestartCause | None = None
+    in_cooldown = memory.cooldown_until is not None and now < memory.cooldown_until
+    if paused or blocked is not None:
         holds.append(
             (
                 rem.steps[0],
-                Hold.BREACH_WINDOW,
-                f"waiting {rem.breach_seconds - breached_for:.0f}s more before acting",
+                Hold.PAUSED if paused else Hold.BLOCKED,
+                "the connbudget.io/paused annotation is set" if paused else f"blocked: {blocked}",
             )
         )
-    if act_on_breach:
-        reasons.append(
-            "acting: "
-            + (
-                "the breach lasted breachSeconds"
-                if sustained
-                else "over the budget again in the same episode"
-                if relapse
-                else "the server would be full before breachSeconds (or the next poll)"
-            )
-        )
-        if episode_since is None:
-            episode_since, escalation, cleaned = now, 0, ()
-
-    idle = _idle_by_pod(attributed, spec, namespace)
-    releaking = {
-        name
-        for name in cleaned
-        if name in idle
-        and any(b.idle_seconds >= rem.terminate_idle.min_idle_seconds for b in idle[name].backends)
-    }
-    excess = max(usage.connections - usage.warning_line + 1, 0) if act_on_breach else 0
-    in_cooldown = memory.cooldown_until is not None and now < memory.cooldown_until
-    actions: list[Action] = []
-    cooldown_until = memory.cooldown_until
-    acted_at: int | None = None
-
-    if paused:
-        holds.append((rem.steps[0], Hold.PAUSED, "the connbudget.io/paused annotation is set"))
     else:
-        allowed = escalation
-        if act_on_breach and releaking and Step.RESTART_PODS in rem.steps:
-            allowed = max(allowed, rem.steps.index(Step.RESTART_PODS))
-            reasons.append(f"re-leaking after termination: {', '.join(sorted(releaking))}")
-        for idx, step in enumerate(rem.steps):
-            if idx > allowed:
-                break
-            found = False
-            if step is Step.TERMINATE_IDLE:
-                chosen = plan_terminations(
-                    idle=idle, spec=spec, breached=act_on_breach, excess=excess
-                )
-                if chosen:
-                    actions.append(TerminateBackends(backends=chosen))
-                    found = True
-            elif not act_on_breach:
-                pass  # restarts and scale-downs only remedy a breach
-            elif step is Step.RESTART_PODS:
-                candidates, too_young = _restart_candidates(
-                    idle=idle,
-                    pods=pods,
-                    pooler_clients=pooler_clients,
-                    spec=spec,
-                    namespace=namespace,
-                    now=now,
-                    releaking=releaking,
-                )
-                restarts = _plan_restarts(candidates, spec)
-                if restarts and in_cooldown:
-                    holds.append((step, Hold.COOLDOWN, "restarts wait for the cooldown"))
-                    found = True
-                elif restarts:
-                    actions.extend(restarts)
-                    found = True
-                elif too_young:
-                    holds.append(
-                        (
-                            step,
-                            Hold.MIN_POD_AGE,
-                            f"{too_young} offending pods are younger "
-                            f"than minPodAgeSeconds {rem.restart_pods.min_pod_age_seconds}",
-                        )
-                    )
-            elif step is Step.SCALE_POOLER:
-                scale = plan_scaling(spec=spec, usage=usage, pooler=pooler, breached=True)
-                if scale and in_cooldown:
-                    holds.append((step, Hold.COOLDOWN, "scaling waits for the cooldown"))
-                    found = True
-                elif scale:
-                    actions.append(scale)
-                    found = True
-            if found:
-                acted_at = idx
-            elif idx == allowed and act_on_breach:
-                allowed += 1  # nothing to do here: try the next step in this cycle
-        if act_on_breach:
-            # Still breached next cycle? Then the step after the furthest one that acted may act.
-            escalation = min(
-                max(allowed, (acted_at if acted_at is not None else allowed) + 1),
-                len(rem.steps) - 1,
-            )
-        if not act_on_breach and Step.SCALE_POOLER in rem.steps:
-            scale = plan_scaling(spec=spec, usage=usage, pooler=pooler, breached=False)
-            if scale and in_cooldown:
-                holds.append((Step.SCALE_POOLER, Hold.COOLDOWN, "scaling waits for the cooldown"))
-            elif scale:
-                actions.append(scale)
+        actions, restart_cause, escalation = _plan_actions(
+            spec=spec,
+            namespace=namespace,
+            now=now,
+            usage=usage,
+            attributed=attributed,
+            pods=pods,
+            pooler=pooler,
+            pooler_clients=pooler_clients,
+            owners=owners,
+            act=timing.act,
+            sustained=timing.sustained,
+            escalation=escalation,
+            in_cooldown=in_cooldown,
+            termination_possible=termination_possible,
+            holds=holds,
+            reasons=reasons,
+        )
 
-    disruptive = any(isinstance(a, RestartPod | ScalePooler) for a in actions)
-    if disruptive:
+    cooldown_until = memory.cooldown_until
+    if any(isinstance(a, RestartPod | ScalePooler) for a in actions):
         cooldown_until = now + rem.cooldown_seconds
     terminated_pods = {
         b.pod for a in actions if isinstance(a, TerminateBackends) for b in a.backends
     }
     new_memory = Memory(
         level=level,
-        breach_since=breach_since,
+        breach_since=timing.breach_since,
         cooldown_until=cooldown_until if cooldown_until is None or cooldown_until > now else None,
         episode_since=episode_since,
         escalation=escalation if episode_since is not None else 0,
@@ -448,13 +541,131 @@ def decide(
     )
     if level is Level.WITHIN:
         new_memory = replace(new_memory, episode_since=None, escalation=0, cleaned_pods=())
+    to_full = timing.to_full
     return Decision(
         level=level,
-        transition=transition,
+        transition=_transition(memory.level, level),
         actions=tuple(actions),
         dry_run=rem.dry_run,
         memory=new_memory,
         seconds_to_full=None if to_full is None or math.isinf(to_full) else to_full,
         reasons=tuple(reasons),
         holds=tuple(holds),
+        restart_cause=restart_cause,
+        next_poll_seconds=decide_poll_seconds(
+            spec=spec, level=level, owners=owners, to_full=to_full
+        ),
     )
+
+
+def _plan_actions(
+    *,
+    spec: BudgetSpec,
+    namespace: str,
+    now: float,
+    usage: Usage,
+    attributed: Sequence[Attributed],
+    pods: Sequence[PodInfo],
+    pooler: PoolerSample | None,
+    pooler_clients: Mapping[str, Sequence[PoolerClient]],
+    owners: Mapping[str, OwnerEvidence],
+    act: bool,
+    sustained: bool,
+    escalation: int,
+    in_cooldown: bool,
+    termination_possible: bool,
+    holds: list[tuple[Step, Hold, str]],
+    reasons: list[str],
+) -> tuple[list[Action], RestartCause | None, int]:
+    """The actions of a cycle that is neither paused nor blocked, the restart cause, and the
+    escalation for the next cycle."""
+    rem = spec.remediation
+    steps = rem.steps
+    actions: list[Action] = []
+    restart_cause: RestartCause | None = None
+    restarts: tuple[RestartPod, ...] = ()
+    terminate = Step.TERMINATE_IDLE in steps and termination_possible
+    # What termination would remove this cycle, before any restart is decided.
+    removable = (
+        plan_terminations(attributed=attributed, owners=owners, spec=spec, namespace=namespace)
+        if terminate
+        else ()
+    )
+    if act and Step.RESTART_PODS in steps:
+        step_at = steps.index(Step.RESTART_PODS)
+        # More over the budget than terminations can remove, for a whole breach window, after a
+        # cycle of the steps before restarts: termination cannot hold it.
+        insufficient = (
+            sustained
+            and escalation >= step_at
+            and usage.connections - len(removable) > usage.budget
+        )
+        cause, offenders = _restart_cause(
+            pods=pods,
+            owners=owners,
+            pooled=_pooled_offenders(
+                pods=pods, pooler_clients=pooler_clients, owners=owners, spec=spec
+            ),
+            spec=spec,
+            termination_possible=terminate,
+            insufficient=insufficient,
+        )
+        if cause is not None:
+            planned, too_young = _plan_restarts(
+                offenders=offenders, pods=pods, spec=spec, namespace=namespace, now=now
+            )
+            reasons.append(f"restarting because {_CAUSE_TEXT[cause]}")
+            if planned and in_cooldown:
+                holds.append((Step.RESTART_PODS, Hold.COOLDOWN, "restarts wait for the cooldown"))
+            elif planned:
+                restarts = planned
+                restart_cause = cause
+            elif too_young:
+                holds.append(
+                    (
+                        Step.RESTART_PODS,
+                        Hold.MIN_POD_AGE,
+                        f"{too_young} offending pods are younger "
+                        f"than minPodAgeSeconds {rem.restart_pods.min_pod_age_seconds}",
+                    )
+                )
+    if terminate:
+        # Never terminate the backends of a pod that is being evicted or deleted in this cycle.
+        spare = frozenset(r.pod for r in restarts if r.method is not RestartMethod.ROLLOUT_RESTART)
+        chosen = (
+            plan_terminations(
+                attributed=attributed, owners=owners, spec=spec, namespace=namespace, spare=spare
+            )
+            if spare
+            else removable
+        )
+        if chosen:
+            actions.append(TerminateBackends(backends=chosen))
+    actions.extend(restarts)
+    if Step.SCALE_POOLER in steps:
+        scale_at = steps.index(Step.SCALE_POOLER)
+        # Scaling down waits until the steps before it have had a cycle, unless they have
+        # nothing to do.
+        reached = escalation >= scale_at or (not removable and not restarts)
+        scale = plan_scaling(spec=spec, usage=usage, pooler=pooler, breached=act)
+        if act and not reached and scale is not None and scale.desired < scale.current:
+            scale = None
+        if scale is not None and in_cooldown:
+            holds.append((Step.SCALE_POOLER, Hold.COOLDOWN, "scaling waits for the cooldown"))
+        elif scale is not None:
+            actions.append(scale)
+    if act:
+        escalation = min(escalation + 1, len(steps) - 1)
+    return actions, restart_cause, escalation
+
+
+_CAUSE_TEXT = {
+    RestartCause.IDLE_IN_TRANSACTION: (
+        "leaked connections sit idle in a transaction (terminating them would roll it back)"
+    ),
+    RestartCause.NOT_TERMINABLE: "leaked connections may not be terminated",
+    RestartCause.POOLED_CLIENTS: "leaked clients are held in PgBouncer",
+    RestartCause.TERMINATION_INSUFFICIENT: (
+        "terminations cannot bring usage back within the budget"
+    ),
+}

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from connbudget.model.observations import PodInfo, PoolerClient, ServerSample
 from connbudget.model.spec import BudgetSpec, LabelSelector, Scope
 from connbudget.policy.attribution import Attributed, Via
+from connbudget.policy.evidence import OwnerEvidence, abandon_after
 
 TOP_OWNERS = 10  # status.usage.byOwner keeps the ten biggest owners
 
@@ -21,8 +22,13 @@ class OwnerUsage:
     pods: int
     connections: int
     idle: int
-    leaked: int
+    leaked: int  # abandoned connections (policy.evidence) and PgBouncer clients idle as long
     pooled: int = 0  # clients this owner holds in PgBouncer (their server side is the pooler's)
+    abandoned: int = 0  # its direct connections idle beyond abandon_after
+    cls: str | None = None  # Leaking, Pooling or Steady (None: not governed, not judged)
+    leak_rate: float = 0.0  # abandoned connections opened per second
+    abandon_after: float | None = None  # idle seconds after which its connections are abandoned
+    max_reuse_gap: float | None = None  # the longest idle gap seen before a connection's reuse
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,7 +39,7 @@ class Usage:
     server_max_connections: int
     reserved: int
     server_total: int  # every client backend on the server (but the probe's)
-    leaked: int  # idle backends of governed pods idle longer than leakDetection.idleSeconds
+    leaked: int  # abandoned connections of governed pods (see policy.evidence)
     unattributed: int  # counted backends attributed to no pod
     by_owner: tuple[OwnerUsage, ...]
 
@@ -54,6 +60,23 @@ class _OwnerTally:
     idle: int = 0
     leaked: int = 0
     pooled: int = 0
+    pooled_leaked: int = 0
+
+
+def _owner_usage(owner: str, t: _OwnerTally, ev: OwnerEvidence | None) -> OwnerUsage:
+    return OwnerUsage(
+        owner=owner,
+        pods=len(t.pods),
+        connections=t.connections,
+        idle=t.idle,
+        leaked=t.leaked + t.pooled_leaked,
+        pooled=t.pooled,
+        abandoned=t.leaked,
+        cls=ev.cls.value if ev is not None else None,
+        leak_rate=ev.leak_rate if ev is not None else 0.0,
+        abandon_after=ev.abandon_after if ev is not None else None,
+        max_reuse_gap=ev.max_gap if ev is not None else None,
+    )
 
 
 def is_governed(pod: PodInfo | None, selector: LabelSelector, namespace: str) -> bool:
@@ -78,54 +101,50 @@ def compute_usage(
     attributed: Sequence[Attributed],
     pooled: Mapping[str, Sequence[PoolerClient]] | None = None,
     pods: Mapping[str, PodInfo] | None = None,
+    owners: Mapping[str, OwnerEvidence] | None = None,
 ) -> Usage:
     """Count what the budget counts, and who holds it.
 
     ``pooled`` maps pod names to their PgBouncer clients, so a leak through the pooler shows up
-    under the pod's own workload, not only under the pooler's.
+    under the pod's own workload, not only under the pooler's. ``owners`` is the evidence of the
+    governed owners: their abandoned connections are the leaked ones, and their class and leak
+    rate go with them.
     """
+    owners = owners or {}
+    floor = float(spec.remediation.terminate_idle.min_idle_seconds)
     budget = spec.budget.resolve(
         server_max_connections=sample.max_connections, reserved=sample.reserved
     )
     counted = [a for a in attributed if _counts_in_scope(a, spec, sample, namespace)]
-    leak_after = spec.leak_idle_seconds
-    leaked = sum(
-        sum(1 for _, idle_s, _ in a.group.idle if idle_s > leak_after)
-        for a in attributed
-        if a.via is not Via.POOLER and is_governed(a.pod, spec.selector, namespace)
-    )
-    owners: dict[str, _OwnerTally] = {}
+    tallies: dict[str, _OwnerTally] = {}
     for a in attributed:
         if a.pod is None:
             continue
-        tally = owners.setdefault(a.pod.owner, _OwnerTally())
+        tally = tallies.setdefault(a.pod.owner, _OwnerTally())
         tally.pods.add(a.pod.name)
         tally.connections += a.group.count
         if a.group.state == "idle":
             tally.idle += a.group.count
-            tally.leaked += sum(1 for _, s, _ in a.group.idle if s > leak_after)
+    for name, ev in owners.items():
+        tallies.setdefault(name, _OwnerTally()).leaked += ev.abandoned
     for pod_name, clients in (pooled or {}).items():
         pod = (pods or {}).get(pod_name)
         if pod is None:
             continue
-        tally = owners.setdefault(pod.owner, _OwnerTally())
+        tally = tallies.setdefault(pod.owner, _OwnerTally())
         tally.pods.add(pod.name)
         tally.pooled += len(clients)
-        tally.leaked += sum(1 for c in clients if c.idle_seconds > leak_after)
+        judged = owners.get(pod.owner)
+        after = judged.abandon_after if judged is not None else abandon_after(None, floor=floor)
+        if is_governed(pod, spec.selector, namespace):
+            tally.pooled_leaked += sum(1 for c in clients if c.idle_seconds >= after)
     by_owner = sorted(
-        (
-            OwnerUsage(
-                owner=k,
-                pods=len(t.pods),
-                connections=t.connections,
-                idle=t.idle,
-                leaked=t.leaked,
-                pooled=t.pooled,
-            )
-            for k, t in owners.items()
-        ),
-        key=lambda u: (-(u.connections + u.pooled), u.owner),
+        (_owner_usage(k, t, owners.get(k)) for k, t in tallies.items()),
+        key=lambda u: (-u.leak_rate, -(u.connections + u.pooled), u.owner),
     )[:TOP_OWNERS]
+    leaked = sum(ev.abandoned for ev in owners.values()) + sum(
+        t.pooled_leaked for t in tallies.values()
+    )
     return Usage(
         connections=sum(a.group.count for a in counted),
         budget=budget,

@@ -189,7 +189,7 @@ class LenientJsonLoader(Loader):
 
 
 def _group(raw: Sequence[Any]) -> BackendGroup:
-    database, user, app, addr, state, n, max_idle, oldest, idle = raw
+    database, user, app, addr, state, n, max_idle, oldest, backends = raw
     return BackendGroup(
         database=database,
         user=user,
@@ -199,7 +199,7 @@ def _group(raw: Sequence[Any]) -> BackendGroup:
         count=int(n),
         max_idle_seconds=float(max_idle or 0.0),
         oldest_backend_start=float(oldest),
-        idle=tuple((int(p), float(s), float(t)) for p, s, t in (idle or ())),
+        backends=tuple((int(p), float(s), float(t)) for p, s, t in (backends or ())),
     )
 
 

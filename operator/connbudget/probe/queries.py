@@ -8,8 +8,10 @@ from __future__ import annotations
 from typing import Final, LiteralString
 
 # One round trip per poll: the server's clock, its limits, and client backends grouped by
-# database, user, application, address and state. Idle groups carry their backends (pid, idle
-# seconds, start), longest idle first, as termination candidates. The probe's own backend is left
+# database, user, application, address and state. Every group carries its backends (pid, seconds
+# since state_change, start), longest in its state first: idle ones are termination candidates,
+# and their state_change, followed poll after poll, tells a reused connection from an abandoned
+# one (policy.evidence). The probe's own backend is left
 # out by pid; other connbudget probes are left out by application_name in the policy.
 BACKENDS: Final[LiteralString] = """
 WITH b AS (
@@ -19,20 +21,17 @@ WITH b AS (
            coalesce(application_name, '') AS app,
            host(client_addr) AS addr,
            state,
-           CASE WHEN state = 'idle'
-                THEN extract(epoch FROM now() - coalesce(state_change, backend_start))::float8
-                ELSE 0 END AS idle_s,
+           extract(epoch FROM now() - coalesce(state_change, backend_start))::float8 AS in_state_s,
            extract(epoch FROM backend_start)::float8 AS started
     FROM pg_stat_activity
     WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
 ), g AS (
     SELECT datname, usename, app, addr, state,
            count(*)::int AS n,
-           max(idle_s) AS max_idle,
+           CASE WHEN state = 'idle' THEN max(in_state_s) ELSE 0 END AS max_idle,
            min(started) AS oldest,
-           CASE WHEN state = 'idle'
-                THEN json_agg(json_build_array(pid, idle_s, started) ORDER BY idle_s DESC)
-           END AS idle
+           json_agg(json_build_array(pid, in_state_s, started) ORDER BY in_state_s DESC)
+               AS backends
     FROM b
     GROUP BY datname, usename, app, addr, state
 )
@@ -42,7 +41,7 @@ SELECT extract(epoch FROM now())::float8,
        current_setting('superuser_reserved_connections')::int
            + coalesce(current_setting('reserved_connections', true)::int, 0),
        coalesce((SELECT json_agg(json_build_array(datname, usename, app, addr, state, n,
-                                                  max_idle, oldest, idle)) FROM g), '[]'::json)
+                                                  max_idle, oldest, backends)) FROM g), '[]'::json)
 """
 
 # Terminate backends only if they are still the same backends (pid and start time) and still idle

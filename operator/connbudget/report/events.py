@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from connbudget.model.actions import Action, RestartPod, TerminateBackends
 from connbudget.model.spec import RestartMethod
+from connbudget.policy.evidence import OwnerEvidence
 from connbudget.policy.usage import Usage
 
 NORMAL = "Normal"
@@ -22,6 +23,7 @@ class EventReason(enum.StrEnum):
     BUDGET_WARNING = "BudgetWarning"
     BUDGET_EXCEEDED = "BudgetExceeded"
     BUDGET_RECOVERED = "BudgetRecovered"
+    LEAK_DETECTED = "LeakDetected"
     IDLE_TERMINATED = "IdleConnectionsTerminated"
     POD_EVICTED = "PodEvicted"
     POD_DELETED = "PodDeleted"
@@ -42,6 +44,27 @@ def usage_text(u: Usage) -> str:
     return (
         f"{u.connections}/{u.budget} connections ({u.percent:.0f}% of the budget; server "
         f"{u.server_total}/{u.server_max_connections})" + (f"; top: {top}" if top else "")
+    )
+
+
+def leak_text(ev: OwnerEvidence) -> str:
+    """Who leaks, how fast, and from when on its connections count as abandoned."""
+    rate = ev.leak_rate
+    pace = f"{rate:.1f} connections/s" if rate >= 1 else f"{ev.rate_per_minute:.0f} connections/min"
+    return (
+        f"{ev.owner} leaks about {pace}: its connections are abandoned after "
+        f"{ev.abandon_after:.0f}s idle"
+        + (
+            f" (the longest idle gap before reuse seen is {ev.max_gap:.0f}s)"
+            if ev.max_gap is not None
+            else " (none was seen reused)"
+        )
+        + f"; {ev.abandoned} abandoned now"
+        + (
+            f", {ev.abandoned_in_transaction} of them idle in a transaction"
+            if ev.abandoned_in_transaction
+            else ""
+        )
     )
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from connbudget.model.observations import BackendGroup
+from connbudget.policy.evidence import OwnerEvidence
 from connbudget.policy.usage import Usage
 
 LABELS = ("namespace", "budget")
@@ -75,6 +76,24 @@ class Metrics:
             [*LABELS, "reason"],
             registry=r,
         )
+        self.leak_rate = Gauge(
+            "connbudget_leak_rate_connections_per_second",
+            "Abandoned connections a governed workload opens per second (0: not leaking).",
+            [*LABELS, "owner"],
+            registry=r,
+        )
+        self.abandoned = Gauge(
+            "connbudget_abandoned_connections",
+            "Open connections of a governed workload idle beyond its learned abandon age.",
+            [*LABELS, "owner"],
+            registry=r,
+        )
+        self.terminated = Counter(
+            "connbudget_terminated_connections_total",
+            "Backends terminated.",
+            LABELS,
+            registry=r,
+        )
         self.db_connections = Gauge(
             "connbudget_monitor_connections",
             "Monitoring connections the operator holds open.",
@@ -83,6 +102,7 @@ class Metrics:
         self._states: dict[tuple[str, str], set[str]] = {}
         self._actions: dict[tuple[str, str], set[tuple[str, str]]] = {}
         self._reasons: dict[tuple[str, str], set[str]] = {}
+        self._owners: dict[tuple[str, str], set[str]] = {}
 
     def record_usage(
         self,
@@ -112,6 +132,26 @@ class Metrics:
             float("nan") if seconds_to_full is None else seconds_to_full
         )
 
+    def record_owners(self, namespace: str, budget: str, owners: Iterable[OwnerEvidence]) -> None:
+        """Leak rate and abandoned connections per owning workload (``Kind/name``, never pods)."""
+        key = (namespace, budget)
+        seen = set()
+        for ev in owners:
+            seen.add(ev.owner)
+            self.leak_rate.labels(namespace, budget, ev.owner).set(ev.leak_rate)
+            self.abandoned.labels(namespace, budget, ev.owner).set(ev.abandoned)
+        for owner in self._owners.get(key, set()) - seen:
+            self._remove_owner(namespace, budget, owner)
+        self._owners[key] = seen
+
+    def _remove_owner(self, namespace: str, budget: str, owner: str) -> None:
+        for g in (self.leak_rate, self.abandoned):
+            with contextlib.suppress(KeyError):
+                g.remove(namespace, budget, owner)
+
+    def record_terminated(self, namespace: str, budget: str, n: int) -> None:
+        self.terminated.labels(namespace, budget).inc(n)
+
     def record_probe(self, namespace: str, budget: str, seconds: float) -> None:
         self.probe_duration.labels(namespace, budget).observe(seconds)
 
@@ -134,6 +174,8 @@ class Metrics:
             self.actions.remove(namespace, budget, action, result)
         for reason in self._reasons.pop(key, set()):
             self.probe_errors.remove(namespace, budget, reason)
+        for owner in self._owners.pop(key, set()):
+            self._remove_owner(namespace, budget, owner)
         for g in (
             self.budget,
             self.usage_ratio,
@@ -142,6 +184,7 @@ class Metrics:
             self.server_max,
             self.seconds_to_full,
             self.probe_duration,
+            self.terminated,
         ):
             with contextlib.suppress(KeyError):
                 g.remove(namespace, budget)

@@ -14,7 +14,7 @@ from typing import Any
 from connbudget.model.conditions import STALLED_REASONS, Condition, ConditionType, Phase, Reason
 from connbudget.model.observations import PoolerSample
 from connbudget.policy.plan import Decision, Level, Memory
-from connbudget.policy.usage import Usage
+from connbudget.policy.usage import OwnerUsage, Usage
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,6 +269,19 @@ def worth_writing(
     return any(k != "lastProbeTime" and old.get(k) != v for k, v in new.items())
 
 
+def _owner_evidence(w: OwnerUsage) -> dict[str, Any]:
+    """What the evidence says of a governed owner (nothing for one it does not judge)."""
+    if w.cls is None:
+        return {}
+    return {
+        "class": w.cls,
+        "leakRatePerMinute": round(w.leak_rate * 60, 1),
+        "abandoned": w.abandoned,
+        "abandonAfterSeconds": round(w.abandon_after, 1) if w.abandon_after is not None else None,
+        "maxReuseGapSeconds": round(w.max_reuse_gap, 1) if w.max_reuse_gap is not None else None,
+    }
+
+
 def render_status(old: Mapping[str, Any] | None, o: Outcome) -> dict[str, Any]:
     """The whole new status (a merge patch: fields not rendered keep their old values)."""
     old = old or {}
@@ -304,6 +317,7 @@ def render_status(old: Mapping[str, Any] | None, o: Outcome) -> dict[str, Any]:
                     "idle": w.idle,
                     "leaked": w.leaked,
                     "pooled": w.pooled,
+                    **_owner_evidence(w),
                 }
                 for w in u.by_owner
             ],
@@ -316,6 +330,8 @@ def render_status(old: Mapping[str, Any] | None, o: Outcome) -> dict[str, Any]:
             "episodeSince": rfc3339_ms(m.episode_since) if m.episode_since else None,
             "escalation": m.escalation,
             "cleanedPods": list(m.cleaned_pods),
+            "restartCause": d.restart_cause.value if d.restart_cause else None,
+            "pollSeconds": d.next_poll_seconds,
             "reasons": list(d.reasons),
             "holds": [
                 {"step": s.value, "reason": h.value, "message": msg} for s, h, msg in d.holds
