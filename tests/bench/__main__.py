@@ -23,7 +23,7 @@ from bench import footprint as fleet_bench
 from bench.common import ROOT, Kube, Server, machine, say
 from sandbox.core import Sandbox
 
-PHASES = ("exhaustion", "latency", "probe", "footprint", "load")
+PHASES = report.PHASES
 BIG_MAX_CONNECTIONS = 1300  # 1,000 backends, the latency episodes and headroom
 
 
@@ -54,12 +54,38 @@ def operator_source() -> str:
     return f"commit {commit} (a copy in {where})"
 
 
+def merged(previous: dict[str, Any], phases: set[str]) -> dict[str, Any]:
+    """The previous results without the phases about to run, each kept phase tagged with the run
+    it came from (``from_run``), so the report can say so."""
+    keys = ("date", "machine", "quick", "repeats", "operator", "total_seconds")
+    origin = {k: previous[k] for k in keys if k in previous}
+    kept: dict[str, Any] = {}
+    for phase in PHASES:
+        if phase in previous and phase not in phases:
+            kept[phase] = previous[phase]
+            if isinstance(kept[phase], dict) and "from_run" not in kept[phase]:
+                kept[phase] = {**kept[phase], "from_run": origin}
+    return kept
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tests/bench/run", description=__doc__)
     parser.add_argument(
         "--quick", action="store_true", help="short phases and few repeats (for development)"
     )
     parser.add_argument("--only", action="append", choices=PHASES, help="run only these phases")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other phases' figures from the existing results.json (with --only)",
+    )
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=None,
+        help="leak rates of the exhaustion scenario (connections per second; default 1 7 20)",
+    )
     parser.add_argument("--skip-soak", action="store_true", help="leave out the load and soak")
     parser.add_argument("--soak-minutes", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=None, help="repeats of benchmarks 1 and 3")
@@ -82,13 +108,19 @@ def main(argv: list[str]) -> int:
     charts.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="connbudget-bench-"))
     started = time.time()
-    results: dict[str, Any] = {
+    run_info = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "quick": quick,
         "repeats": repeats,
         "operator": operator_source(),
     }
+    out = ROOT / "tests" / "bench" / "results.json"
+    results: dict[str, Any] = dict(run_info)
+    if args.merge and out.exists():
+        # The other phases keep their figures, each with the run it came from.
+        results = merged(json.loads(out.read_text()), phases)
+        results.update(run_info)
     say(f"connbudget benchmarks on {results['machine']}; logs in {work}")
     sb = Sandbox.up(progress=lambda m: say(f"sandbox: {m}"))
     try:
@@ -98,10 +130,11 @@ def main(argv: list[str]) -> int:
             results["exhaustion"] = exhaustion.run(
                 sb,
                 kube,
-                repeats=repeats,
-                window=40.0 if quick else 75.0,
+                window=45.0 if quick else 120.0,
+                warmup=10.0 if quick else 20.0,
                 out_dir=work,
                 charts=charts,
+                rates=tuple(args.rates or exhaustion.RATES),
             )
         if phases & {"latency", "probe", "footprint", "load"}:
             big = Server.start(sb, "big", max_connections=BIG_MAX_CONNECTIONS)
@@ -132,8 +165,8 @@ def main(argv: list[str]) -> int:
         sb.down()
         say("sandbox torn down")
     results["total_seconds"] = round(time.time() - started)
+    results["phases_run"] = sorted(phases & set(PHASES) & set(results))
     say(f"\nall done in {results['total_seconds'] / 60:.1f} min")
-    out = ROOT / "tests" / "bench" / "results.json"
     out.write_text(json.dumps(results, indent=2, default=report.to_json) + "\n")
     args.output.mkdir(parents=True, exist_ok=True)
     md = args.output / "BENCHMARKS.md"

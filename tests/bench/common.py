@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -212,6 +213,17 @@ class Server:
             else:
                 conn.execute(f"ALTER SYSTEM SET idle_session_timeout = '{int(seconds)}s'")
             conn.execute("SELECT pg_reload_conf()")
+
+    def log_backends(self) -> None:
+        """Prefix each line of the server's log with the backend's application_name, so a
+        terminated or timed-out backend (always logged: FATAL) names its pod."""
+        with self.superuser() as conn:
+            conn.execute(f"ALTER SYSTEM SET log_line_prefix = '{LOG_LINE_PREFIX}'")
+            conn.execute("ALTER SYSTEM SET log_timezone = 'UTC'")
+            conn.execute("SELECT pg_reload_conf()")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def create_databases(self, names: Sequence[str]) -> None:
         with self.superuser() as conn:
@@ -441,3 +453,54 @@ def probe_counts(text: str) -> dict[str, tuple[float, float]]:
         for lb, v in metric_samples(text, "connbudget_probe_duration_seconds_sum")
     }
     return {k: (n, sums.get(k, 0.0)) for k, n in counts.items()}
+
+
+# --- PostgreSQL's log and the machine's CPU -----------------------------------------------------
+
+# Set on a benchmark's server (``Server.log_backends``), so each line names the backend's
+# application_name (the pod's name, for the sandbox's apps).
+LOG_LINE_PREFIX = "%m [%p] app=%a "
+_PG_FATAL = re.compile(
+    r"^(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ \S+) \[\d+\] app=(?P<app>\S*) FATAL:  "
+    r"terminating connection due to (?P<why>administrator command|idle-session timeout)"
+)
+TERMINATION_CAUSES = {"administrator command": "terminated", "idle-session timeout": "timeout"}
+
+
+def parse_terminations(text: str) -> list[tuple[float, str, str]]:
+    """``(time, application_name, cause)`` of each backend PostgreSQL's log says was ended.
+
+    ``cause`` is ``terminated`` (``pg_terminate_backend``, the log's "administrator command") or
+    ``timeout`` (``idle_session_timeout``). Lines need ``LOG_LINE_PREFIX``; others are skipped.
+    """
+    found = []
+    for line in text.splitlines():
+        m = _PG_FATAL.match(line)
+        if m is None:
+            continue
+        when = dt.datetime.strptime(m["time"].rsplit(" ", 1)[0], "%Y-%m-%d %H:%M:%S.%f")
+        found.append(
+            (when.replace(tzinfo=dt.UTC).timestamp(), m["app"], TERMINATION_CAUSES[m["why"]])
+        )
+    return found
+
+
+def workload_of(pod: str) -> str:
+    """The Deployment a pod's name comes from (``leak-5d8f7c9b4-x2kq9`` → ``leak``)."""
+    parts = pod.split("-")
+    return "-".join(parts[:-2]) if len(parts) > 2 else pod
+
+
+def cpu_times() -> tuple[float, float]:
+    """The machine's (busy, total) CPU seconds so far, all cores (``/proc/stat``)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    ticks = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already in user
+    return (total - idle) / ticks, total / ticks
+
+
+def busy_fraction(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """Share of all cores busy between two ``cpu_times`` readings (0..1)."""
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return busy / total if total > 0 else math.nan

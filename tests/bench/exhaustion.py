@@ -1,66 +1,83 @@
-"""Benchmark 1: the exhaustion scenario, the same workload under each strategy.
+"""Benchmark 1: the exhaustion scenario, a real leak beside real pools, under each strategy.
 
-Each strategy gets its own PostgreSQL 15 (max_connections 100, 3 superuser-reserved slots) inside
-one sandbox, and all strategies play at the same time, so they share the machine's conditions and
-their ratios come from the same run. In each lane:
+For each leak rate (about 1, 7 and 20 leaked connections a second, one after the other), every
+strategy gets its own PostgreSQL 15 (``max_connections`` 100, 3 superuser-reserved slots) inside
+one sandbox, and the strategies play at the same time, so they share the machine's conditions and
+their ratios come from the same run. In each strategy's namespace, all labelled ``tier: shop``:
 
-- a leaky app: 3 pods, each opening ``LEAK_RATE`` connections per second and never closing them
-  (the sandbox's ``leaky-app``);
-- a well-behaved app: one pod with a pool of persistent connections, each reused every few seconds,
-  with no reconnect-on-error logic (the sandbox's ``steady-app`` with ``RECONNECT=0``), whose every
-  failed query is counted as collateral damage;
-- a probe client (in this process) that opens a fresh connection several times a second and
-  records every ``too many clients`` refusal;
-- a sampler (in this process, superuser over the Unix socket, so never refused) that counts client
-  backends several times a second.
+- the leak: Django 5.0.1 under uvicorn (``sandbox.apps``' ``leak`` kind), its driver abandoning
+  ``rate`` requests a second mid-request, each of which leaks its connection (ticket #35059);
+- healthy pools, without pre-ping or health checks, each connection reused after a gap drawn
+  between 5 s and 2 minutes, a share of their requests idle 1-3 s between two queries: Django
+  5.0.2 under gunicorn with ``CONN_MAX_AGE``, a psycopg_pool app and a SQLAlchemy ``QueuePool``
+  app, each driven by one closed-loop lane per connection;
+- a probe client (in this process) that opens a fresh connection 4 times a second and records
+  every refusal;
+- a sampler (in this process, superuser over the Unix socket, so never refused) that counts the
+  client backends per workload 4 times a second.
 
-Strategies: no guard; PostgreSQL's server-wide ``idle_session_timeout`` at 60 s and at 2 s;
-connbudget with the spec's defaults (poll every 10 s) and with ``pollSeconds: 1``. The
-ConnectionBudget governs both apps (``tier: shop``): the operator must tell the leak from the
-reused pool by itself.
+Strategies: no guard; PostgreSQL's server-wide ``idle_session_timeout`` at 10 s and at 60 s;
+connbudget with a ConnectionBudget naming only ``database``, ``budget`` (80) and ``selector``.
+The healthy pools play alone for a warm-up first; each lane's window opens when its leak's
+driver starts sending. Damage is counted from the workloads' own logs (the apps' request lines,
+the drivers' sent lines), PostgreSQL's log (which backend was terminated or timed out, by its
+``application_name``: the pod) and the sampler, never from the operator; the operator's status is
+read only for its leak-rate estimate.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import re
 import threading
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from kubernetes.client.rest import ApiException
 
 from bench.common import (
     BENCH_APP,
+    GROUP,
+    PLURAL,
+    VERSION,
     Kube,
     Operator,
     Server,
-    Spread,
     Ticker,
+    busy_fraction,
+    cpu_times,
     is_refusal,
-    json_lines,
+    parse_terminations,
     parse_time,
     say,
+    workload_of,
 )
+from sandbox.apps.deploy import deploy_app, leak_settings, pool_settings
 from sandbox.core import Sandbox
-from sandbox.demo import Timeline, chart
-from sandbox.fixtures import STEADY_IMAGE, Workloads
+from sandbox.fixtures import Workloads
+from sandbox.postgres import DatabaseInfo
+from sandbox.workloads.outcomes import FAILURES, OUTCOMES, request_lines
 
 MAX_CONNECTIONS = 100
+USABLE = MAX_CONNECTIONS - 3  # superuser_reserved_connections
 BUDGET = 80
-LEAKY_PODS = 3
-LEAK_RATE = 1.5  # connections per second and pod: 4.5/s in all, the server is full in ~20 s
-STEADY_POOL = 5
-STEADY_INTERVAL = 0.6  # seconds between queries, round-robin: each connection reused every 3 s
+RATES = (1.0, 7.0, 20.0)  # leaked connections per second
+LEAK_POD_RATE = 10.0  # at most this many per leaking pod (one uvicorn process each)
 PROBE_INTERVAL = 0.25  # the probe client tries a fresh connection 4 times a second
 SAMPLE_INTERVAL = 0.25
+STATUS_INTERVAL = 1.0  # the ConnectionBudget's status is read once a second
 CONNECT_TIMEOUT = 2
-TERMINATED_RE = re.compile(r"terminated (\d+) idle backends")
-IDLE_TIMEOUT_LINE = "terminating connection due to idle-session timeout"
-RESTART_ACTIONS = ("RestartPods",)
+RATE_TOLERANCE = 0.2  # the leak-rate target: within 20 % of the driven rate...
+RATE_WITHIN = 30.0  # ...within 30 s of the leak starting
+BREACH_WITHIN = 2.0  # each breach back within the budget within 2 s
+REFUSED_SHARE_AT_20 = 0.01  # at 20/s, at most 1 % of no guard's refusals
+INFLIGHT = {"INFLIGHT_FRACTION": "0.3", "INFLIGHT_IDLE_MIN": "1", "INFLIGHT_IDLE_MAX": "3"}
+LEAK = "leak"
 
 
 @dataclass(frozen=True)
@@ -69,71 +86,156 @@ class Strategy:
     label: str
     idle_session_timeout: int | None = None
     connbudget: bool = False
-    poll_seconds: int | None = None  # None: the spec's default
 
 
 STRATEGIES = (
     Strategy("none", "no guard"),
+    Strategy("ist10", "idle_session_timeout 10 s", idle_session_timeout=10),
     Strategy("ist60", "idle_session_timeout 60 s", idle_session_timeout=60),
-    Strategy("ist2", "idle_session_timeout 2 s", idle_session_timeout=2),
-    Strategy("cb10", "connbudget, default poll (10 s)", connbudget=True),
-    Strategy("cb1", "connbudget, 1 s poll", connbudget=True, poll_seconds=1),
+    Strategy("cb", "connbudget (database, budget, selector)", connbudget=True),
 )
 
 
-def budget_spec(poll_seconds: int | None) -> dict[str, Any]:
-    """The ConnectionBudget: the spec's defaults, a budget of 80, both apps governed."""
-    spec: dict[str, Any] = {
+@dataclass(frozen=True)
+class Pool:
+    """A healthy app: ``lanes`` connections, each reused after a gap drawn from ``gap``."""
+
+    name: str
+    kind: str
+    lanes: int
+    gap: tuple[float, float]
+    label: str
+
+
+HEALTHY = (
+    Pool("django", "django", 3, (5.0, 30.0), "Django 5.0.2, gunicorn, CONN_MAX_AGE"),
+    Pool("psycopg", "psycopg", 4, (5.0, 60.0), "psycopg_pool, check=None"),
+    Pool("sqlalchemy", "sqlalchemy", 3, (30.0, 120.0), "SQLAlchemy QueuePool, no pre-ping"),
+)
+
+
+def budget_spec() -> dict[str, Any]:
+    """The ConnectionBudget: the three fields a new user writes, every other one defaulted."""
+    return {
         "database": {"secretRef": {"name": "pg-monitor"}},
-        "budget": {"maxConnections": BUDGET, "scope": "Database"},
+        "budget": {"maxConnections": BUDGET},
         "selector": {"matchLabels": {"tier": "shop"}},
     }
-    if poll_seconds is not None:
-        spec["pollSeconds"] = poll_seconds
-    return spec
 
 
-@dataclass
-class RunResult:
-    """What one strategy did in one repeat."""
+def leak_pods(rate: float) -> int:
+    return max(1, math.ceil(rate / LEAK_POD_RATE))
 
-    strategy: str
-    refused: int
-    attempts: int
-    other_errors: int
-    peak: int
-    seconds_over_budget: float
-    breach_to_recovery: float | None  # None: never back within the budget in the window
-    first_breach: float | None
-    collateral_errors: int
-    pods_restarted: int
-    backends_terminated: int
-    window: float
+
+def rate_key(rate: float) -> str:
+    return f"{rate:g}"
+
+
+# --- pure arithmetic over the samples (unit-tested) ---------------------------------------------
+
+
+def breaches(
+    samples: Sequence[tuple[float, int]], limit: int, *, end: float
+) -> list[tuple[float, float]]:
+    """``(start, seconds)`` of each run of samples above ``limit``, from the first sample over it
+    to the first back within it (to ``end`` if it never came back)."""
+    found: list[tuple[float, float]] = []
+    since: float | None = None
+    for t, value in samples:
+        if value > limit and since is None:
+            since = t
+        elif value <= limit and since is not None:
+            found.append((since, t - since))
+            since = None
+    if since is not None:
+        found.append((since, max(0.0, end - since)))
+    return found
+
+
+def seconds_at_least(samples: Sequence[tuple[float, int]], level: int, *, end: float) -> float:
+    """Seconds during which the value was at least ``level`` (each sample holds until the next,
+    the last until ``end``)."""
+    total = 0.0
+    for i, (t, value) in enumerate(samples):
+        until = samples[i + 1][0] if i + 1 < len(samples) else max(t, end)
+        if value >= level:
+            total += until - t
+    return total
+
+
+def first_within(
+    series: Iterable[tuple[float, float | None]], target: float, tolerance: float, *, since: float
+) -> float | None:
+    """Seconds from ``since`` to the first value within ``tolerance`` (a share) of ``target``."""
+    for t, value in series:
+        if t >= since and value is not None and abs(value - target) <= tolerance * target:
+            return t - since
+    return None
+
+
+def in_window(records: Iterable[dict[str, Any]], t0: float, t1: float) -> list[dict[str, Any]]:
+    """The log records whose ``time`` falls within ``[t0, t1]``."""
+    return [r for r in records if "time" in r and t0 <= parse_time(str(r["time"])) <= t1]
+
+
+def outcome_counts(records: Iterable[dict[str, Any]]) -> dict[str, int]:
+    counts = Counter(str(r.get("outcome")) for r in records)
+    return {name: counts.get(name, 0) for name in OUTCOMES} | dict(counts)
+
+
+def failed(counts: dict[str, int]) -> int:
+    return sum(counts.get(name, 0) for name in FAILURES)
+
+
+# --- a lane: one strategy's server, namespace and measurements ----------------------------------
+
+
+class _LaneSandbox(Sandbox):
+    """The sandbox, with the lane's server as its database: ``deploy_app`` gives its pods the
+    DSN of ``Sandbox.db``, and each lane's pods must reach their own server."""
+
+    def __init__(self, sb: Sandbox, info: DatabaseInfo) -> None:
+        super().__init__(sb.state_dir)
+        self._info = info
+
+    @property
+    def db(self) -> DatabaseInfo:
+        return self._info
 
 
 @dataclass
 class Lane:
-    """One strategy's server, namespace and measurements in one repeat."""
-
     strategy: Strategy
     server: Server
     namespace: str
-    timeline: Timeline = field(default_factory=lambda: Timeline(t0=0.0))
+    # (time, client backends in all (this sampler's too: a refusal comes when they fill every slot
+    # but the reserved ones), counted against the budget, the leak's, the healthy pools')
+    samples: list[tuple[float, int, int, int, int]] = field(default_factory=list)
     tries: list[tuple[float, str]] = field(default_factory=list)  # (time, ok|refused|error)
+    status: list[tuple[float, float | None, str | None]] = field(default_factory=list)
+    t0: float | None = None  # when the leak's driver started sending
     lock: threading.Lock = field(default_factory=threading.Lock)
-    sampler_conn: psycopg.Connection[tuple[Any, ...]] | None = None
-    idle_timeouts_before: int = 0
+    conn: psycopg.Connection[tuple[Any, ...]] | None = None
 
     def sample(self) -> None:
-        assert self.sampler_conn is not None
-        row = self.sampler_conn.execute(
-            "SELECT count(*), count(*) FILTER (WHERE datname = 'app') FROM pg_stat_activity "
-            "WHERE backend_type = 'client backend' AND usename <> 'postgres' "
-            f"AND application_name NOT IN ('{BENCH_APP}', 'connbudget-probe')"
-        ).fetchone()
-        assert row is not None
+        if self.conn is None:
+            self.conn = self.server.superuser()
+        rows = self.conn.execute(
+            "SELECT application_name, datname, count(*) FROM pg_stat_activity "
+            "WHERE backend_type = 'client backend' GROUP BY 1, 2"
+        ).fetchall()
+        total = counted = leak = healthy = 0
+        for app, db, n in rows:
+            total += n
+            if db == "app" and app not in ("connbudget-probe", BENCH_APP):
+                counted += n
+            workload = workload_of(str(app or ""))
+            if workload == LEAK:
+                leak += n
+            elif workload in {p.name for p in HEALTHY}:
+                healthy += n
         with self.lock:
-            self.timeline.samples.append((time.time(), int(row[0]), int(row[1]), ""))
+            self.samples.append((time.time(), total, counted, leak, healthy))
 
     def probe(self) -> None:
         t = time.time()
@@ -146,194 +248,311 @@ class Lane:
         else:
             self.tries.append((t, "ok"))
 
-    def refusals(self, t1: float = math.inf) -> list[float]:
-        return [t for t, what in self.tries if what == "refused" and self.timeline.t0 <= t <= t1]
-
-    def idle_timeouts(self) -> int:
-        text = self.server.log.read_text(errors="replace") if self.server.log.exists() else ""
-        return text.count(IDLE_TIMEOUT_LINE)
+    def last(self) -> int:
+        with self.lock:
+            return self.samples[-1][2] if self.samples else 0
 
 
-def _steady_errors(sb: Sandbox, namespace: str, t0: float, t1: float) -> int:
-    pods_dir = sb.state_dir / "pods" / namespace
-    n = 0
-    for log in pods_dir.glob("steady-*/app.log"):
-        for rec in json_lines(log):
-            if rec.get("event") == "query_failed" and t0 <= parse_time(str(rec["time"])) <= t1:
-                n += 1
-    return n
+def _pods(sb: Sandbox, namespace: str) -> dict[str, list[str]]:
+    """Every pod that ever ran in ``namespace`` (the kubelet's folders), by workload."""
+    by: dict[str, list[str]] = {}
+    folder = sb.state_dir / "pods" / namespace
+    for pod in sorted(p.name for p in folder.glob("*") if p.is_dir()) if folder.exists() else []:
+        by.setdefault(workload_of(pod), []).append(pod)
+    return by
+
+
+def _records(
+    sb: Sandbox, namespace: str, pods: Sequence[str], container: str, event: str
+) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for pod in pods:
+        found += request_lines(sb.pod_log(namespace, pod, container), event)
+    return found
+
+
+def _leak_start(sb: Sandbox, lane: Lane) -> float | None:
+    """When the first of the leak's drivers started sending (its ``target_ready`` line)."""
+    starts = []
+    for pod in _pods(sb, lane.namespace).get(LEAK, []):
+        for line in sb.pod_log(lane.namespace, pod, "driver").splitlines():
+            if '"target_ready"' in line:
+                starts.append(parse_time(line.split('"time": "', 1)[1].split('"', 1)[0]))
+                break
+    return min(starts) if starts else None
+
+
+def _drivers_ready(sb: Sandbox, lanes: Iterable[Lane]) -> bool:
+    for lane in lanes:
+        pods = _pods(sb, lane.namespace)
+        for pool in HEALTHY:
+            names = pods.get(pool.name, [])
+            if not names or not all(
+                '"target_ready"' in sb.pod_log(lane.namespace, p, "driver") for p in names
+            ):
+                return False
+    return True
+
+
+def _read_status(kube: Kube, lane: Lane) -> None:
+    """The operator's leak-rate estimate for the leak (connections per second), and its class."""
+    try:
+        obj = kube.custom.get_namespaced_custom_object(
+            GROUP, VERSION, lane.namespace, PLURAL, "shop"
+        )
+    except ApiException:
+        return
+    owners = ((obj.get("status") or {}).get("usage") or {}).get("byOwner") or []
+    mine = next((o for o in owners if str(o.get("owner", "")).split("/")[-1] == LEAK), None)
+    rate = mine.get("leakRatePerMinute") if mine else None
+    lane.status.append(
+        (
+            time.time(),
+            float(rate) / 60 if rate is not None else None,
+            str(mine.get("class")) if mine and mine.get("class") else None,
+        )
+    )
+
+
+def _restarted(kube: Kube, namespace: str, pods: dict[str, list[str]]) -> dict[str, int]:
+    """Pods replaced (more pods than replicas ever ran) plus container restarts, by workload."""
+    replicas: dict[str, int] = {}
+    restarts: Counter[str] = Counter()
+    try:
+        for d in kube.apps.list_namespaced_deployment(namespace).items:
+            replicas[d.metadata.name] = d.spec.replicas or 0
+        for p in kube.core.list_namespaced_pod(namespace).items:
+            for c in p.status.container_statuses or []:
+                restarts[workload_of(p.metadata.name)] += c.restart_count or 0
+    except ApiException:
+        pass
+    return {
+        w: max(0, len(names) - replicas.get(w, len(names))) + restarts[w]
+        for w, names in pods.items()
+    }
 
 
 def _summarise(
-    lane: Lane, sb: Sandbox, actions: Sequence[dict[str, Any]], window: float
-) -> RunResult:
+    sb: Sandbox, kube: Kube, lane: Lane, rate: float, window: float, log_before: int
+) -> dict[str, Any]:
     """The lane's figures over its own window, from its leak's start."""
-    tl = lane.timeline
-    t1 = tl.t0 + window
-    tl.samples = sorted(x for x in tl.samples if tl.t0 <= x[0] <= t1)
-    tries = [(t, what) for t, what in lane.tries if tl.t0 <= t <= t1]
-    tl.attempts = len(tries)
-    tl.refused = sum(1 for _, what in tries if what == "refused")
-    actions = [a for a in actions if parse_time(str(a["time"])) <= t1]
-    samples = tl.samples
-    peak = max((c for _, _, c, _ in samples), default=0)
-    over = 0.0
-    first_breach: float | None = None
-    recovered: float | None = None
-    for (t, _, c, _), nxt in zip(samples, [*samples[1:], None], strict=True):
-        dt_ = (nxt[0] - t) if nxt else SAMPLE_INTERVAL
-        if c > BUDGET:
-            over += dt_
-            if first_breach is None:
-                first_breach = t
-        elif first_breach is not None and recovered is None:
-            recovered = t
-    budget_id = f"{lane.namespace}/"
-    mine = [a for a in actions if str(a.get("budget", "")).startswith(budget_id)]
-    ok = [a for a in mine if a.get("result") == "Succeeded"]
-    terminated = sum(
-        int(m.group(1))
-        for a in ok
-        if a.get("action") == "TerminateIdle" and (m := TERMINATED_RE.search(str(a.get("detail"))))
-    )
-    if lane.strategy.idle_session_timeout is not None:
-        terminated = lane.idle_timeouts() - lane.idle_timeouts_before
-    return RunResult(
-        strategy=lane.strategy.key,
-        refused=tl.refused,
-        attempts=tl.attempts,
-        other_errors=sum(1 for _, what in tries if what == "error"),
-        peak=peak,
-        seconds_over_budget=round(over, 2),
-        breach_to_recovery=(recovered - first_breach) if first_breach and recovered else None,
-        first_breach=(first_breach - tl.t0) if first_breach else None,
-        collateral_errors=_steady_errors(sb, lane.namespace, tl.t0, t1),
-        pods_restarted=sum(1 for a in ok if a.get("action") in RESTART_ACTIONS),
-        backends_terminated=terminated,
-        window=t1 - tl.t0,
-    )
+    assert lane.t0 is not None
+    t0, t1 = lane.t0, lane.t0 + window
+    pods = _pods(sb, lane.namespace)
+    ns = lane.namespace
+    leak_app = in_window(_records(sb, ns, pods.get(LEAK, []), "app", "request"), t0, t1)
+    leak_sent = in_window(_records(sb, ns, pods.get(LEAK, []), "driver", "sent"), t0, t1)
+    healthy: dict[str, Any] = {}
+    inflight = outcome_counts(leak_app)["inflight_broken"]
+    app_refused = outcome_counts(leak_app)["refused"]
+    for pool in HEALTHY:
+        sent = outcome_counts(
+            in_window(_records(sb, ns, pods.get(pool.name, []), "driver", "sent"), t0, t1)
+        )
+        app = outcome_counts(
+            in_window(_records(sb, ns, pods.get(pool.name, []), "app", "request"), t0, t1)
+        )
+        healthy[pool.name] = {
+            "requests": sum(sent[k] for k in OUTCOMES),
+            "failed": failed(sent),
+            "outcomes": sent,
+            "app_outcomes": app,
+        }
+        inflight += app["inflight_broken"]
+        app_refused += app["refused"]
+    tries = [(t, what) for t, what in lane.tries if t0 <= t <= t1]
+    probe_refused = sum(1 for _, what in tries if what == "refused")
+    samples = sorted(s for s in lane.samples if t0 <= s[0] <= t1)
+    counted = [(t, c) for t, _, c, _, _ in samples]
+    total = [(t, n) for t, n, _, _, _ in samples]
+    over = breaches(counted, BUDGET, end=t1)
+    ended: dict[str, Counter[str]] = {}
+    for t, app_name, cause in parse_terminations(lane.server.log_text()[log_before:]):
+        if t0 <= t <= t1:
+            ended.setdefault(workload_of(app_name) or "(unnamed)", Counter())[cause] += 1
+    estimate = [(t, r) for t, r, _ in lane.status if t0 <= t <= t1]
+    driven = rate
+    last_est = next((r for _, r in reversed(estimate) if r is not None), None)
+    classes = Counter(c for t, _, c in lane.status if t0 <= t <= t1 and c)
+    return {
+        "strategy": lane.strategy.key,
+        "label": lane.strategy.label,
+        "rate": rate,
+        "window": window,
+        "leak_pods": leak_pods(rate),
+        "leak_sent_per_second": round(len(leak_sent) / window, 2),
+        "refused": {
+            "probe": probe_refused,
+            "apps": app_refused,
+            "total": probe_refused + app_refused,
+        },
+        "probe_attempts": len(tries),
+        "probe_errors": sum(1 for _, what in tries if what == "error"),
+        "healthy": healthy,
+        "healthy_requests": sum(h["requests"] for h in healthy.values()),
+        "healthy_failed": sum(h["failed"] for h in healthy.values()),
+        "healthy_failed_by_outcome": {
+            k: sum(h["outcomes"][k] for h in healthy.values()) for k in FAILURES
+        },
+        "inflight_broken": inflight,
+        "peak": max((c for _, c in counted), default=0),
+        "peak_server": max((n for _, n in total), default=0),
+        "seconds_over_budget": round(sum(d for _, d in over), 2),
+        "seconds_full": round(seconds_at_least(total, USABLE, end=t1), 2),
+        "breaches": len(over),
+        "longest_breach": round(max((d for _, d in over), default=0.0), 2),
+        "backends_ended": {w: dict(c) for w, c in sorted(ended.items())},
+        "pods_restarted": _restarted(kube, ns, pods),
+        "leak_estimate": {
+            "driven": driven,
+            "first_within": first_within(estimate, driven, RATE_TOLERANCE, since=t0),
+            "end": last_est,
+            "classes": dict(classes),
+            "series": [(round(t - t0, 1), r) for t, r in estimate],
+        }
+        if lane.strategy.connbudget
+        else None,
+    }
 
 
-def play_repeat(
+# --- one rate: every strategy at once -----------------------------------------------------------
+
+
+def _deploy_lane(sb: Sandbox, kube: Kube, lane: Lane, *, warmup: float, window: float) -> Workloads:
+    kube.namespace(lane.namespace)
+    kube.secret(lane.namespace, "pg-monitor", {"dsn": lane.server.monitor_dsn()})
+    wl = Workloads(sandbox=_LaneSandbox(sb, lane.server.info), api=kube.api)
+    for pool in HEALTHY:
+        deploy_app(
+            wl,
+            lane.namespace,
+            pool.name,
+            kind=pool.kind,
+            driver_env=pool_settings(pool.lanes, pool.gap, warmup + window + 120, **INFLIGHT),
+            labels={"tier": "shop"},
+            wait=False,
+        )
+    return wl
+
+
+def play_rate(
     sb: Sandbox,
     kube: Kube,
     servers: dict[str, Server],
-    repeat: int,
+    rate: float,
+    *,
+    warmup: float,
     window: float,
     out_dir: Path,
-) -> tuple[list[RunResult], dict[str, Lane], list[dict[str, Any]]]:
-    """Play every strategy at once for ``window`` seconds; return results, lanes and actions."""
-    wl = Workloads(sandbox=sb, api=kube.api)
-    lanes = {
-        s.key: Lane(strategy=s, server=servers[s.key], namespace=f"ex{repeat}-{s.key}")
-        for s in STRATEGIES
-    }
+) -> tuple[dict[str, Any], dict[str, Lane]]:
+    """Play every strategy at once against a leak of ``rate`` per second."""
+    tag = rate_key(rate).replace(".", "p")
+    lanes = {s.key: Lane(s, servers[s.key], f"ex{tag}-{s.key}") for s in STRATEGIES}
+    log_before: dict[str, int] = {}
     for lane in lanes.values():
         lane.server.set_idle_session_timeout(lane.strategy.idle_session_timeout)
-        lane.idle_timeouts_before = lane.idle_timeouts()
-        kube.namespace(lane.namespace)
-        kube.secret(lane.namespace, "pg-monitor", {"dsn": lane.server.monitor_dsn()})
-        wl.deploy(
-            lane.namespace,
-            "steady",
-            image=STEADY_IMAGE,
-            replicas=1,
-            labels={"tier": "shop"},
-            env={
-                "POOL_SIZE": str(STEADY_POOL),
-                "QUERY_INTERVAL": str(STEADY_INTERVAL),
-                "RECONNECT": "0",
-            },
-            database_url=lane.server.app_dsn(),
-            wait=False,
-        )
+        log_before[lane.strategy.key] = len(lane.server.log_text())
+    workloads = {
+        k: _deploy_lane(sb, kube, lane, warmup=warmup, window=window) for k, lane in lanes.items()
+    }
     cb = [lane for lane in lanes.values() if lane.strategy.connbudget]
-    op = Operator.start(sb, [lane.namespace for lane in cb], out_dir / f"operator-{repeat}.log")
+    op = Operator.start(sb, [lane.namespace for lane in cb], out_dir / f"operator-{tag}.log")
+    tickers: list[Ticker] = []
     try:
         for lane in cb:
-            kube.budget(lane.namespace, "shop", budget_spec(lane.strategy.poll_seconds))
+            kube.budget(lane.namespace, "shop", budget_spec())
+        deadline = time.monotonic() + 180
+        while not _drivers_ready(sb, lanes.values()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the healthy apps' drivers did not start within 180 s")
+            time.sleep(1)
+        limit = warmup + window + 240
         for lane in lanes.values():
-            wl.wait_available(lane.namespace, "steady", 1)
-            deadline = time.monotonic() + 30
-            while (
-                lane.server.client_backends("datname = 'app'") < STEADY_POOL
-                and time.monotonic() < deadline
-            ):
-                time.sleep(0.3)
-        _wait_probed(kube, [lane.namespace for lane in cb])
-        tickers: list[Ticker] = []
-        t0 = time.time()
-        for lane in lanes.values():
-            lane.timeline = Timeline(t0=t0)
-            lane.sampler_conn = lane.server.superuser()
-            tickers.append(Ticker(lane.sample, interval=SAMPLE_INTERVAL, limit=window + 60).start())
-            tickers.append(Ticker(lane.probe, interval=PROBE_INTERVAL, limit=window + 60).start())
-        # Each lane's window opens when its leaky Deployment is created (one after the other).
-        for lane in lanes.values():
-            lane.timeline.t0 = time.time()
-            wl.deploy(
+            tickers.append(Ticker(lane.sample, interval=SAMPLE_INTERVAL, limit=limit).start())
+            tickers.append(Ticker(lane.probe, interval=PROBE_INTERVAL, limit=limit).start())
+        for lane in cb:
+            read = functools.partial(_read_status, kube, lane)
+            tickers.append(Ticker(read, interval=STATUS_INTERVAL, limit=limit).start())
+        say(f"  healthy pools warming up for {warmup:.0f}s")
+        time.sleep(warmup)
+        for k, lane in lanes.items():
+            deploy_app(
+                workloads[k],
                 lane.namespace,
-                "leaky",
-                replicas=LEAKY_PODS,
+                LEAK,
+                kind="leak",
+                driver_env=leak_settings(rate / leak_pods(rate), window + 30, **INFLIGHT),
+                replicas=leak_pods(rate),
                 labels={"tier": "shop"},
-                env={"LEAK_RATE": str(LEAK_RATE)},
-                database_url=lane.server.app_dsn(),
                 wait=False,
             )
-        end = max(lane.timeline.t0 for lane in lanes.values()) + window
-        next_print = t0 + 5
-        while time.time() < end:
-            time.sleep(min(0.5, max(0.0, end - time.time())))
+        started = time.time()
+        next_print = started + 5
+        cpu: list[float] = []
+        cpu_start: tuple[float, float] | None = None
+        prev = cpu_times()
+        hard_end = time.monotonic() + window + 180
+        while time.monotonic() < hard_end:
+            time.sleep(1.0)
+            now_cpu = cpu_times()
+            if all(lane.t0 is not None for lane in lanes.values()):
+                cpu.append(busy_fraction(prev, now_cpu))
+            prev = now_cpu
+            for lane in lanes.values():
+                if lane.t0 is None:
+                    lane.t0 = _leak_start(sb, lane)
+            if cpu_start is None and all(lane.t0 is not None for lane in lanes.values()):
+                cpu_start = now_cpu
+            t0s = [lane.t0 for lane in lanes.values()]
+            if (
+                all(t is not None for t in t0s)
+                and time.time() >= max(t for t in t0s if t is not None) + window
+            ):
+                break
             if time.time() >= next_print:
                 next_print += 5
                 say(
-                    f"  t={time.time() - t0:4.0f}s  "
+                    f"  t={time.time() - started:4.0f}s  "
                     + "  ".join(
-                        f"{k}: {_last(lane)}/{BUDGET} refused {len(lane.refusals())}"
+                        f"{k}: {lane.last()}/{BUDGET} refused "
+                        f"{sum(1 for _, w in lane.tries if w == 'refused')}"
                         for k, lane in lanes.items()
                     )
                 )
+        missing = [k for k, lane in lanes.items() if lane.t0 is None]
+        if missing:
+            raise RuntimeError(f"the leak never started in {missing}")
+        for tk in tickers:
+            tk.stop()
+        tickers = []
+        busy = busy_fraction(cpu_start, cpu_times()) if cpu_start else math.nan
+        lanes_out = {
+            k: _summarise(sb, kube, lane, rate, window, log_before[k]) for k, lane in lanes.items()
+        }
+        for lane in cb:
+            reasons: Counter[str] = Counter()
+            for ev in kube.events(lane.namespace):
+                if ev.involved_object and ev.involved_object.kind == "ConnectionBudget":
+                    reasons[str(ev.reason)] += int(ev.count or 1)
+            lanes_out[lane.strategy.key]["operator_events"] = dict(reasons)
+            lanes_out[lane.strategy.key]["operator_problems"] = len(op.problems())
+        result = {
+            "rate": rate,
+            "leak_pods": leak_pods(rate),
+            "cpu_busy": round(busy, 3),
+            "cpu_saturated_seconds": sum(1 for c in cpu if c >= 0.95),
+            "cpu_seconds": len(cpu),
+            "lanes": lanes_out,
+        }
+    finally:
         for tk in tickers:
             tk.stop()
         for lane in lanes.values():
-            if lane.sampler_conn is not None:
-                lane.sampler_conn.close()
-        actions = op.actions()
-        for lane in cb:
-            # The actions go on the charts as markers, at the time each call returned.
-            for a in actions:
-                if str(a.get("budget", "")).startswith(lane.namespace + "/"):
-                    lane.timeline.events.append(
-                        (parse_time(str(a["time"])), _reason(str(a["action"])), "")
-                    )
-        results = [_summarise(lane, sb, actions, window) for lane in lanes.values()]
-    finally:
+            if lane.conn is not None:
+                lane.conn.close()
         op.stop()
-        kube.delete_namespaces([lane.namespace for lane in lanes.values()])
-    return results, lanes, actions
-
-
-def _reason(action: str) -> str:
-    return {"TerminateIdle": "IdleConnectionsTerminated", "RestartPods": "PodEvicted"}.get(
-        action, action
-    )
-
-
-def _last(lane: Lane) -> int:
-    with lane.lock:
-        return lane.timeline.samples[-1][2] if lane.timeline.samples else 0
-
-
-def _wait_probed(kube: Kube, namespaces: Sequence[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        items = [b for b in kube.budgets() if b["metadata"]["namespace"] in namespaces]
-        if len(items) == len(namespaces) and all(
-            (b.get("status") or {}).get("lastProbeTime") for b in items
-        ):
-            return
-        time.sleep(0.5)
-    raise RuntimeError("the ConnectionBudgets were not probed within 60s")
+        kube.delete_namespaces([lane.namespace for lane in lanes.values()], wait=60)
+    return result, lanes
 
 
 def _drain(servers: dict[str, Server], timeout: float = 90) -> None:
@@ -344,86 +563,138 @@ def _drain(servers: dict[str, Server], timeout: float = 90) -> None:
 
 
 def run(
-    sb: Sandbox, kube: Kube, *, repeats: int, window: float, out_dir: Path, charts: Path
+    sb: Sandbox,
+    kube: Kube,
+    *,
+    window: float,
+    warmup: float,
+    out_dir: Path,
+    charts: Path,
+    rates: Sequence[float] = RATES,
 ) -> dict[str, Any]:
-    """Play the scenario ``repeats`` times; print and return every figure, draw the charts."""
+    """Play each rate in turn; print and return every figure, draw one chart per rate."""
     say(
-        f"\n== 1. exhaustion: max_connections {MAX_CONNECTIONS}, budget {BUDGET}, leaky app "
-        f"{LEAKY_PODS} pods x {LEAK_RATE}/s, well-behaved pool of {STEADY_POOL} (each reused every "
-        f"{STEADY_POOL * STEADY_INTERVAL:.0f}s, no reconnect), probe client every "
-        f"{PROBE_INTERVAL}s; {len(STRATEGIES)} strategies at once, {repeats} repeats of "
-        f"{window:.0f}s"
+        f"\n== 1. exhaustion: max_connections {MAX_CONNECTIONS}, budget {BUDGET}; Django 5.0.1 "
+        f"leaking at {', '.join(rate_key(r) for r in rates)}/s (one rate after another) beside "
+        f"{', '.join(p.name for p in HEALTHY)} pools; {len(STRATEGIES)} strategies at once; "
+        f"{warmup:.0f}s warm-up, {window:.0f}s window per rate"
     )
-    servers = {
-        s.key: Server.start(sb, f"ex-{s.key}", max_connections=MAX_CONNECTIONS) for s in STRATEGIES
+    began = time.time()
+    servers: dict[str, Server] = {}
+    out: dict[str, Any] = {
+        "window": window,
+        "warmup": warmup,
+        "setup": {
+            "max_connections": MAX_CONNECTIONS,
+            "usable": USABLE,
+            "budget": BUDGET,
+            "spec": budget_spec(),
+            "probe_interval": PROBE_INTERVAL,
+            "sample_interval": SAMPLE_INTERVAL,
+            "leak_pod_rate": LEAK_POD_RATE,
+            "inflight": INFLIGHT,
+            "healthy": [
+                {"name": p.name, "label": p.label, "connections": p.lanes, "gap": list(p.gap)}
+                for p in HEALTHY
+            ],
+            "strategies": {s.key: s.label for s in STRATEGIES},
+            "targets": {
+                "rate_tolerance": RATE_TOLERANCE,
+                "rate_within": RATE_WITHIN,
+                "breach_within": BREACH_WITHIN,
+                "refused_share_at_20": REFUSED_SHARE_AT_20,
+            },
+        },
+        "rates": {},
     }
-    runs: list[list[RunResult]] = []
     try:
-        for r in range(repeats):
-            say(f" repeat {r + 1}/{repeats}")
-            results, lanes, _ = play_repeat(sb, kube, servers, r, window, out_dir)
-            runs.append(results)
-            for res in results:
-                say("   " + _line(res))
-            if r == 0:
-                for key, lane in lanes.items():
-                    chart(
-                        lane.timeline,
-                        MAX_CONNECTIONS - 3,
-                        charts / f"exhaustion-{key}.png",
-                        budget=BUDGET,
-                        title=f"Exhaustion scenario: {lane.strategy.label}",
-                        refusals=lane.refusals(lane.timeline.t0 + window),
-                    )
+        for strategy in STRATEGIES:
+            key = strategy.key
+            servers[key] = Server.start(sb, f"ex-{key}", max_connections=MAX_CONNECTIONS)
+            servers[key].log_backends()
+        for rate in rates:
+            say(f" leak of {rate_key(rate)}/s")
+            res, lanes = play_rate(
+                sb, kube, servers, rate, warmup=warmup, window=window, out_dir=out_dir
+            )
+            out["rates"][rate_key(rate)] = res
+            say(f"   CPU busy {res['cpu_busy']:.0%} of both cores over the window")
+            for row in res["lanes"].values():
+                say("   " + _line(row))
+            chart(lanes, rate, window, charts / f"exhaustion-{rate_key(rate)}.png")
             _drain(servers)
     finally:
-        for s in servers.values():
-            s.stop()
-    return _table(runs)
+        for server in servers.values():
+            server.stop()
+    out["seconds"] = round(time.time() - began)
+    return out
 
 
-def _line(r: RunResult) -> str:
-    rec = f"{r.breach_to_recovery:.1f}s" if r.breach_to_recovery is not None else "never"
+def _line(r: dict[str, Any]) -> str:
+    est = r["leak_estimate"]
+    est_s = ""
+    if est:
+        fw = est["first_within"]
+        est_s = (
+            f"  leak estimate: within 20% after {fw:.0f}s" if fw is not None else "  never within"
+        ) + f", end {est['end']}"
     return (
-        f"{r.strategy:<6} refused {r.refused}/{r.attempts}  peak {r.peak}  over budget "
-        f"{r.seconds_over_budget:.1f}s  breach->recovery {rec}  collateral errors "
-        f"{r.collateral_errors}  pods restarted {r.pods_restarted}  backends terminated "
-        f"{r.backends_terminated}"
+        f"{r['strategy']:<6} refused {r['refused']['total']} (probe {r['refused']['probe']}/"
+        f"{r['probe_attempts']})  healthy failed {r['healthy_failed']}/{r['healthy_requests']} "
+        f"{r['healthy_failed_by_outcome']}  in-flight broken {r['inflight_broken']}  peak "
+        f"{r['peak']}  over budget {r['seconds_over_budget']:.1f}s (longest "
+        f"{r['longest_breach']:.1f}s)  full {r['seconds_full']:.1f}s  ended "
+        f"{r['backends_ended']}  restarted {r['pods_restarted']}" + est_s
     )
 
 
-def _table(runs: list[list[RunResult]]) -> dict[str, Any]:
-    by: dict[str, list[RunResult]] = {}
-    for results in runs:
-        for res in results:
-            by.setdefault(res.strategy, []).append(res)
-    # The no-guard lane's refusals in each repeat, to compare each strategy with in that repeat.
-    none_refused = {
-        i: next((r.refused for r in results if r.strategy == "none"), 0)
-        for i, results in enumerate(runs)
-    }
-    table: dict[str, Any] = {}
-    for s in STRATEGIES:
-        rs = by.get(s.key, [])
-        ratios = [r.refused / none_refused[i] for i, r in enumerate(rs) if none_refused.get(i)]
-        table[s.key] = {
-            "label": s.label,
-            "refused": Spread.of(r.refused for r in rs),
-            "refused_vs_none": Spread.of(ratios),
-            "attempts": Spread.of(r.attempts for r in rs),
-            "peak": Spread.of(r.peak for r in rs),
-            "over_budget": Spread.of(r.seconds_over_budget for r in rs),
-            "recovery": Spread.of(
-                r.breach_to_recovery for r in rs if r.breach_to_recovery is not None
-            ),
-            "never_recovered": sum(
-                1 for r in rs if r.breach_to_recovery is None and r.first_breach is not None
-            ),
-            "never_breached": sum(1 for r in rs if r.first_breach is None),
-            "collateral": Spread.of(r.collateral_errors for r in rs),
-            "restarted": Spread.of(r.pods_restarted for r in rs),
-            "terminated": Spread.of(r.backends_terminated for r in rs),
-            "other_errors": sum(r.other_errors for r in rs),
-            "runs": [r.__dict__ for r in rs],
-        }
-    return table
+def chart(lanes: dict[str, Lane], rate: float, window: float, path: Path) -> None:
+    """Connections over time in each strategy's lane, with the budget and the full server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8), dpi=100, sharex=True, sharey=True)
+    for ax, lane in zip(axes.flat, lanes.values(), strict=False):
+        t0 = lane.t0 or 0.0
+        samples = sorted(s for s in lane.samples if t0 <= s[0] <= t0 + window)
+        ts = [s[0] - t0 for s in samples]
+        ax.plot(
+            ts, [s[1] for s in samples], label="client backends (all slots)", color="#1f77b4", lw=2
+        )
+        ax.plot(
+            ts,
+            [s[2] for s in samples],
+            label="counted against the budget",
+            color="#ff7f0e",
+            lw=1.2,
+            ls="--",
+        )
+        ax.plot(ts, [s[3] for s in samples], label="the leak's", color="#9467bd", lw=1)
+        ax.plot(ts, [s[4] for s in samples], label="the healthy pools'", color="#2ca02c", lw=1)
+        ax.axhline(BUDGET, color="#d62728", label=f"budget ({BUDGET})")
+        ax.axhline(USABLE, color="black", ls="-.", label=f"server full ({USABLE} usable)")
+        refused = [t - t0 for t, w in lane.tries if w == "refused" and t0 <= t <= t0 + window]
+        if refused:
+            ax.plot(
+                refused,
+                [USABLE + 5] * len(refused),
+                ls="none",
+                marker="|",
+                ms=8,
+                color="#d62728",
+                label=f"probe refused ({len(refused)})",
+            )
+        ax.set_title(lane.strategy.label, fontsize=10)
+        ax.set_ylim(0, USABLE + 10)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("seconds since the leak began")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("connections")
+    fig.suptitle(f"Exhaustion: a Django 5.0.1 leak of {rate_key(rate)} connections/s")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

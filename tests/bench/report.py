@@ -17,6 +17,7 @@ from typing import Any
 from bench.common import Spread
 
 CHARTS = "tests/bench/charts"
+PHASES = ("exhaustion", "latency", "probe", "footprint", "load")
 
 
 def to_json(value: object) -> object:
@@ -54,7 +55,13 @@ def render(r: dict[str, Any]) -> str:
         f"Run on {r['date']} on {r['machine']}, with `tests/bench/run`"
         + (" --quick (development figures, not the reference run)" if r.get("quick") else "")
         + f" (operator code: {r.get('operator', 'unknown')})"
-        + f"; the whole run took {r.get('total_seconds', 0) / 60:.1f} minutes. Every figure is "
+        + (
+            f"; it ran only {', '.join(r['phases_run'])}, and each other section says which run "
+            "it comes from"
+            if r.get("phases_run") and len(r["phases_run"]) < len(PHASES)
+            else ""
+        )
+        + f"; the run took {r.get('total_seconds', 0) / 60:.1f} minutes. Every figure is "
         f"a median with the min-max over {r['repeats']} repeated runs where it says so; every "
         "comparison is a ratio of figures measured in the same run. Raw figures: "
         "`tests/bench/results.json`.",
@@ -67,16 +74,29 @@ def render(r: dict[str, Any]) -> str:
     ]
     header = len(out)
     targets: list[tuple[str, str, str]] = []
-    if "exhaustion" in r:
-        out += _exhaustion(r["exhaustion"], targets)
-    if "latency" in r:
-        out += _latency(r["latency"], targets)
-    if "probe" in r:
-        out += _probe(r["probe"], targets)
-    if "footprint" in r:
-        out += _footprint(r["footprint"], targets)
-    if "load" in r:
-        out += _load(r["load"], targets)
+    sections = {
+        "exhaustion": _exhaustion,
+        "latency": _latency,
+        "probe": _probe,
+        "footprint": _footprint,
+        "load": _load,
+    }
+    for phase, section in sections.items():
+        if phase not in r:
+            continue
+        data = dict(r[phase])
+        origin = data.pop("from_run", None)
+        lines = section(data, targets)
+        if origin:
+            # A phase kept from an earlier run (``--merge``): say which.
+            lines[1:1] = [
+                "",
+                f"*From the run of {origin.get('date', 'an earlier date')}"
+                + (" (--quick)" if origin.get("quick") else "")
+                + f", operator code: {origin.get('operator', 'unknown')}; this run did not "
+                "repeat it.*",
+            ]
+        out += lines
     summary = [
         "## Targets",
         "",
@@ -88,108 +108,241 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(out[:header] + summary + out[header:]) + "\n"
 
 
-def _window(ex: dict[str, Any]) -> float:
-    runs = [r for row in ex.values() for r in row["runs"]]
-    return float(runs[0]["window"]) if runs else math.nan
+def _verdict(met: bool | None) -> str:
+    return "**no data**" if met is None else _ok(met)
+
+
+def _n(x: object) -> str:
+    return _f(x, "{:.0f}")
 
 
 def _exhaustion(ex: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[str]:
+    su = ex["setup"]
+    labels: dict[str, str] = su["strategies"]
+    rates: dict[str, Any] = ex["rates"]
+    inflight = su["inflight"]
+    pools = "; ".join(
+        f"{h['label']} ({h['connections']} connections, each reused after "
+        f"{_n(h['gap'][0])}-{_n(h['gap'][1])} s)"
+        for h in su["healthy"]
+    )
+    spec = json.dumps(su["spec"], separators=(", ", ": "))
+    tg = su["targets"]
     out = [
         "## 1. The exhaustion scenario",
         "",
-        "PostgreSQL with `max_connections` 100 (97 for clients: 3 are reserved for superusers), a "
-        "ConnectionBudget of 80 connections over the database, and the same workload for each "
-        "strategy: a leaky app (3 pods, each opening 1.5 connections per second and never closing "
-        "them: the server is full about 20 s after the leak starts), a well-behaved app (a pool of "
-        "5 persistent connections, one query every 0.6 s round-robin, so each connection is "
-        "reused every 3 s, with no reconnect-on-error logic, like Django's `CONN_MAX_AGE` under a "
-        "WSGI server without health checks), and a probe client that opens a fresh connection 4 "
-        "times a second and counts every `too many clients` refusal. Each strategy has its own "
-        "server, and the five strategies play at the same time, so they share the machine's "
-        "conditions. The ConnectionBudget selects both apps (`tier: shop`) and keeps every "
-        "default (`breachSeconds` 15, `minIdleSeconds` 10, `minPodAgeSeconds` 120, steps "
-        "TerminateIdle, RestartPods, ScalePooler); only `pollSeconds` differs. Connections are "
-        "counted 4 times a second by a superuser session (never refused). The five leaky "
-        "Deployments are created one after the other; each lane's window "
-        f"({_window(ex):.0f} s) opens when its own leaky Deployment is created.",
+        f"A real leak beside real pools, for each leak rate ({', '.join(rates)} leaked "
+        "connections per second, one rate after the other). Each strategy has its own "
+        f"PostgreSQL 15 with `max_connections` {su['max_connections']} ({su['usable']} for "
+        "clients: 3 slots are reserved for superusers), and the four strategies play at the same "
+        "time, so they share the machine's conditions. In each strategy's namespace, every pod "
+        "labelled `tier: shop`:",
         "",
-        "| strategy | refused (of attempts) | refused vs no guard | peak | s over budget | "
-        "breach to recovery | collateral errors | pods restarted | backends terminated |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    none_refused = [r["refused"] for r in ex["none"]["runs"]] if "none" in ex else []
-    for row in ex.values():
-        # Each repeat's refusals against the no-guard lane's in the same repeat.
-        vs_none = Spread.of(
-            r["refused"] / n for r, n in zip(row["runs"], none_refused, strict=False) if n
-        )
-        rec = row["recovery"]
-        never = row["never_recovered"]
-        rec_s = rec.show("{:.1f}", " s") if rec.n else "never"
-        if rec.n and never:
-            rec_s += f"; never in {never} runs"
-        if row["never_breached"] == len(row["runs"]):
-            rec_s = "no breach"
-        out.append(
-            f"| {row['label']} | {row['refused'].show('{:.0f}')} (of "
-            f"{row['attempts'].show('{:.0f}')}) | {vs_none.show('{:.2f}')} | "
-            f"{row['peak'].show('{:.0f}')} | {row['over_budget'].show('{:.1f}')} | {rec_s} | "
-            f"{row['collateral'].show('{:.0f}')} | {row['restarted'].show('{:.0f}')} | "
-            f"{row['terminated'].show('{:.0f}')} |"
-        )
-    out += [
+        "- the leak: Django 5.0.1 under uvicorn (ASGI, `CONN_MAX_AGE` 0), whose driver (a second "
+        "container of the same pod) abandons requests mid-request at the driven rate (at most "
+        f"{_n(su['leak_pod_rate'])} per pod); each abandoned request leaks its connection "
+        "(Django ticket #35059), after holding it idle "
+        f"{inflight['INFLIGHT_IDLE_MIN']}-{inflight['INFLIGHT_IDLE_MAX']} s between two "
+        "queries;",
+        f"- healthy pools, without pre-ping or health checks: {pools}; one closed-loop lane "
+        f"per connection, and {float(inflight['INFLIGHT_FRACTION']):.0%} of their requests idle "
+        f"{inflight['INFLIGHT_IDLE_MIN']}-{inflight['INFLIGHT_IDLE_MAX']} s between two "
+        "queries;",
+        f"- a probe client opening a fresh connection every {su['probe_interval']} s, and a "
+        f"sampler (superuser, never refused) counting backends every {su['sample_interval']} s.",
         "",
-        "Breach to recovery: from the first sample over the budget to the first sample back "
-        "within it. Collateral errors: failed queries of the well-behaved app. Backends "
-        "terminated: by the operator (its action log) or, for `idle_session_timeout`, by the "
-        "server (its log).",
+        "Strategies: " + "; ".join(labels.values()) + ". The ConnectionBudget is the three "
+        f"fields a new user writes, every other field defaulted: `{spec}`; it selects the leak "
+        "and the pools alike, so the operator must tell them apart by itself. The pools play "
+        f"alone for {_n(ex['warmup'])} s first; each lane's window ({_n(ex['window'])} s) opens "
+        "when its leak's driver starts sending.",
+        "",
+        "Everything is counted from the workloads and PostgreSQL, not from the operator. "
+        "*Refused*: the probe client's refused connections plus the refusals in the apps' own "
+        "request logs (the leak's and the pools'). *Healthy failed*: the pools' requests that "
+        "failed, by the outcome their driver got from the app (`terminated`: a pooled idle "
+        "connection found dead; `inflight_broken`: killed between two queries of a request; "
+        "`refused`; `error`: anything else). *In-flight broken*: `inflight_broken` in any app's "
+        "log, the leak's included. *Over budget*: sampled connections counted against the "
+        f"budget (database `app`) above {su['budget']}; *full*: every unreserved slot in use. "
+        "*Backends ended*: PostgreSQL's log (`terminating connection due to administrator "
+        "command` or `... idle-session timeout`, with the backend's application_name, which is "
+        "its pod). *Pods restarted*: pods replaced plus container restarts. *Leak-rate "
+        "estimate*: the leak's `status.usage.byOwner[].leakRatePerMinute`, read every second.",
         "",
     ]
-    for key, row in ex.items():
-        out.append(f"![{row['label']}]({CHARTS}/exhaustion-{key}.png)")
-    out.append("")
-    cb10 = ex.get("cb10")
-    if cb10 and cb10["refused"].median > 0:
+    for rk, res in rates.items():
+        lanes: dict[str, Any] = res["lanes"]
         out += [
-            "**Why the default poll still lets connections be refused.** After the operator "
-            "terminates the leaked backends down to the warning line (64), the leak (4.5 "
-            "connections per second) refills the 33 slots up to a full server (97) in about 7 "
-            "s, less than one poll of 10 s: the server is full until the next poll, every "
-            "cycle. The forecast acts at the first poll that sees the growth, but it cannot act "
-            "between polls. A poll no longer than (usable slots - warning line) / leak rate "
-            "avoids it (here 1 s leaves a wide margin), and restarting the leaking pods ends the "
-            "leak itself; with the default `minPodAgeSeconds` of 120 the pods, younger than "
-            "that in this window, are not restarted.",
+            f"### Leak of {rk} connections per second",
             "",
+            f"{res['leak_pods']} leaking pod(s); leak requests sent "
+            + ", ".join(
+                f"{_f(ln['leak_sent_per_second'], '{:.2f}')}/s ({labels[k]})"
+                for k, ln in lanes.items()
+            )
+            + f". The machine's two cores were {_f(res['cpu_busy'] * 100, '{:.0f}')} % busy over "
+            f"the window, saturated (at least 95 %) {res['cpu_saturated_seconds']} of "
+            f"{res['cpu_seconds']} seconds.",
+            "",
+            "| strategy | refused (probe + apps) | healthy failed (of requests), why | in-flight "
+            "broken | s over budget (breaches, longest) | s full | peak counted | backends "
+            "ended | pods restarted | leak-rate estimate |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
-    cb1, none, ist60, ist2 = ex.get("cb1"), ex.get("none"), ex.get("ist60"), ex.get("ist2")
-    if cb1 and none and ist60 and ist2:
-        zero = cb1["refused"].high == 0 and cb1["collateral"].high == 0
-        baseline = none["refused"].low > 0 and ist60["refused"].low > 0
-        targets.append(
+        for k, ln in lanes.items():
+            why = ", ".join(f"{n} {o}" for o, n in ln["healthy_failed_by_outcome"].items() if n)
+            ended = (
+                ", ".join(
+                    f"{w}: " + " + ".join(f"{n} {c}" for c, n in causes.items())
+                    for w, causes in ln["backends_ended"].items()
+                )
+                or "0"
+            )
+            restarted = sum(ln["pods_restarted"].values())
+            est = ln.get("leak_estimate")
+            est_s = "n/a"
+            if est:
+                fw = est["first_within"]
+                est_s = (
+                    (
+                        f"within {tg['rate_tolerance']:.0%} after {_f(fw, '{:.0f}')} s"
+                        if fw is not None
+                        else f"never within {tg['rate_tolerance']:.0%}"
+                    )
+                    + f"; at the end {_f(est['end'], '{:.2f}')}/s "
+                    + f"(driven {_f(est['driven'], '{:g}')})"
+                )
+            out.append(
+                f"| {labels[k]} | {ln['refused']['total']} ({ln['refused']['probe']} of "
+                f"{ln['probe_attempts']} + {ln['refused']['apps']}) | {ln['healthy_failed']} (of "
+                f"{ln['healthy_requests']}){': ' + why if why else ''} | "
+                f"{ln['inflight_broken']} | {_f(ln['seconds_over_budget'])} ({ln['breaches']}, "
+                f"{_f(ln['longest_breach'])} s) | {_f(ln['seconds_full'])} | {ln['peak']} | "
+                f"{ended} | {restarted} | {est_s} |"
+            )
+        cb = lanes.get("cb")
+        if cb and cb.get("operator_events") is not None:
+            ev = ", ".join(f"{r} {n}" for r, n in sorted(cb["operator_events"].items())) or "none"
+            classes = (cb.get("leak_estimate") or {}).get("classes") or {}
+            cls = ", ".join(f"{c} {n} s" for c, n in sorted(classes.items())) or "never named"
+            out += [
+                "",
+                f"connbudget's Events (count per reason): {ev}. The leak's class in its status, "
+                f"seconds read as each: {cls}.",
+            ]
+        out += ["", f"![leak of {rk}/s]({CHARTS}/exhaustion-{rk}.png)", ""]
+    _exhaustion_targets(ex, targets)
+    return out
+
+
+def exhaustion_verdicts(ex: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """Each exhaustion target for connbudget: ``(target, figures, met)`` (None: not measured)."""
+    tg = ex["setup"]["targets"]
+    rates: dict[str, Any] = ex["rates"]
+    cbs = {rk: res["lanes"]["cb"] for rk, res in rates.items() if "cb" in res["lanes"]}
+    found: list[tuple[str, str, bool | None]] = []
+
+    def each(key: str) -> str:
+        return ", ".join(f"{rk}/s: {key_of(ln, key)}" for rk, ln in cbs.items())
+
+    def key_of(ln: dict[str, Any], key: str) -> object:
+        return ln["refused"]["total"] if key == "refused" else ln[key]
+
+    low = {rk: ln for rk, ln in cbs.items() if float(rk) < 20}
+    if low:
+        found.append(
             (
-                "zero refusals and zero collateral errors at a 1 s poll, where no guard and a 60 s "
-                "idle_session_timeout refuse",
-                f"refused {cb1['refused'].show('{:.0f}')}, collateral "
-                f"{cb1['collateral'].show('{:.0f}')}; no guard refused "
-                f"{none['refused'].show('{:.0f}')}, 60 s timeout "
-                f"{ist60['refused'].show('{:.0f}')}",
-                _ok(zero and baseline),
+                "connbudget: 0 refused at "
+                + " and ".join(f"{rk}" for rk in low)
+                + " connections/s",
+                ", ".join(f"{rk}/s: {ln['refused']['total']}" for rk, ln in low.items()),
+                all(ln["refused"]["total"] == 0 for ln in low.values()),
             )
         )
-        targets.append(
+    for rk, ln in cbs.items():
+        if float(rk) < 20:
+            continue
+        none = rates[rk]["lanes"].get("none")
+        base = none["refused"]["total"] if none else None
+        share = tg["refused_share_at_20"]
+        found.append(
             (
-                "as few refusals as a 2 s idle_session_timeout, without its collateral errors",
-                f"connbudget 1 s: {cb1['refused'].show('{:.0f}')} refused, "
-                f"{cb1['collateral'].show('{:.0f}')} collateral; 2 s timeout: "
-                f"{ist2['refused'].show('{:.0f}')} refused, {ist2['collateral'].show('{:.0f}')} "
-                "collateral",
-                _ok(
-                    cb1["refused"].median <= ist2["refused"].median and cb1["collateral"].high == 0
+                f"connbudget: at most {share:.0%} of no guard's refusals at {rk}/s",
+                f"{ln['refused']['total']} vs {base}"
+                + (f" ({ln['refused']['total'] / base:.2%})" if base else ""),
+                None if not base else ln["refused"]["total"] <= share * base,
+            )
+        )
+    if cbs:
+        found.append(
+            (
+                "connbudget: 0 healthy requests failed",
+                each("healthy_failed"),
+                all(ln["healthy_failed"] == 0 for ln in cbs.values()),
+            )
+        )
+        found.append(
+            (
+                "connbudget: 0 in-flight requests broken",
+                each("inflight_broken"),
+                all(ln["inflight_broken"] == 0 for ln in cbs.values()),
+            )
+        )
+        found.append(
+            (
+                f"connbudget: back within the budget within {tg['breach_within']:g} s of each "
+                "breach",
+                ", ".join(
+                    f"{rk}/s: {ln['breaches']} breaches, longest {ln['longest_breach']:.1f} s"
+                    for rk, ln in cbs.items()
+                ),
+                all(ln["longest_breach"] <= tg["breach_within"] for ln in cbs.values()),
+            )
+        )
+        ests = {rk: ln["leak_estimate"] for rk, ln in cbs.items()}
+        found.append(
+            (
+                f"connbudget: leak rate within {tg['rate_tolerance']:.0%} of the driven rate "
+                f"within {tg['rate_within']:g} s of the leak starting",
+                ", ".join(
+                    f"{rk}/s: "
+                    + (
+                        f"after {e['first_within']:.0f} s"
+                        if e and e["first_within"] is not None
+                        else "never"
+                    )
+                    + (f", {_f(e['end'], '{:.2f}')}/s at the end" if e else "")
+                    for rk, e in ests.items()
+                ),
+                all(
+                    e is not None
+                    and e["first_within"] is not None
+                    and e["first_within"] <= tg["rate_within"]
+                    for e in ests.values()
                 ),
             )
         )
-    return out
+    for rk, ln in cbs.items():
+        ist = rates[rk]["lanes"].get("ist10")
+        if not ist:
+            continue
+        found.append(
+            (
+                f"connbudget at {rk}/s, beside idle_session_timeout 10 s: at least as few "
+                "refusals, fewer failed healthy requests",
+                f"refused {ln['refused']['total']} vs {ist['refused']['total']}; healthy failed "
+                f"{ln['healthy_failed']} vs {ist['healthy_failed']}",
+                ln["refused"]["total"] <= ist["refused"]["total"]
+                and ln["healthy_failed"] < ist["healthy_failed"],
+            )
+        )
+    return found
+
+
+def _exhaustion_targets(ex: dict[str, Any], targets: list[tuple[str, str, str]]) -> None:
+    for target, figure, met in exhaustion_verdicts(ex):
+        targets.append((target, figure, _verdict(met)))
 
 
 def _latency(lat: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[str]:
