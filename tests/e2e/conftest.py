@@ -354,16 +354,25 @@ def operator_pod(sandbox: Sandbox, namespace: str, timeout: float = 60) -> Opera
 def leak_until_remediated(
     sandbox: Sandbox, workloads: Workloads, namespace: str, budgets: Budgets, op: OperatorPod
 ) -> None:
-    """Start a leaky app under a tight budget; wait until the installed operator terminates idle
-    backends and evicts a pod, with no RBAC refusal and no password in its log."""
+    """Start two leaky apps under a tight budget, one leaving its connections idle (terminating
+    them is the remedy) and one idle in a transaction (restarting is); wait until the installed
+    operator terminates backends and evicts a pod, with no RBAC refusal and no password in its
+    log."""
     budgets.secret("pg-monitor", sandbox.db.monitor_dsn)
-    workloads.deploy(namespace, "leaky", replicas=2, env={"LEAK_RATE": "3", "LEAK_MAX": "20"})
+    tier = {"tier": "leaky"}
+    workloads.deploy(namespace, "leaky-idle", env={"LEAK_RATE": "3", "LEAK_MAX": "20"}, labels=tier)
+    workloads.deploy(
+        namespace,
+        "leaky",
+        env={"LEAK_RATE": "3", "LEAK_MAX": "20", "IN_TRANSACTION": "1"},
+        labels=tier,
+    )
     budgets.create(
         "leaky",
         {
             "database": {"secretRef": {"name": "pg-monitor"}},
             "budget": {"maxConnections": 8},
-            "selector": {"matchLabels": {"app": "leaky"}},
+            "selector": {"matchLabels": tier},
             "pollSeconds": 1,
             "remediation": {
                 "breachSeconds": 1,

@@ -9,7 +9,9 @@ Settings (environment):
 - ``PGAPPNAME``: the ``application_name`` libpq sends (the pod name, through a fieldRef);
 - ``LEAK_RATE``: connections opened per second (default 1.0);
 - ``LEAK_MAX``: stop leaking after this many open connections (default 10,000);
-- ``QUERY_EACH``: run ``SELECT 1`` on each new connection before abandoning it (default 1).
+- ``QUERY_EACH``: run ``SELECT 1`` on each new connection before abandoning it (default 1);
+- ``IN_TRANSACTION``: ``1`` opens a transaction before that query and never ends it, so each
+  leaked connection sits ``idle in transaction`` (default 0).
 
 On SIGTERM it closes what it holds and exits 0; when the process is killed instead, the kernel
 closes its sockets and PostgreSQL ends the backends.
@@ -32,6 +34,7 @@ def main() -> None:
     rate = env_float("LEAK_RATE", 1.0)
     cap = env_int("LEAK_MAX", 10_000)
     query = env_int("QUERY_EACH", 1) != 0
+    in_transaction = env_int("IN_TRANSACTION", 0) != 0
     held: list[psycopg.Connection[tuple[object, ...]]] = []
     failures = 0
     log("started", rate=rate, max=cap)
@@ -40,9 +43,12 @@ def main() -> None:
         if len(held) < cap:
             try:
                 conn = psycopg.connect(
-                    url, connect_timeout=CONNECT_TIMEOUT, autocommit=True, prepare_threshold=None
+                    url,
+                    connect_timeout=CONNECT_TIMEOUT,
+                    autocommit=not in_transaction,
+                    prepare_threshold=None,
                 )
-                if query:
+                if query or in_transaction:
                     conn.execute("SELECT 1")
                 held.append(conn)
                 log("leaked", open=len(held))
