@@ -119,7 +119,7 @@ def main(argv: list[str]) -> int:
     results: dict[str, Any] = dict(run_info)
     if args.merge and out.exists():
         # The other phases keep their figures, each with the run it came from.
-        results = merged(json.loads(out.read_text()), phases)
+        results = merged(report.from_json(json.loads(out.read_text())), phases)
         results.update(run_info)
     say(f"connbudget benchmarks on {results['machine']}; logs in {work}")
     sb = Sandbox.up(progress=lambda m: say(f"sandbox: {m}"))

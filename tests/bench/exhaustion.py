@@ -689,7 +689,7 @@ def chart(lanes: dict[str, Lane], rate: float, window: float, path: Path) -> Non
         ax.set_title(lane.strategy.label, fontsize=10)
         ax.set_ylim(0, USABLE + 10)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=7)
+        ax.legend(loc="center right", fontsize=7)
     for ax in axes[-1]:
         ax.set_xlabel("seconds since the leak began")
     for ax in axes[:, 0]:

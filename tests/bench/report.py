@@ -244,7 +244,7 @@ def exhaustion_verdicts(ex: dict[str, Any]) -> list[tuple[str, str, bool | None]
     found: list[tuple[str, str, bool | None]] = []
 
     def each(key: str) -> str:
-        return ", ".join(f"{rk}/s: {key_of(ln, key)}" for rk, ln in cbs.items())
+        return "; ".join(f"{rk}/s: {key_of(ln, key)}" for rk, ln in cbs.items())
 
     def key_of(ln: dict[str, Any], key: str) -> object:
         return ln["refused"]["total"] if key == "refused" else ln[key]
@@ -256,7 +256,7 @@ def exhaustion_verdicts(ex: dict[str, Any]) -> list[tuple[str, str, bool | None]
                 "connbudget: 0 refused at "
                 + " and ".join(f"{rk}" for rk in low)
                 + " connections/s",
-                ", ".join(f"{rk}/s: {ln['refused']['total']}" for rk, ln in low.items()),
+                "; ".join(f"{rk}/s: {ln['refused']['total']}" for rk, ln in low.items()),
                 all(ln["refused"]["total"] == 0 for ln in low.values()),
             )
         )
@@ -293,7 +293,7 @@ def exhaustion_verdicts(ex: dict[str, Any]) -> list[tuple[str, str, bool | None]
             (
                 f"connbudget: back within the budget within {tg['breach_within']:g} s of each "
                 "breach",
-                ", ".join(
+                "; ".join(
                     f"{rk}/s: {ln['breaches']} breaches, longest {ln['longest_breach']:.1f} s"
                     for rk, ln in cbs.items()
                 ),
@@ -305,7 +305,7 @@ def exhaustion_verdicts(ex: dict[str, Any]) -> list[tuple[str, str, bool | None]
             (
                 f"connbudget: leak rate within {tg['rate_tolerance']:.0%} of the driven rate "
                 f"within {tg['rate_within']:g} s of the leak starting",
-                ", ".join(
+                "; ".join(
                     f"{rk}/s: "
                     + (
                         f"after {e['first_within']:.0f} s"
