@@ -1,17 +1,18 @@
-"""The local demo: a connection leak, and connbudget keeping PostgreSQL inside its budget.
+"""The local demo: a real connection leak, and connbudget keeping PostgreSQL inside its budget.
 
-It brings up the sandbox, installs the CRD, starts the operator, deploys a leaky app (3 replicas,
-like a Django app under ASGI that never closes its connections), a well-behaved app and a
-ConnectionBudget, and shows live usage against the budget, the operator's decisions and actions,
-until a whole episode has played (leak, warning, breach, remediation, recovery). Then it prints a
-summary, writes a timeline chart and tears everything down.
+It brings up the sandbox, installs the CRD, starts the operator, deploys a healthy Django 5.0.2
+app (gunicorn, persistent connections reused every 5-20 s, no health checks), a ConnectionBudget
+that names only its database, its budget and its selector, and then the leak: Django 5.0.1 under
+uvicorn, whose connections stay open when a client hangs up mid-request (ticket #35059), driven
+at ``LEAK_RATE`` per second. It shows live usage against the budget and what the operator says
+and does until the leak has been held for a while and has stopped, then prints a summary (with
+the damage counted from the apps' own logs), writes a timeline chart and tears everything down.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -26,29 +27,26 @@ import kubernetes
 import psycopg
 import yaml
 
+from sandbox.apps.deploy import deploy_app, leak_settings, pool_settings
 from sandbox.core import Sandbox
-from sandbox.fixtures import STEADY_IMAGE, Workloads
+from sandbox.fixtures import Workloads
+from sandbox.workloads.outcomes import FAILURES, count_outcomes
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "demo"
 LIMIT_SECONDS = 240.0  # the demo stops by itself after this, episode or not
-AFTER_RECOVERY_SECONDS = 5.0
+LEAK_RATE = 5.0  # connections leaked per second
+LEAK_SECONDS = 60.0  # how long the leak is driven
+AFTER_LEAK_SECONDS = 15.0  # watched after the leak stops
 BUDGET = 60
+# Only the three fields a user must give: every other one is the CRD's default.
 SPEC: dict[str, Any] = {
     "database": {"secretRef": {"name": "pg-monitor"}},
-    "budget": {"maxConnections": BUDGET, "warningPercent": 80},
-    "selector": {"matchLabels": {"app": "web"}},
-    "pollSeconds": 2,
-    "leakDetection": {"idleSeconds": 120},
-    "remediation": {
-        "breachSeconds": 6,
-        "cooldownSeconds": 30,
-        "steps": ["TerminateIdle", "RestartPods"],
-        "terminateIdle": {"minIdleSeconds": 10},
-        "restartPods": {"minPodAgeSeconds": 20},
-    },
+    "budget": {"maxConnections": BUDGET},
+    "selector": {"matchLabels": {"tier": "shop"}},
 }
 ACTIONS = {
+    "LeakDetected",
     "IdleConnectionsTerminated",
     "PodEvicted",
     "WorkloadRestarted",
@@ -215,19 +213,21 @@ def chart(
     plt.close(fig)
 
 
-def play(sb: Sandbox, limit: float, out_dir: Path) -> Timeline:
+def play(sb: Sandbox, limit: float, out_dir: Path) -> tuple[Timeline, dict[str, dict[str, int]]]:
     api = sb.api_client()
     wl = setup(sb, api)
     custom = kubernetes.client.CustomObjectsApi(api)
     core = kubernetes.client.CoreV1Api(api)
     db = sb.db
+    shop = {"tier": "shop"}
     with operator(sb, out_dir / "operator.log"):
-        wl.deploy(
+        deploy_app(
+            wl,
             NAMESPACE,
-            "worker",
-            image=STEADY_IMAGE,
-            replicas=1,
-            env={"POOL_SIZE": "3", "QUERY_INTERVAL": "1", "RECONNECT": "0"},
+            "shop",
+            kind="django",
+            driver_env=pool_settings(4, (5.0, 20.0), limit, INFLIGHT_FRACTION="0.3"),
+            labels=shop,
         )
         custom.create_namespaced_custom_object(
             "connbudget.io",
@@ -237,24 +237,32 @@ def play(sb: Sandbox, limit: float, out_dir: Path) -> Timeline:
             {
                 "apiVersion": "connbudget.io/v1alpha1",
                 "kind": "ConnectionBudget",
-                "metadata": {"name": "web"},
+                "metadata": {"name": "shop"},
                 "spec": SPEC,
             },
         )
-        wl.deploy(NAMESPACE, "web", replicas=3, env={"LEAK_RATE": "1.5", "LEAK_MAX": "100"})
+        deploy_app(
+            wl,
+            NAMESPACE,
+            "web",
+            kind="leak",
+            driver_env=leak_settings(LEAK_RATE, LEAK_SECONDS),
+            labels=shop,
+        )
         say(
-            f"\ndeployed web (leaky: 3 pods, 1.5 connections/s each, never closed), worker (a "
-            f"steady pool of 3) and ConnectionBudget web (budget {BUDGET}, poll 2 s, act after "
-            f"6 s over budget)\n"
+            f"\ndeployed shop (Django 5.0.2 under gunicorn: 4 persistent connections, each reused "
+            f"every 5-20 s, no health checks), web (Django 5.0.1 under uvicorn, leaking "
+            f"{LEAK_RATE:g} connections/s for {LEAK_SECONDS:.0f} s: clients hang up mid-request) "
+            f"and ConnectionBudget shop (budget {BUDGET}, nothing else set)\n"
         )
         tl = Timeline(t0=time.time())
         monitor = psycopg.connect(db.monitor_dsn, autocommit=True, application_name="demo-watch")
-        seen_events: set[str] = set()
-        recovered_at: float | None = None
-        while time.time() - tl.t0 < limit:
+        seen_events: dict[str, int] = {}
+        stop_at = tl.t0 + min(limit, LEAK_SECONDS + AFTER_LEAK_SECONDS)
+        while time.time() < stop_at:
             server, counted = _count(monitor)
             body = custom.get_namespaced_custom_object(
-                "connbudget.io", "v1alpha1", NAMESPACE, "connectionbudgets", "web"
+                "connbudget.io", "v1alpha1", NAMESPACE, "connectionbudgets", "shop"
             )
             st = body.get("status") or {}
             phase = st.get("phase", "Pending")
@@ -267,32 +275,49 @@ def play(sb: Sandbox, limit: float, out_dir: Path) -> Timeline:
             except psycopg.OperationalError as e:
                 if is_refusal(e):
                     tl.refused += 1
-            to_full = (st.get("usage") or {}).get("secondsToFull")
+            leak: dict[str, Any] = next(
+                (
+                    o
+                    for o in (st.get("usage") or {}).get("byOwner") or []
+                    if o.get("owner") == "Deployment/web"
+                ),
+                {},
+            )
             say(
                 f"t={time.time() - tl.t0:5.1f}s  {counted:3d}/{BUDGET} counted  "
                 f"{server:3d}/{db.max_connections} on the server  {phase:<12}"
-                + (f"  full in {to_full:.0f}s" if isinstance(to_full, int | float) else "")
+                + (
+                    f"  web: {leak['class']}, {leak.get('leakRatePerMinute', 0) / 60:.1f}/s"
+                    if leak.get("class")
+                    else ""
+                )
             )
             for ev in sorted(
                 core.list_namespaced_event(NAMESPACE).items,
                 key=lambda e: e.metadata.creation_timestamp,
             ):
-                if ev.involved_object.kind != "ConnectionBudget" or ev.metadata.uid in seen_events:
+                count = ev.count or 1
+                if (
+                    ev.involved_object.kind != "ConnectionBudget"
+                    or seen_events.get(ev.metadata.uid) == count
+                ):
                     continue
-                seen_events.add(ev.metadata.uid)
-                tl.events.append((time.time(), ev.reason, ev.message))
-                say(f"    >> {ev.reason}: {ev.message}")
-            if (
-                recovered_at is None
-                and tl.first("BudgetRecovered")
-                and any(r in ACTIONS for _, r, _ in tl.events)
-            ):
-                recovered_at = time.time()
-            if recovered_at and time.time() - recovered_at > AFTER_RECOVERY_SECONDS:
-                break
+                if ev.metadata.uid not in seen_events:
+                    tl.events.append((time.time(), ev.reason, ev.message))
+                seen_events[ev.metadata.uid] = count
+                say(f"    >> {ev.reason} (x{count}): {ev.message}")
             time.sleep(1)
         monitor.close()
-    return tl
+        damage = {app: _outcomes(sb, wl, app) for app in ("shop", "web")}
+    return tl, damage
+
+
+def _outcomes(sb: Sandbox, wl: Workloads, app: str) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for p in wl.pods(NAMESPACE, f"app={app}"):
+        for k, v in count_outcomes(sb.pod_log(NAMESPACE, p.metadata.name, "app")).items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def _count(conn: psycopg.Connection[Any]) -> tuple[int, int]:
@@ -305,31 +330,33 @@ def _count(conn: psycopg.Connection[Any]) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def summarize(tl: Timeline, usable: int, png: Path) -> None:
+def summarize(tl: Timeline, usable: int, png: Path, damage: dict[str, dict[str, int]]) -> None:
     def at(reason: str) -> str:
         t = tl.first(reason)
         return f"{t - tl.t0:5.1f}s" if t else "   -  "
 
-    peak = max((s for _, s, _, _ in tl.samples), default=0)
-    actions: dict[str, int] = {}
-    for _, r, _ in tl.events:
-        if r in ACTIONS:
-            actions[r] = actions.get(r, 0) + 1
+    peak = max((c for _, _, c, _ in tl.samples), default=0)
+    peak_server = max((s for _, s, _, _ in tl.samples), default=0)
+    healthy_failed = sum(damage["shop"].get(k, 0) for k in FAILURES)
+    broken = sum(d.get("inflight_broken", 0) for d in damage.values())
     say("\nsummary")
-    say(f"  warning        at {at('BudgetWarning')}")
-    say(f"  over budget    at {at('BudgetExceeded')}")
+    say(f"  leak detected  at {at('LeakDetected')}")
     say(f"  first action   at {at('IdleConnectionsTerminated')}  (IdleConnectionsTerminated)")
-    say(f"  recovered      at {at('BudgetRecovered')}")
-    say(f"  actions        {json.dumps(actions)}")
-    say(f"  peak           {peak} connections on the server ({usable} usable)")
+    say(f"  over budget    at {at('BudgetExceeded')}")
+    say(f"  peak           {peak}/{BUDGET} counted, {peak_server} on the server ({usable} usable)")
     say(f"  refused        {tl.refused} of {tl.attempts} new connections tried once a second")
-    done = all(tl.first(r) for r in ("BudgetWarning", "BudgetExceeded", "BudgetRecovered"))
+    say(
+        f"  healthy app    {damage['shop'].get('ok', 0)} requests ok, {healthy_failed} failed "
+        f"(from its own log)"
+    )
+    say(f"  in flight      {broken} requests broken between two queries")
+    held = tl.first("LeakDetected") is not None and peak <= BUDGET
     say(
         "  episode        "
         + (
-            "complete: leak, warning, breach, remediation, recovery"
-            if done
-            else "incomplete (time limit reached)"
+            "the leak was named and held inside the budget, the healthy app unharmed"
+            if held and healthy_failed == 0 and broken == 0 and tl.refused == 0
+            else "NOT held: see the timeline and the operator log"
         )
     )
     say(f"  chart          {png}")
@@ -349,11 +376,16 @@ def main(argv: list[str]) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     sb = Sandbox.up(progress=lambda m: say(f"sandbox: {m}"))
     try:
-        tl = play(sb, args.limit, out_dir)
+        tl, damage = play(sb, args.limit, out_dir)
         usable = sb.db.max_connections - 3
         png = out_dir / "timeline.png"
-        chart(tl, usable, png)
-        summarize(tl, usable, png)
+        chart(
+            tl,
+            usable,
+            png,
+            title="connbudget demo: a real Django leak held inside its connection budget",
+        )
+        summarize(tl, usable, png, damage)
         say(f"  operator log   {out_dir / 'operator.log'}")
     finally:
         sb.down()

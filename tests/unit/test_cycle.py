@@ -398,3 +398,18 @@ def test_a_worker_sleeps_until_its_probe_is_due_never_less_than_a_poll() -> None
     assert t0 + 0.4 + wait - (t0 + 0.3) > 10
     # Past due (the cycle was slow): at once, never a negative sleep.
     assert cycle.seconds_to_next_cycle(runtime, t0 + 12.5, tick=1.0) == 0.0
+
+
+def test_what_the_operator_terminates_is_counted_back_into_the_forecast() -> None:
+    kube, monitor = FakeKube(), FakeMonitor(leaking())
+    deps, _ = make_deps(kube, monitor, [WEB1, WEB2])
+    runtime = cycle.Runtime()
+    spec = {**SPEC, "remediation": {**SPEC["remediation"], "steps": ["TerminateIdle"]}}
+    run_cycle(deps, spec=spec, runtime=runtime)
+    assert len(monitor.terminated) == 60  # the idle leaked ones; not those in a transaction
+    assert runtime.removed == 60
+    assert runtime.history[-1][1] == 90  # the sample it was decided on: nothing removed yet
+    runtime.last_probe_at = None
+    run_cycle(deps, spec=spec, runtime=runtime)
+    assert runtime.history[-1][1] == 90 + 60
+    assert runtime.next_poll_seconds == 1  # a leak: polled every second

@@ -218,3 +218,15 @@ def test_the_abandon_age_is_above_the_floor_and_every_gap_seen(
     assert after >= floor
     if gap is not None:
         assert after > gap
+
+
+def test_a_leak_just_begun_is_a_suspect_before_it_is_abandoned() -> None:
+    conns = leak(7.0, start=T0, seconds=10)
+    judged = last(play(conns, until=T0 + 2))["Deployment/web"]
+    assert judged.cls is OwnerClass.STEADY  # nothing idle 3 s yet
+    assert judged.suspect  # but 14 fresh connections, each used once
+
+
+def test_a_pool_in_use_is_no_suspect() -> None:
+    judged = last(play(pool(10, gaps=(0.5, 1.0), seconds=30), until=T0 + 30))
+    assert not judged["Deployment/pool"].suspect

@@ -11,6 +11,7 @@ from connbudget.model.actions import RestartPod, ScalePooler, TerminateBackends
 from connbudget.model.observations import BackendGroup, PodInfo, PoolerSample
 from connbudget.model.spec import AttributionMode, ObjectRef, RestartMethod, Step
 from connbudget.policy import attribution, plan, usage
+from connbudget.policy.evidence import OwnerClass
 from connbudget.policy.plan import Hold, Level, Memory, Transition
 from unit.builders import NOW, active_group, idle_group, leaking, pod, pooling, run, spec
 
@@ -448,3 +449,21 @@ def test_pods_sharing_one_address_are_told_apart_by_application_name() -> None:
         groups=[idle_group(b, [5.0])], index=idx, mode=AttributionMode.CLIENT_ADDR
     )
     assert none.pod is None
+
+
+def test_the_operators_own_terminations_do_not_look_like_a_slowing_leak() -> None:
+    from connbudget.policy import forecast
+
+    # 40 connections held flat by terminating 5 a second: the leak still grows 5 a second.
+    gross = [(NOW - 4 + i, 40 + 5 * i) for i in range(5)]
+    to_full = forecast.seconds_to_full(history=gross, usable_slots=97, current=40)
+    assert to_full is not None
+    assert abs(to_full - (97 - 40) / 5) < 0.01
+    # Without counting back what was removed, a held leak would look like no growth at all.
+    assert forecast.seconds_to_full(history=[(t, 40) for t, _ in gross], usable_slots=97) is None
+
+
+def test_a_suspect_is_polled_every_second() -> None:
+    ev = dataclasses.replace(pooling("Deployment/web"), cls=OwnerClass.STEADY, suspect=True)
+    d = run(spec(pollSeconds=10), [WEB1], [idle_group(WEB1, [1.0] * 10)], owners=[ev])
+    assert d.next_poll_seconds == 1

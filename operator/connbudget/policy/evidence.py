@@ -51,6 +51,11 @@ ABANDON_GAP_MARGIN_SECONDS = 1.0
 # A connection of an owner that is not leaking is terminated only when idle well beyond its reuse
 # gaps: this many times the longest one (and never before leakDetection.idleSeconds).
 POOL_GAP_FACTOR = 3.0
+# A connection whose last state change came this soon after it was opened has run its first
+# query and nothing since: used once so far. Enough of them, fresh, make an owner a *suspect*,
+# polled every second until the evidence says leak or not (a leak's first connections are not yet
+# abandoned when it is first seen).
+FIRST_USE_SECONDS = 2.0
 # Two state_change times closer than this are the same (both come from the same float arithmetic).
 SAME_TIME_SECONDS = 0.01
 # States in which a backend waits for its client: a client that never comes back leaves it there.
@@ -108,6 +113,7 @@ class OwnerEvidence:
     max_gap: float | None  # the longest reuse gap seen (None: no reuse seen)
     reuses: int  # reuses seen within the gap memory
     connections: int  # its backends open now (of governed pods)
+    suspect: bool = False  # many fresh connections used once so far: watch it closely
     abandoned_by_pod: Mapping[str, int] = field(default_factory=dict)
     in_transaction_by_pod: Mapping[str, int] = field(default_factory=dict)
 
@@ -239,6 +245,13 @@ class Evidence:
         starts = [start for _, start in log.ended]
         by_pod: dict[str, int] = {}
         in_tx_by_pod: dict[str, int] = {}
+        fresh_single_use = sum(
+            1
+            for t in tracks
+            if t.state in WAITING_STATES
+            and t.start >= at - LEAK_WINDOW_SECONDS
+            and t.changed_at - t.start <= FIRST_USE_SECONDS
+        )
         for t in tracks:
             if t.state not in WAITING_STATES or at - t.changed_at < after:
                 continue
@@ -275,6 +288,7 @@ class Evidence:
             max_gap=max_gap,
             reuses=len(log.gaps),
             connections=len(tracks),
+            suspect=fresh_single_use >= LEAK_MIN_CONNECTIONS,
             abandoned_by_pod=by_pod,
             in_transaction_by_pod=in_tx_by_pod,
         )

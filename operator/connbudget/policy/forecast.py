@@ -31,10 +31,17 @@ def growth_rate(history: Sequence[tuple[float, int]]) -> float | None:
     return sum((t - mean_t) * (n - mean_n) for t, n in pts) / var
 
 
-def seconds_to_full(*, history: Sequence[tuple[float, int]], usable_slots: int) -> float | None:
-    """Seconds until ``usable_slots`` are taken at the recent growth rate; None if not growing."""
+def seconds_to_full(
+    *, history: Sequence[tuple[float, int]], usable_slots: int, current: int | None = None
+) -> float | None:
+    """Seconds until ``usable_slots`` are taken at the recent growth rate; None if not growing.
+
+    ``history`` may count back what the operator itself removed (so its own terminations do not
+    look like a slowing leak); ``current`` is then what the server holds now (default: the last
+    point of ``history``).
+    """
     rate = growth_rate(history)
     if rate is None or rate <= 0 or not history:
         return None
-    free = usable_slots - history[-1][1]
+    free = usable_slots - (history[-1][1] if current is None else current)
     return max(free, 0) / rate

@@ -363,7 +363,9 @@ def _breach_timing(
     over = level is Level.OVER
     breach_since = (memory.breach_since or now) if over else None
     breached_for = now - breach_since if breach_since is not None else 0.0
-    to_full = forecast.seconds_to_full(history=history, usable_slots=usage.usable_slots)
+    to_full = forecast.seconds_to_full(
+        history=history, usable_slots=usage.usable_slots, current=usage.server_total
+    )
     reasons: list[str] = []
     sustained = over and breached_for >= rem.breach_seconds
     full = over and is_nearly_full(usage)
@@ -382,7 +384,10 @@ def _breach_timing(
             f"for {breached_for:.0f}s (breachSeconds {rem.breach_seconds})"
         )
     if to_full is not None:
-        reasons.append(f"at the recent growth rate the server is full in {to_full:.0f}s")
+        reasons.append(
+            f"without action the server would be full in {to_full:.0f}s at the recent growth "
+            "rate (what the operator removed counted back)"
+        )
     act = sustained or full or urgent or relapse
     if act:
         why = (
@@ -416,13 +421,15 @@ def decide_poll_seconds(
     """The cadence for the next probe: ``FAST_POLL_SECONDS`` while it matters, else pollSeconds.
 
     It matters while usage is at or above the warning line, while an owner leaks (its abandoned
-    connections are terminated at the leak's pace, not a poll late), and when the forecast says
-    the server is full within ``FAST_POLL_WITHIN_POLLS`` polls.
+    connections are terminated at the leak's pace, not a poll late) or is a suspect (many fresh
+    connections used once: a leak is told only once they are abandoned, a poll later would let
+    it grow by a whole poll), and when the forecast says the server is full within
+    ``FAST_POLL_WITHIN_POLLS`` polls.
     """
     poll = float(spec.poll_seconds)
     busy = (
         level is not Level.WITHIN
-        or any(o.cls is OwnerClass.LEAKING for o in owners.values())
+        or any(o.cls is OwnerClass.LEAKING or o.suspect for o in owners.values())
         or (to_full is not None and to_full < FAST_POLL_WITHIN_POLLS * poll)
     )
     return min(float(FAST_POLL_SECONDS), poll) if busy else poll
