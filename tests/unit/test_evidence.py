@@ -35,6 +35,7 @@ class Conn:
     end: float | None = None
     owner: str = "Deployment/web"
     state_at_rest: str = "idle"
+    pod: str = "web-1"
 
     def seen_at(self, t: float) -> Seen | None:
         if t < self.start or (self.end is not None and t >= self.end):
@@ -45,7 +46,7 @@ class Conn:
             backend_start=self.start,
             state=self.state_at_rest,
             changed_at=last,
-            pod="web-1",
+            pod=self.pod,
             owner=self.owner,
         )
 

@@ -467,3 +467,29 @@ def test_a_suspect_is_polled_every_second() -> None:
     ev = dataclasses.replace(pooling("Deployment/web"), cls=OwnerClass.STEADY, suspect=True)
     d = run(spec(pollSeconds=10), [WEB1], [idle_group(WEB1, [1.0] * 10)], owners=[ev])
     assert d.next_poll_seconds == 1
+
+
+def test_a_leak_that_grows_with_pod_age_restarts_the_oldest_pod() -> None:
+    old, young = pod("web-old", "10.0.0.1", age=7200), pod("web-young", "10.0.0.2", age=600)
+    groups = [idle_group(old, [1.0] * 60), idle_group(young, [1.0] * 30)]
+    aging = dataclasses.replace(
+        leaking(abandoned={"web-old": 2, "web-young": 1}),
+        rate_by_pod={"web-old": 4.0, "web-young": 1.0},
+    )
+    d = run(spec(), [old, young], groups, memory=OVER, owners=[aging])
+    assert [r.pod for r in restarts(d)] == ["web-old"]
+    assert d.restart_cause is plan.RestartCause.LEAK_GROWS_WITH_AGE
+    # The same rate in every pod, whatever its age: a leak in the code; a restart is no help.
+    even = dataclasses.replace(aging, rate_by_pod={"web-old": 2.0, "web-young": 2.0})
+    assert restarts(run(spec(), [old, young], groups, memory=OVER, owners=[even])) == []
+
+
+def test_per_pod_rates_of_a_leak_are_measured() -> None:
+    from unit.test_evidence import T0, Conn, last, play
+
+    fast = [Conn(pid=i, start=T0 + i / 4, uses=[T0 + i / 4 + 0.01]) for i in range(160)]
+    slow = [Conn(pid=1000 + i, start=T0 + i, uses=[T0 + i + 0.01]) for i in range(40)]
+    for c in slow:
+        c.pod = "web-2"
+    judged = last(play(fast + slow, until=T0 + 35))["Deployment/web"]
+    assert judged.rate_by_pod["web-1"] > 3 * judged.rate_by_pod["web-2"] > 0

@@ -94,9 +94,9 @@ class _Track:
 @dataclass
 class _OwnerLog:
     gaps: deque[tuple[float, float]] = field(default_factory=deque)  # (seen at, gap seconds)
-    # backend_start of abandoned backends that have ended (terminated, or closed at last), with
-    # when they ended: they still count as the leak's output within the window.
-    ended: deque[tuple[float, float]] = field(default_factory=deque)
+    # (ended at, backend_start, pod) of abandoned backends that have ended (terminated, or
+    # closed at last): they still count as the leak's output within the window.
+    ended: deque[tuple[float, float, str]] = field(default_factory=deque)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,6 +116,7 @@ class OwnerEvidence:
     suspect: bool = False  # many fresh connections used once so far: watch it closely
     abandoned_by_pod: Mapping[str, int] = field(default_factory=dict)
     in_transaction_by_pod: Mapping[str, int] = field(default_factory=dict)
+    rate_by_pod: Mapping[str, float] = field(default_factory=dict)  # of a leaking owner
 
     @property
     def rate_per_minute(self) -> float:
@@ -208,7 +209,7 @@ class Evidence:
                 and track.last_seen - track.changed_at >= threshold
                 and track.start >= at - LEAK_WINDOW_SECONDS
             ):
-                log.ended.append((at, track.start))
+                log.ended.append((at, track.start, track.pod))
         self._tracks = current
         for owner, log in list(self._owners.items()):
             while log.gaps and log.gaps[0][0] < at - GAP_MEMORY_SECONDS:
@@ -242,7 +243,10 @@ class Evidence:
         log = self._owners.get(owner) or _OwnerLog()
         max_gap = _max_gap(log)
         after = abandon_after(max_gap, floor=floor)
-        starts = [start for _, start in log.ended]
+        starts = [start for _, start, _ in log.ended]
+        pod_starts: dict[str, int] = {}
+        for _, _, pod in log.ended:
+            pod_starts[pod] = pod_starts.get(pod, 0) + 1
         by_pod: dict[str, int] = {}
         in_tx_by_pod: dict[str, int] = {}
         fresh_single_use = sum(
@@ -260,15 +264,18 @@ class Evidence:
                 in_tx_by_pod[t.pod] = in_tx_by_pod.get(t.pod, 0) + 1
             if t.start >= at - LEAK_WINDOW_SECONDS:
                 starts.append(t.start)
+                pod_starts[t.pod] = pod_starts.get(t.pod, 0) + 1
         leaking = (
             len(starts) >= LEAK_MIN_CONNECTIONS
             and max(starts) - min(starts) >= LEAK_MIN_SPAN_SECONDS
         )
         rate = 0.0
+        span = LEAK_MIN_SPAN_SECONDS
         if starts:
             # Abandoned connections opened between the oldest one in the window and the newest
             # that could be known abandoned by now (``after`` seconds ago).
-            rate = len(starts) / max(at - after - min(starts), LEAK_MIN_SPAN_SECONDS)
+            span = max(at - after - min(starts), LEAK_MIN_SPAN_SECONDS)
+            rate = len(starts) / span
         if leaking:
             cls = OwnerClass.LEAKING
             terminate_after = after
@@ -289,6 +296,7 @@ class Evidence:
             reuses=len(log.gaps),
             connections=len(tracks),
             suspect=fresh_single_use >= LEAK_MIN_CONNECTIONS,
+            rate_by_pod={p: n / span for p, n in pod_starts.items()} if leaking else {},
             abandoned_by_pod=by_pod,
             in_transaction_by_pod=in_tx_by_pod,
         )

@@ -26,8 +26,9 @@ The rules, and the failure each prevents:
   while termination holds the budget is disruption without relief. A pod is restarted only when
   termination cannot hold: its leaked connections are ``idle in transaction`` (terminating them
   would roll back whatever they hold; a restart lets the app close them), termination is not
-  allowed or not permitted, its leaked clients sit in PgBouncer, or the breach lasted
-  ``breachSeconds`` and more than terminations can remove. A pooling owner's pods are never
+  allowed or not permitted, its leaked clients sit in PgBouncer, its leak grows with pod age
+  (the oldest pod leaks fastest under the same traffic), or the breach lasted ``breachSeconds``
+  and more than terminations can remove. A pooling owner's pods are never
   offenders, and a pod restarted in a cycle never has its backends terminated in the same cycle.
 - **Disruption limits.** Restarts and pooler scaling wait out ``cooldownSeconds`` (kept in status,
   so an operator restart does not reset it); at most ``maxPodsPerCycle`` pods, none younger than
@@ -60,6 +61,11 @@ FAST_POLL_WITHIN_POLLS = 2
 # NEAR_FULL_MIN_FREE) is nearly full: acted on at once, never held for a breach window.
 NEAR_FULL_FREE_PERCENT = 5
 NEAR_FULL_MIN_FREE = 2
+# A leak grows with pod age when its oldest pod leaks at least this many times faster than its
+# youngest, and is at least this many times older: the same traffic, a different rate, so a
+# restart resets it (a leak in every request leaks as fast in a new pod; a restart is no help).
+AGE_RATE_FACTOR = 2.0
+AGE_FACTOR = 2.0
 
 
 class Level(enum.StrEnum):
@@ -92,6 +98,7 @@ class RestartCause(enum.StrEnum):
     IDLE_IN_TRANSACTION = "IdleInTransaction"
     NOT_TERMINABLE = "NotTerminable"
     POOLED_CLIENTS = "PooledClients"
+    LEAK_GROWS_WITH_AGE = "LeakGrowsWithAge"
     TERMINATION_INSUFFICIENT = "TerminationInsufficient"
 
 
@@ -229,6 +236,7 @@ def _restart_cause(
     spec: BudgetSpec,
     termination_possible: bool,
     insufficient: bool,
+    now: float,
 ) -> tuple[RestartCause | None, dict[str, int]]:
     """Why termination cannot hold the budget, and the offending pods with their leaked counts."""
     leaking = [o for o in owners.values() if o.cls is OwnerClass.LEAKING]
@@ -252,6 +260,9 @@ def _restart_cause(
             return RestartCause.NOT_TERMINABLE, held
     if pooled:
         return RestartCause.POOLED_CLIENTS, dict(pooled)
+    aging = _aging_leaks(leaking, pods, now)
+    if aging:
+        return RestartCause.LEAK_GROWS_WITH_AGE, aging
     if insufficient:
         held = {
             name: n
@@ -263,6 +274,29 @@ def _restart_cause(
         if held:
             return RestartCause.TERMINATION_INSUFFICIENT, held
     return None, {}
+
+
+def _aging_leaks(
+    leaking: Sequence[OwnerEvidence], pods: Sequence[PodInfo], now: float
+) -> dict[str, int]:
+    """The oldest pod of each leaking owner whose leak grows with pod age (see AGE_RATE_FACTOR),
+    weighted by its leak rate per minute."""
+    out: dict[str, int] = {}
+    for o in leaking:
+        mine = [p for p in pods if p.owner == o.owner and not p.terminating]
+        if len(mine) < 2:
+            continue
+        oldest = min(mine, key=lambda p: p.created_at)
+        youngest = max(mine, key=lambda p: p.created_at)
+        old_rate = o.rate_by_pod.get(oldest.name, 0.0)
+        young_rate = o.rate_by_pod.get(youngest.name, 0.0)
+        if (
+            old_rate > 0
+            and old_rate >= AGE_RATE_FACTOR * young_rate
+            and now - oldest.created_at >= AGE_FACTOR * (now - youngest.created_at)
+        ):
+            out[oldest.name] = max(round(old_rate * 60), 1)
+    return out
 
 
 def _plan_restarts(
@@ -616,6 +650,7 @@ def _plan_actions(
             spec=spec,
             termination_possible=terminate,
             insufficient=insufficient,
+            now=now,
         )
         if cause is not None:
             planned, too_young = _plan_restarts(
@@ -672,6 +707,9 @@ _CAUSE_TEXT = {
     ),
     RestartCause.NOT_TERMINABLE: "leaked connections may not be terminated",
     RestartCause.POOLED_CLIENTS: "leaked clients are held in PgBouncer",
+    RestartCause.LEAK_GROWS_WITH_AGE: (
+        "the leak grows with pod age (its oldest pod leaks fastest; a new pod starts afresh)"
+    ),
     RestartCause.TERMINATION_INSUFFICIENT: (
         "terminations cannot bring usage back within the budget"
     ),
