@@ -334,17 +334,7 @@ def scale(
             "serverConnectionsPerReplica": 20,
         }
     )
-    u = usage.Usage(
-        connections=connections,
-        budget=80,
-        warning_line=64,
-        server_max_connections=100,
-        reserved=3,
-        server_total=connections,
-        leaked=0,
-        unattributed=0,
-        by_owner=(),
-    )
+    u = dataclasses.replace(run_usage(connections), server_total=connections)
     return plan.plan_scaling(
         spec=s,
         usage=u,

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from connbudget.model.actions import Action, IdleBackend, RestartPod, ScalePooler, TerminateBackends
@@ -241,38 +241,37 @@ def _restart_cause(
     """Why termination cannot hold the budget, and the offending pods with their leaked counts."""
     leaking = [o for o in owners.values() if o.cls is OwnerClass.LEAKING]
     by_pod = {p.name: p for p in pods}
-    in_tx = {
-        name: n
-        for o in leaking
-        for name, n in o.in_transaction_by_pod.items()
-        if name in by_pod and by_pod[name].owner == o.owner
-    }
+
+    def held(
+        of: Sequence[OwnerEvidence], counts: Callable[[OwnerEvidence], Mapping[str, int]]
+    ) -> dict[str, int]:
+        """The governed pods of the owners ``of``, with their ``counts``."""
+        return {
+            name: n
+            for o in of
+            for name, n in counts(o).items()
+            if name in by_pod and by_pod[name].owner == o.owner
+        }
+
+    in_tx = held(leaking, lambda o: o.in_transaction_by_pod)
     if in_tx:
         return RestartCause.IDLE_IN_TRANSACTION, in_tx
     if not termination_possible or Step.TERMINATE_IDLE not in spec.remediation.steps:
-        held = {
-            name: n
-            for o in leaking
-            for name, n in o.abandoned_by_pod.items()
-            if name in by_pod and by_pod[name].owner == o.owner
-        }
-        if held:
-            return RestartCause.NOT_TERMINABLE, held
+        abandoned = held(leaking, lambda o: o.abandoned_by_pod)
+        if abandoned:
+            return RestartCause.NOT_TERMINABLE, abandoned
     if pooled:
         return RestartCause.POOLED_CLIENTS, dict(pooled)
     aging = _aging_leaks(leaking, pods, now)
     if aging:
         return RestartCause.LEAK_GROWS_WITH_AGE, aging
     if insufficient:
-        held = {
-            name: n
-            for o in owners.values()
-            if o.cls is not OwnerClass.POOLING
-            for name, n in o.abandoned_by_pod.items()
-            if name in by_pod and by_pod[name].owner == o.owner
-        }
-        if held:
-            return RestartCause.TERMINATION_INSUFFICIENT, held
+        abandoned = held(
+            [o for o in owners.values() if o.cls is not OwnerClass.POOLING],
+            lambda o: o.abandoned_by_pod,
+        )
+        if abandoned:
+            return RestartCause.TERMINATION_INSUFFICIENT, abandoned
     return None, {}
 
 
