@@ -213,6 +213,8 @@ class Lane:
     samples: list[tuple[float, int, int, int, int]] = field(default_factory=list)
     tries: list[tuple[float, str]] = field(default_factory=list)  # (time, ok|refused|error)
     status: list[tuple[float, float | None, str | None]] = field(default_factory=list)
+    # (time, workload -> its byOwner entry) from the same reads: how the operator judged each
+    owners: list[tuple[float, dict[str, dict[str, Any]]]] = field(default_factory=list)
     t0: float | None = None  # when the leak's driver started sending
     lock: threading.Lock = field(default_factory=threading.Lock)
     conn: psycopg.Connection[tuple[Any, ...]] | None = None
@@ -303,7 +305,9 @@ def _read_status(kube: Kube, lane: Lane) -> None:
     except ApiException:
         return
     owners = ((obj.get("status") or {}).get("usage") or {}).get("byOwner") or []
-    mine = next((o for o in owners if str(o.get("owner", "")).split("/")[-1] == LEAK), None)
+    by = {str(o.get("owner", "")).split("/")[-1]: o for o in owners}
+    lane.owners.append((time.time(), by))
+    mine = by.get(LEAK)
     rate = mine.get("leakRatePerMinute") if mine else None
     lane.status.append(
         (
@@ -373,6 +377,16 @@ def _summarise(
     estimate = [(t, r) for t, r, _ in lane.status if t0 <= t <= t1]
     driven = rate
     last_est = next((r for _, r in reversed(estimate) if r is not None), None)
+    judged: dict[str, dict[str, Any]] = {}
+    for t, by in lane.owners:
+        if not t0 <= t <= t1:
+            continue
+        for workload, o in by.items():
+            j = judged.setdefault(workload, {"classes": Counter()})
+            if o.get("class"):
+                j["classes"][str(o["class"])] += 1
+            j["abandon_after"] = o.get("abandonAfterSeconds")
+            j["max_reuse_gap"] = o.get("maxReuseGapSeconds")
     classes = Counter(c for t, _, c in lane.status if t0 <= t <= t1 and c)
     return {
         "strategy": lane.strategy.key,
@@ -408,6 +422,9 @@ def _summarise(
             "first_within": first_within(estimate, driven, RATE_TOLERANCE, since=t0),
             "end": last_est,
             "classes": dict(classes),
+            # Per workload: seconds read as each class, and the last abandon age and longest
+            # reuse gap the operator reported for it.
+            "owners": {w: j | {"classes": dict(j["classes"])} for w, j in sorted(judged.items())},
             "series": [(round(t - t0, 1), r) for t, r in estimate],
         }
         if lane.strategy.connbudget

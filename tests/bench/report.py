@@ -226,10 +226,41 @@ def _exhaustion(ex: dict[str, Any], targets: list[tuple[str, str, str]]) -> list
             ev = ", ".join(f"{r} {n}" for r, n in sorted(cb["operator_events"].items())) or "none"
             classes = (cb.get("leak_estimate") or {}).get("classes") or {}
             cls = ", ".join(f"{c} {n} s" for c, n in sorted(classes.items())) or "never named"
+            owners = (cb.get("leak_estimate") or {}).get("owners") or {}
+            judged = "; ".join(
+                f"{w}: "
+                + (", ".join(f"{c} {n} s" for c, n in sorted(j["classes"].items())) or "no class")
+                + f", abandon age {_f(j.get('abandon_after'))} s, longest reuse gap "
+                f"{_f(j.get('max_reuse_gap'))} s"
+                for w, j in owners.items()
+            )
             out += [
                 "",
                 f"connbudget's Events (count per reason): {ev}. The leak's class in its status, "
-                f"seconds read as each: {cls}.",
+                f"seconds read as each: {cls}."
+                + (
+                    f" How the status judged each workload over the window (seconds read as "
+                    f"each class; the last abandon age and longest reuse gap): {judged}."
+                    if judged
+                    else ""
+                ),
+            ]
+        if cb and cb["breaches"]:
+            leak = ((cb.get("leak_estimate") or {}).get("owners") or {}).get("leak") or {}
+            age = leak.get("abandon_after")
+            out += [
+                "",
+                f"**connbudget at {rk}/s stays near the budget.** It was over the budget "
+                f"{_f(cb['seconds_over_budget'])} s of {_n(ex['window'])} s, in "
+                f"{cb['breaches']} short breaches (the longest {_f(cb['longest_breach'])} s), "
+                f"and {_f(cb['seconds_full'])} s at a full server"
+                + (
+                    f": it terminates the leak's connections once idle {_f(age)} s (the "
+                    f"abandon age in its status), and by then {_n(float(rk) * age)} of them "
+                    f"(the rate times that age) are open, with the pools' on top."
+                    if isinstance(age, int | float)
+                    else "."
+                ),
             ]
         out += ["", f"![leak of {rk}/s]({CHARTS}/exhaustion-{rk}.png)", ""]
     _exhaustion_targets(ex, targets)
