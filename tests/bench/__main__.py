@@ -88,7 +88,12 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--skip-soak", action="store_true", help="leave out the load and soak")
     parser.add_argument("--soak-minutes", type=float, default=10.0)
-    parser.add_argument("--repeats", type=int, default=None, help="repeats of benchmarks 1 and 3")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="repeats of benchmark 3 (the exhaustion scenario plays each rate once)",
+    )
     parser.add_argument("--episodes", type=int, default=None, help="episodes per poll interval")
     parser.add_argument(
         "--output",
