@@ -231,7 +231,11 @@ def _exhaustion(ex: dict[str, Any], targets: list[tuple[str, str, str]]) -> list
                 f"{w}: "
                 + (", ".join(f"{c} {n} s" for c, n in sorted(j["classes"].items())) or "no class")
                 + f", abandon age {_f(j.get('abandon_after'))} s, longest reuse gap "
-                f"{_f(j.get('max_reuse_gap'))} s"
+                + (
+                    f"{_f(j['max_reuse_gap'])} s"
+                    if isinstance(j.get("max_reuse_gap"), int | float)
+                    else "none seen"
+                )
                 for w, j in owners.items()
             )
             out += [
