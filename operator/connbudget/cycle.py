@@ -99,6 +99,9 @@ class Deps:
     now: Callable[[], float] = time.time
     # Writes a status before a restart or a scaling is carried out (None: not recorded ahead).
     write_status: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+    # Every pod the operator sees, by address, and a namespace's by name (None: only the pods of
+    # the budget's namespace, from ``pods``).
+    pod_index: Callable[[str], attribution.PodIndex] | None = None
 
 
 @dataclass
@@ -318,7 +321,11 @@ async def run_cycle(
                         True,
                     )
 
-    index = attribution.PodIndex.build(all_pods)
+    index = (
+        deps.pod_index(namespace)
+        if deps.pod_index is not None
+        else attribution.PodIndex.build(all_pods, namespace=namespace)
+    )
     attributed = attribution.attribute_backends(
         groups=sample.groups, index=index, mode=spec.attribution, pooler_ips=pooler_ips
     )

@@ -185,7 +185,7 @@ def run(
 ) -> Decision:
     """Attribute, count and decide, as the cycle does (``owners``: the evidence, given)."""
     smp = sample(groups)
-    idx = PodIndex.build(pods)
+    idx = PodIndex.build(pods, namespace=NS)
     attributed = attribution.attribute_backends(groups=smp.groups, index=idx, mode=s.attribution)
     judged = {o.owner: o for o in owners or []}
     u = usage.compute_usage(spec=s, namespace=NS, sample=smp, attributed=attributed, owners=judged)

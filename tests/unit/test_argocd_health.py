@@ -17,7 +17,9 @@ def rendered(groups: int, *, paused: bool = False, problem: bool = False) -> dic
     d = run(spec(), [WEB1], [idle_group(WEB1, [5.0] * groups)], paused=paused)
     smp = sample([idle_group(WEB1, [5.0] * groups)])
     attributed = attribution.attribute_backends(
-        groups=smp.groups, index=attribution.PodIndex.build([WEB1]), mode=spec().attribution
+        groups=smp.groups,
+        index=attribution.PodIndex.build([WEB1], namespace="shop"),
+        mode=spec().attribution,
     )
     u = usage.compute_usage(spec=spec(), namespace="shop", sample=smp, attributed=attributed)
     st = status.render_status(

@@ -13,7 +13,7 @@ from connbudget.model.spec import AttributionMode, ObjectRef, RestartMethod, Ste
 from connbudget.policy import attribution, plan, usage
 from connbudget.policy.evidence import OwnerClass
 from connbudget.policy.plan import Hold, Level, Memory, Transition
-from unit.builders import NOW, active_group, idle_group, leaking, pod, pooling, run, spec
+from unit.builders import NOW, NS, active_group, idle_group, leaking, pod, pooling, run, spec
 
 WEB1, WEB2, WORKER = (
     pod("web-1", "10.0.0.1"),
@@ -383,7 +383,7 @@ def test_backends_from_a_reused_ip_are_not_pinned_on_the_new_pod() -> None:
     new = pod("web-new", "10.0.0.1", age=30)  # took the IP of a pod that died
     old_backends = idle_group(new, [100.0] * 3, start_age=200)
     old_backends = dataclasses.replace(old_backends, application_name="web-dead")
-    idx = attribution.PodIndex.build([new])
+    idx = attribution.PodIndex.build([new], namespace=NS)
     (a,) = attribution.attribute_backends(
         groups=[old_backends], index=idx, mode=AttributionMode.AUTO
     )
@@ -429,7 +429,7 @@ def test_the_cadence_is_fast_only_while_it_matters(
 
 def test_pods_sharing_one_address_are_told_apart_by_application_name() -> None:
     a, b = pod("web-a", "10.0.0.50"), pod("web-b", "10.0.0.50")  # hostNetwork: the node's IP
-    idx = attribution.PodIndex.build([a, b])
+    idx = attribution.PodIndex.build([a, b], namespace=NS)
     (got,) = attribution.attribute_backends(
         groups=[idle_group(b, [5.0])], index=idx, mode=AttributionMode.AUTO
     )

@@ -55,7 +55,9 @@ def test_ready_means_the_controller_works_not_that_usage_is_low() -> None:
     assert out["phase"] == "Pending"
     smp = sample([idle_group(WEB1, [5.0] * 90)])
     attributed = attribution.attribute_backends(
-        groups=smp.groups, index=attribution.PodIndex.build([WEB1]), mode=spec().attribution
+        groups=smp.groups,
+        index=attribution.PodIndex.build([WEB1], namespace="shop"),
+        mode=spec().attribution,
     )
     u = usage.compute_usage(spec=spec(), namespace="shop", sample=smp, attributed=attributed)
     out = status.render_status(

@@ -21,6 +21,7 @@ from connbudget.config import TICK_SECONDS
 from connbudget.kube.api import BudgetRef, Kube, KubeError
 from connbudget.kube.pods import pod_info_from_body
 from connbudget.model.observations import PodInfo, PoolerSample
+from connbudget.policy.attribution import PodIndex
 from connbudget.probe.pgbouncer import sample_poolers
 from connbudget.probe.postgres import MonitorPool
 from connbudget.report import status
@@ -77,6 +78,11 @@ class Reconciler:
         self.monitors = monitors
         self.metrics = metrics
         self.pods: dict[str, dict[str, PodInfo]] = {}
+        # Attribution looks addresses up among every pod seen: one index per change of the pods,
+        # shared by every budget (the by-name part is per namespace).
+        self._pods_version = 0
+        self._by_ip: tuple[int, dict[str, list[PodInfo]]] = (-1, {})
+        self._indexes: dict[str, tuple[int, PodIndex]] = {}
         self.budgets: dict[Key, Budget] = {}
         self.written: dict[Key, dict[str, Any]] = {}  # the status we wrote last (ahead of watch)
         self.written_at: dict[Key, float] = {}  # when (monotonic) this process last wrote it
@@ -94,6 +100,28 @@ class Reconciler:
             pods.pop(pod.uid, None)
         else:
             pods[pod.uid] = pod
+        self._pods_version += 1
+
+    def pod_index(self, namespace: str) -> PodIndex:
+        """Every pod seen, by address, and the pods of ``namespace`` by name."""
+        version = self._pods_version
+        cached = self._indexes.get(namespace)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        if self._by_ip[0] != version:
+            by_ip: dict[str, list[PodInfo]] = {}
+            for ns_pods in self.pods.values():
+                for p in ns_pods.values():
+                    if p.ip:
+                        by_ip.setdefault(p.ip, []).append(p)
+            self._by_ip = (version, by_ip)
+        index = PodIndex(
+            namespace=namespace,
+            by_ip=self._by_ip[1],
+            by_name={p.name: p for p in self.pods.get(namespace, {}).values()},
+        )
+        self._indexes[namespace] = (version, index)
+        return index
 
     async def on_budget(self, event: str | None, body: Mapping[str, Any]) -> None:
         b = budget_from_body(body)
@@ -220,6 +248,7 @@ class Reconciler:
             metrics=self.metrics,
             now=time.time,
             write_status=write_status,
+            pod_index=self.pod_index,
         )
 
     async def _work(self, key: Key) -> None:

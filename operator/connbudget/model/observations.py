@@ -64,6 +64,7 @@ class PoolerClient:
     state: str  # active (linked to a server, idle or not), waiting, ...
     application_name: str = ""
     idle_seconds: float = 0.0  # since the client's last request
+    connected_at: float | None = None  # epoch seconds (None: not known)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,9 +3,18 @@
 Pure: no I/O, no clock; all inputs are arguments.
 
 A backend belongs to a pod when its client address is the pod's IP (and it started after the pod
-did: a new pod may reuse a dead pod's IP, and the dead pod's backends must not be pinned on it), or
-when its ``application_name`` is the pod's name. Backends coming from a pooler pod's address are
-the pooler's server connections; the pooler's own clients are attributed to pods by address.
+did: a new pod may reuse a dead pod's IP, and the dead pod's backends must not be pinned on it).
+Addresses are matched against every pod the operator sees, in every namespace: a pod of another
+namespace is still a known address, never a stranger whose ``application_name`` decides.
+
+``application_name`` (the pod's name, which the app sets; nothing stops it from sending another)
+decides only where the address says nothing: an address no known pod has (a NAT, a proxy,
+loopback), or one that several live pods share (hostNetwork). Even then the named pod must be of
+the budget's namespace, must have started before the backend, and, where the address is known,
+must be one of the pods at that address: a name never pins a backend on a governed pod when the
+address belongs to another pod. Backends coming from a pooler pod's address are the pooler's
+server connections; the pooler's own clients are attributed to pods by address, with the same
+start check.
 """
 
 from __future__ import annotations
@@ -46,29 +55,44 @@ class Attributed:
 
 @dataclass(frozen=True, kw_only=True)
 class PodIndex:
-    """Pods of one namespace, looked up by IP and by name."""
+    """Every pod the operator sees by IP; the pods of one namespace by name."""
 
+    namespace: str  # the budget's: the only one whose pods are looked up by name
     by_ip: Mapping[str, Sequence[PodInfo]]
-    by_name: Mapping[str, PodInfo]
+    by_name: Mapping[str, PodInfo]  # of ``namespace`` only
 
     @classmethod
-    def build(cls, pods: Iterable[PodInfo]) -> PodIndex:
+    def build(cls, pods: Iterable[PodInfo], *, namespace: str) -> PodIndex:
+        """Index ``pods`` (of every namespace) by IP, and those of ``namespace`` by name."""
         by_ip: dict[str, list[PodInfo]] = {}
         by_name: dict[str, PodInfo] = {}
         for pod in pods:
-            by_name[pod.name] = pod
+            if pod.namespace == namespace:
+                by_name[pod.name] = pod
             if pod.ip:
                 by_ip.setdefault(pod.ip, []).append(pod)
-        return cls(by_ip=by_ip, by_name=by_name)
+        return cls(namespace=namespace, by_ip=by_ip, by_name=by_name)
+
+
+def _predates(pod: PodInfo, started: float) -> bool:
+    """Whether ``pod`` had started when a backend (or client) started at ``started``."""
+    return pod.started_at is None or pod.started_at <= started + CLOCK_SKEW_TOLERANCE_SECONDS
+
+
+def _pod_by_name(index: PodIndex, name: str, addr: str | None, started: float) -> PodInfo | None:
+    """The pod named ``name``, if the address does not say it is someone else's."""
+    pod = index.by_name.get(name)
+    if pod is None or not _predates(pod, started):
+        return None
+    at_addr = index.by_ip.get(addr or "", ())
+    if at_addr and pod not in at_addr:
+        return None  # the address belongs to another pod: the name is not to be believed
+    return pod
 
 
 def _pod_by_ip(index: PodIndex, addr: str, backend_start: float) -> PodInfo | None:
     """The pod that had ``addr`` when a backend started at ``backend_start``."""
-    owners = [
-        p
-        for p in index.by_ip.get(addr, ())
-        if p.started_at is None or p.started_at <= backend_start + CLOCK_SKEW_TOLERANCE_SECONDS
-    ]
+    owners = [p for p in index.by_ip.get(addr, ()) if _predates(p, backend_start)]
     # Pods sharing an address at the same time (hostNetwork pods, the node's IP) say nothing about
     # which of them holds the backend: leave it to application_name.
     if sum(1 for p in owners if not p.terminating) > 1:
@@ -107,7 +131,7 @@ def attribute_backends(
             pod = _pod_by_ip(index, g.client_addr, g.oldest_backend_start)
             via = Via.CLIENT_ADDR if pod else Via.NONE
         if pod is None and mode in (AttributionMode.AUTO, AttributionMode.APPLICATION_NAME):
-            pod = index.by_name.get(g.application_name)
+            pod = _pod_by_name(index, g.application_name, g.client_addr, g.oldest_backend_start)
             via = Via.APPLICATION_NAME if pod else Via.NONE
         out.append(Attributed(group=g, pod=pod, via=via))
     return out
@@ -116,14 +140,21 @@ def attribute_backends(
 def attribute_pooler_clients(
     *, clients: Iterable[PoolerClient], index: PodIndex
 ) -> dict[str, list[PoolerClient]]:
-    """Group PgBouncer clients by the name of the pod at their address (unknown ones left out)."""
+    """Group PgBouncer clients by the name of the pod at their address (unknown ones left out).
+
+    As for backends: the pod must have started before the client connected (a new pod on a dead
+    pod's address is not blamed for its clients), a pod of another namespace at the address is
+    still the address's owner (its clients are nobody's here), and ``application_name`` decides
+    only where the address does not.
+    """
     out: dict[str, list[PoolerClient]] = {}
     for c in clients:
-        pods = index.by_ip.get(c.addr or "", ())
-        live = [p for p in pods if not p.terminating] or list(pods)
-        if live:
-            pod = max(live, key=lambda p: p.started_at or 0.0)
+        since = c.connected_at if c.connected_at is not None else float("inf")
+        pods = [p for p in index.by_ip.get(c.addr or "", ()) if _predates(p, since)]
+        live = [p for p in pods if not p.terminating] or pods
+        pod = max(live, key=lambda p: p.started_at or 0.0) if len(live) == 1 else None
+        if pod is None:
+            pod = _pod_by_name(index, c.application_name, c.addr, since)
+        if pod is not None and pod.namespace == index.namespace:
             out.setdefault(pod.name, []).append(c)
-        elif c.application_name in index.by_name:
-            out.setdefault(c.application_name, []).append(c)
     return out

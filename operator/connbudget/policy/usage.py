@@ -120,7 +120,9 @@ def compute_usage(
     for a in attributed:
         if a.pod is None:
             continue
-        tally = tallies.setdefault(a.pod.owner, _OwnerTally())
+        # A workload of another namespace is named with it: Deployment/web here is not there.
+        key = a.pod.owner if a.pod.namespace == namespace else f"{a.pod.namespace}/{a.pod.owner}"
+        tally = tallies.setdefault(key, _OwnerTally())
         tally.pods.add(a.pod.name)
         tally.connections += a.group.count
         if a.group.state == "idle":
