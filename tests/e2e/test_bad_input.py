@@ -125,7 +125,7 @@ HAND_WRITTEN: list[tuple[str, Any]] = [
     ("min-idle-above-idle", with_change("remediation", {"terminateIdle": {"minIdleSeconds": 900}})),
     (
         "min-idle-above-short-idle",
-        {**BASE, "leakDetection": {"idleSeconds": 5}},  # the default minIdleSeconds is 10
+        {**BASE, "leakDetection": {"idleSeconds": 2}},  # the default minIdleSeconds is 3
     ),
     ("poll-0", with_change("pollSeconds", 0)),
     ("poll-2-hours", with_change("pollSeconds", 7200)),
