@@ -125,6 +125,8 @@ class Runtime:
     episode: int = 0
     # The owners the evidence said were leaking at the last poll.
     leaking: set[str] = field(default_factory=set)
+    # Whether the budget fitted the server's usable slots at the last poll (None: not known).
+    budget_fits: bool | None = None
     # Since when the API server has pods for the selector that the watch index lacks.
     unwatched_since: float | None = None
     last_problem: str | None = None
@@ -380,6 +382,7 @@ async def run_cycle(
     deps.metrics.record_owners(namespace, name, owners.values())
     await _post_transition(deps, runtime, decision, use)
     await _post_leaks(deps, runtime, owners)
+    await _post_budget_fit(deps, runtime, use)
     outcome = status.Outcome(
         generation=generation,
         now=now,
@@ -554,6 +557,14 @@ async def _post_leaks(
             WARNING, EventReason.LEAK_DETECTED.value, events.leak_text(owners[owner]), owner
         )
     runtime.leaking = leaking
+
+
+async def _post_budget_fit(deps: Deps, runtime: Runtime, use: usage.Usage) -> None:
+    """Post a ``BudgetAboveServerLimit`` Event when the budget stops fitting the server."""
+    fit = status.budget_fits(use)
+    if not fit.status and runtime.budget_fits is not False:
+        await deps.post_event(WARNING, EventReason.BUDGET_ABOVE_SERVER.value, fit.message, None)
+    runtime.budget_fits = fit.status
 
 
 def _step_name(action: Action) -> str:

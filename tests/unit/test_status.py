@@ -169,3 +169,24 @@ def test_memory_keeps_fractions_of_a_second_so_the_breach_window_is_never_cut_sh
     assert status.parse_time("2026-11-25T04:00:00Z") == status.parse_time(
         "2026-11-25T04:00:00.000Z"
     )
+
+
+def test_a_budget_above_the_servers_usable_slots_is_a_condition_and_one_event() -> None:
+    from connbudget import cycle
+    from unit.test_cycle import SPEC as CYCLE_SPEC
+    from unit.test_cycle import WEB1 as CYCLE_WEB1
+    from unit.test_cycle import FakeKube, FakeMonitor, leaking, make_deps, run_cycle
+
+    kube, monitor = FakeKube(), FakeMonitor(leaking())
+    deps, events = make_deps(kube, monitor, [CYCLE_WEB1])
+    runtime = cycle.Runtime()
+    spec = {**CYCLE_SPEC, "budget": {"maxConnections": 500}}
+    out = run_cycle(deps, spec=spec, runtime=runtime)
+    fits = next(c for c in out["conditions"] if c["type"] == "BudgetFits")
+    assert (fits["status"], fits["reason"]) == ("False", "BudgetAboveServerLimit")
+    assert "97 usable slots" in fits["message"]
+    runtime.last_probe_at = None
+    run_cycle(deps, spec=spec, runtime=runtime)
+    assert [r for _, r, _ in events].count("BudgetAboveServerLimit") == 1
+    ready = next(c for c in out["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"  # reported, not blocking: the leak is still held

@@ -16,6 +16,7 @@ class ConditionType(enum.StrEnum):
     WITHIN_BUDGET = "WithinBudget"
     REMEDIATING = "Remediating"
     PAUSED = "Paused"
+    BUDGET_FITS = "BudgetFits"  # the budget is within the server's usable slots
     # kstatus' "abnormal-true" pair, read by Flux and the cli-utils applier: Reconciling=True while
     # the first probe is pending, Stalled=True while only a change by the user can help.
     RECONCILING = "Reconciling"
@@ -40,6 +41,9 @@ class Reason(enum.StrEnum):
     BUDGET_OK = "WithinBudget"
     BUDGET_WARNING = "BudgetWarning"
     BUDGET_EXCEEDED = "BudgetExceeded"
+    # BudgetFits
+    BUDGET_FITS = "BudgetFits"
+    BUDGET_ABOVE_SERVER = "BudgetAboveServerLimit"
     # Remediating
     IDLE = "Idle"
     ACTING = "Acting"

@@ -24,6 +24,7 @@ class EventReason(enum.StrEnum):
     BUDGET_EXCEEDED = "BudgetExceeded"
     BUDGET_RECOVERED = "BudgetRecovered"
     LEAK_DETECTED = "LeakDetected"
+    BUDGET_ABOVE_SERVER = "BudgetAboveServerLimit"
     IDLE_TERMINATED = "IdleConnectionsTerminated"
     POD_EVICTED = "PodEvicted"
     POD_DELETED = "PodDeleted"

@@ -185,6 +185,8 @@ def _conditions(o: Outcome) -> list[Condition]:
             )
         )
     u, d = o.usage, o.decision
+    if u is not None:
+        conds.append(budget_fits(u))
     if u is not None and d is not None:
         text = f"{u.connections}/{u.budget} connections ({u.percent:.0f}% of the budget)"
         if d.level is Level.OVER:
@@ -248,6 +250,33 @@ def _conditions(o: Outcome) -> list[Condition]:
         )
     )
     return conds
+
+
+def budget_fits(u: Usage) -> Condition:
+    """Whether the budget can be breached before the server is full.
+
+    A budget above the server's usable slots (``max_connections`` less the reserved ones) is a
+    mistake only the operator can see (the API server does not know the server): it is reported,
+    and the operator goes on (a leak is still told by its evidence, not by the budget).
+    """
+    if u.budget > u.usable_slots:
+        return Condition(
+            type=ConditionType.BUDGET_FITS,
+            status=False,
+            reason=Reason.BUDGET_ABOVE_SERVER,
+            message=(
+                f"the budget of {u.budget} connections is more than the server's "
+                f"{u.usable_slots} usable slots (max_connections {u.server_max_connections} "
+                f"less {u.reserved} reserved): the server is full before the budget is "
+                "breached; lower spec.budget or use maxPercent"
+            ),
+        )
+    return Condition(
+        type=ConditionType.BUDGET_FITS,
+        status=True,
+        reason=Reason.BUDGET_FITS,
+        message=f"{u.budget} of the server's {u.usable_slots} usable slots",
+    )
 
 
 def worth_writing(
