@@ -102,6 +102,8 @@ class Deps:
     # Every pod the operator sees, by address, and a namespace's by name (None: only the pods of
     # the budget's namespace, from ``pods``).
     pod_index: Callable[[str], attribution.PodIndex] | None = None
+    # Drops a pod the API server says is gone from the watch cache (None: nothing to drop).
+    forget_pod: Callable[[str, str], None] | None = None
 
 
 @dataclass
@@ -403,6 +405,21 @@ async def run_cycle(
         # which the forecast must not read as a slowing leak. Start its series afresh.
         runtime.history.clear()
     runtime.termination_denied = done.termination_denied
+    if (
+        done.gone
+        and not done.restarted
+        and not any(isinstance(a, ScalePooler) for a in decision.actions)
+    ):
+        # Nothing was restarted: the pods were already gone (the watch had missed it). The
+        # cooldown is not spent on them, and the cache forgets them.
+        decision = dataclasses.replace(
+            decision,
+            memory=dataclasses.replace(decision.memory, cooldown_until=memory.cooldown_until),
+        )
+        outcome = dataclasses.replace(outcome, decision=decision)
+        for pod_name in done.gone:
+            if deps.forget_pod is not None:
+                deps.forget_pod(namespace, pod_name)
     if denied is not None:
         problem = _Problem(Reason.PERMISSION_DENIED, denied, EventReason.ACTION_FAILED, True)
     await _post_problem(runtime, deps, problem)
@@ -583,6 +600,7 @@ class _Done:
     denied: str | None = None  # an action was refused for lack of permissions
     terminated: int = 0  # backends terminated
     restarted: bool = False  # a pod or a workload was restarted
+    gone: tuple[str, ...] = ()  # pods to restart that the API server no longer has
     termination_denied: bool = False  # a termination was refused for lack of permissions
 
 
@@ -601,6 +619,7 @@ async def _carry_out(
     denied: str | None = None
     terminated = 0
     restarted = termination_denied = False
+    gone: list[str] = []
     why = "; ".join(decision.reasons)
     series = _series(runtime)
     for action in decision.actions:
@@ -632,6 +651,8 @@ async def _carry_out(
             terminated += n
         elif result == "Succeeded":
             restarted = restarted or isinstance(action, RestartPod)
+        elif result == "Skipped" and isinstance(action, RestartPod):
+            gone.append(action.pod)
         event_type = NORMAL if result == "Succeeded" else WARNING
         await deps.post_event(
             event_type, reason.value, message + (f" ({why})" if why else ""), series
@@ -661,6 +682,7 @@ async def _carry_out(
         denied=denied,
         terminated=terminated,
         restarted=restarted,
+        gone=tuple(gone),
         termination_denied=termination_denied,
     )
 

@@ -91,3 +91,58 @@ def test_pgbouncer_clients_of_another_namespace_are_not_counted_here() -> None:
         addr=STAGING_WEB0.ip, user="app", database="app", state="active", application_name="web-0"
     )
     assert attribution.attribute_pooler_clients(clients=[client], index=index) == {}
+
+
+class ListingKube:
+    """Answers a pod LIST with what the API server has."""
+
+    def __init__(self, uids: set[str]) -> None:
+        self.uids = uids
+
+    async def list_pods(self, namespace: str) -> list[dict[str, object]]:
+        return [{"metadata": {"uid": u}} for u in sorted(self.uids)]
+
+
+def test_pods_the_watch_missed_deleting_are_dropped_on_resync() -> None:
+    import asyncio
+
+    clock = [100.0]
+    kube = ListingKube({PROD_WEB0.uid})
+    reconciler = Reconciler(
+        kube=kube,  # type: ignore[arg-type]
+        monitors=MonitorPool(),
+        metrics=Metrics(),
+        monotonic=lambda: clock[0],
+    )
+    ghost = pod("web-1", "10.0.0.2", namespace="prod")
+    for p in (PROD_WEB0, ghost):
+        reconciler.on_pod(None, pod_body(p))  # as a (re-)list delivers them
+    clock[0] = 200.0
+    assert asyncio.run(reconciler.resync_pods()) == ["prod/web-1"]
+    assert {p.name for p in reconciler.pods["prod"].values()} == {"web-0"}
+    assert "10.0.0.2" not in reconciler.pod_index("prod").by_ip
+
+
+def test_a_pod_the_watch_told_of_during_the_list_is_kept() -> None:
+    import asyncio
+
+    clock = [100.0]
+    kube = ListingKube(set())  # listed before the pod was created
+    reconciler = Reconciler(
+        kube=kube,  # type: ignore[arg-type]
+        monitors=MonitorPool(),
+        metrics=Metrics(),
+        monotonic=lambda: clock[0],
+    )
+    original = kube.list_pods
+
+    async def list_then_add(namespace: str) -> list[dict[str, object]]:
+        listed = await original(namespace)
+        clock[0] += 1
+        reconciler.on_pod("ADDED", pod_body(PROD_WEB0))  # the watch delivers it meanwhile
+        return listed
+
+    kube.list_pods = list_then_add  # type: ignore[method-assign]
+    reconciler.pods["prod"] = {}
+    assert asyncio.run(reconciler.resync_pods()) == []
+    assert [p.name for p in reconciler.pods["prod"].values()] == ["web-0"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -413,3 +414,15 @@ def test_what_the_operator_terminates_is_counted_back_into_the_forecast() -> Non
     run_cycle(deps, spec=spec, runtime=runtime)
     assert runtime.history[-1][1] == 90 + 60
     assert runtime.next_poll_seconds == 1  # a leak: polled every second
+
+
+def test_a_restart_of_a_pod_already_gone_does_not_spend_the_cooldown() -> None:
+    kube, monitor = FakeKube(evict=EvictionResult.GONE), FakeMonitor(leaking())
+    deps, _ = make_deps(kube, monitor, [WEB1, WEB2])
+    forgotten: list[str] = []
+    deps = dataclasses.replace(deps, forget_pod=lambda ns, name: forgotten.append(name))
+    out = run_cycle(deps, old_status=OVER_STATUS)
+    assert kube.calls == [("evict", "web-1")]
+    assert out["lastAction"]["result"] == "Skipped"
+    assert out.get("cooldownUntil") is None
+    assert forgotten == ["web-1"]

@@ -30,6 +30,10 @@ from connbudget.report.metrics import Metrics
 log = logging.getLogger("connbudget.reconciler")
 Key = tuple[str, str]  # (namespace, name)
 STANDBY_CHECK_SECONDS = 10.0  # how often a replica that does not lead checks its connection
+# How often the leader lists the pods it knows of, to drop the ones the watch never said were
+# deleted (a watch that expired, 410 Gone, is listed again by kopf, and a pod deleted meanwhile
+# gets no DELETED event): a ghost could suppress NoPodsSelected or be picked for a restart.
+POD_RESYNC_SECONDS = 120.0
 # A status that would change only in lastProbeTime is written at most this often (a heartbeat:
 # lastProbeTime is never older than this while probing works).
 STATUS_HEARTBEAT_SECONDS = 60.0
@@ -83,6 +87,8 @@ class Reconciler:
         self._pods_version = 0
         self._by_ip: tuple[int, dict[str, list[PodInfo]]] = (-1, {})
         self._indexes: dict[str, tuple[int, PodIndex]] = {}
+        self._seen_at: dict[str, float] = {}  # pod uid -> when (monotonic) the watch last told
+        self.resync: asyncio.Task[None] | None = None
         self.budgets: dict[Key, Budget] = {}
         self.written: dict[Key, dict[str, Any]] = {}  # the status we wrote last (ahead of watch)
         self.written_at: dict[Key, float] = {}  # when (monotonic) this process last wrote it
@@ -98,9 +104,49 @@ class Reconciler:
         pods = self.pods.setdefault(pod.namespace, {})
         if event == "DELETED":
             pods.pop(pod.uid, None)
+            self._seen_at.pop(pod.uid, None)
         else:
             pods[pod.uid] = pod
+            self._seen_at[pod.uid] = self.monotonic()
         self._pods_version += 1
+
+    def forget_pod(self, namespace: str, name: str) -> None:
+        """Drop a pod the API server says is gone (an eviction answered 404)."""
+        pods = self.pods.get(namespace, {})
+        for uid in [uid for uid, p in pods.items() if p.name == name]:
+            pods.pop(uid)
+            self._seen_at.pop(uid, None)
+            self._pods_version += 1
+
+    async def resync_pods(self) -> list[str]:
+        """Drop pods the API server no longer has; return them (``namespace/name``).
+
+        Only pods the watch has not told of since the list began are dropped: one it delivered
+        meanwhile may be newer than the list.
+        """
+        dropped: list[str] = []
+        for namespace in list(self.pods):
+            started = self.monotonic()
+            listed = {
+                str((b.get("metadata") or {}).get("uid"))
+                for b in await self.kube.list_pods(namespace)
+            }
+            pods = self.pods.get(namespace, {})
+            for uid in [u for u in pods if u not in listed and self._seen_at.get(u, 0.0) < started]:
+                dropped.append(f"{namespace}/{pods.pop(uid).name}")
+                self._seen_at.pop(uid, None)
+        if dropped:
+            self._pods_version += 1
+            log.warning("pods the watch missed deleting dropped", extra={"pods": dropped})
+        return dropped
+
+    async def _resync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(POD_RESYNC_SECONDS)
+            try:
+                await self.resync_pods()
+            except KubeError as e:
+                log.warning("listing pods failed; retrying later", extra={"error": str(e)})
 
     def pod_index(self, namespace: str) -> PodIndex:
         """Every pod seen, by address, and the pods of ``namespace`` by name."""
@@ -159,6 +205,8 @@ class Reconciler:
         if not self.leading:
             log.info("leading: starting workers", extra={"budgets": len(self.budgets)})
         self.leading = True
+        if self.resync is None:
+            self.resync = asyncio.create_task(self._resync_forever(), name="pod resync")
         for key in list(self.standby):
             # The monitoring connection it kept open stays in the pool, for the worker to use.
             self.standby.pop(key).cancel()
@@ -171,6 +219,7 @@ class Reconciler:
         if self.leading:
             log.warning("no longer leading: stopping workers")
         self.leading = False
+        await self._stop_resync()
         for key in list(self.workers):
             await self._stop_worker(key)
         # Another replica writes the status now: what this one wrote last is no longer the truth
@@ -249,6 +298,7 @@ class Reconciler:
             now=time.time,
             write_status=write_status,
             pod_index=self.pod_index,
+            forget_pod=self.forget_pod,
         )
 
     async def _work(self, key: Key) -> None:
@@ -309,8 +359,16 @@ class Reconciler:
         self.written[key] = {k: v for k, v in merged.items() if v is not None}
         self.written_at[key] = self.monotonic()
 
+    async def _stop_resync(self) -> None:
+        task, self.resync = self.resync, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def close(self) -> None:
         self.leading = False
+        await self._stop_resync()
         for tasks in (self.workers, self.standby):
             for key in list(tasks):
                 await self._stop(tasks, key)

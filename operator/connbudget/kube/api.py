@@ -17,7 +17,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import kubernetes
 from kubernetes.client.rest import ApiException
@@ -301,6 +301,13 @@ class Kube:
             else:
                 raise KubeError(404, f"no resource of kind {kind} in {api_version}")
         return self._plurals[key]
+
+    async def list_pods(self, namespace: str) -> list[dict[str, Any]]:
+        """Every pod of ``namespace`` as the API server's watch cache has it (``resourceVersion``
+        0: cheap), as plain dicts shaped like watch bodies."""
+        listed = await self.call(self.core.list_namespaced_pod, namespace, resource_version="0")
+        items = self.api.sanitize_for_serialization(listed.items or [])
+        return [dict(i) for i in items]
 
     async def count_pods(self, namespace: str, label_selector: str) -> int:
         """Pods matching ``label_selector`` per the API server (at most 1 is asked for): the
