@@ -426,3 +426,18 @@ def test_a_restart_of_a_pod_already_gone_does_not_spend_the_cooldown() -> None:
     assert out["lastAction"]["result"] == "Skipped"
     assert out.get("cooldownUntil") is None
     assert forgotten == ["web-1"]
+
+
+def test_a_stale_view_never_acts_when_its_intent_write_conflicts() -> None:
+    from connbudget.handlers.reconciler import StatusConflict
+
+    kube, monitor = FakeKube(), FakeMonitor(leaking())
+    deps, _ = make_deps(kube, monitor, [WEB1, WEB2])
+
+    async def conflict(status: dict[str, Any]) -> None:
+        raise StatusConflict("shop/web changed meanwhile")
+
+    deps = dataclasses.replace(deps, write_status=conflict)
+    with pytest.raises(StatusConflict):
+        run_cycle(deps, old_status=OVER_STATUS)
+    assert kube.calls == []  # the eviction was never asked for

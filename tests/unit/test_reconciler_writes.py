@@ -29,8 +29,16 @@ class PatchRecorder:
     def __init__(self) -> None:
         self.patches: list[dict[str, Any]] = []
 
-    async def patch_budget_status(self, namespace: str, name: str, body: dict[str, Any]) -> None:
+    async def patch_budget_status(
+        self,
+        namespace: str,
+        name: str,
+        body: dict[str, Any],
+        *,
+        resource_version: str | None = None,
+    ) -> str:
         self.patches.append(body)
+        return str(len(self.patches))
 
 
 def probed(at: float, connections: int = 10) -> dict[str, Any]:

@@ -48,6 +48,7 @@ class Budget:
     spec: dict[str, Any]
     annotations: dict[str, str]
     status: dict[str, Any]
+    resource_version: str = ""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -63,7 +64,12 @@ def budget_from_body(body: Mapping[str, Any]) -> Budget:
         spec=dict(body.get("spec") or {}),
         annotations=dict(meta.get("annotations") or {}),
         status=dict(body.get("status") or {}),
+        resource_version=str(meta.get("resourceVersion") or ""),
     )
+
+
+class StatusConflict(Exception):
+    """Another writer changed the budget since this replica read it: decide again."""
 
 
 class Reconciler:
@@ -310,6 +316,9 @@ class Reconciler:
                 await self._once(key, b, runtime)
             except asyncio.CancelledError:
                 raise
+            except StatusConflict as e:
+                log.info("status changed meanwhile; deciding again", extra={"detail": str(e)})
+                runtime.last_probe_at = None
             except Exception:
                 # A bug must not kill the budget's worker: log it and try again next tick.
                 log.exception("reconcile failed", extra={"budget": f"{key[0]}/{key[1]}"})
@@ -349,15 +358,46 @@ class Reconciler:
     async def _write(
         self, key: Key, old_status: dict[str, Any], new_status: dict[str, Any]
     ) -> None:
-        try:
-            await self.kube.patch_budget_status(key[0], key[1], new_status)
-        except KubeError as e:
-            if e.status == 404:
-                return  # deleted meanwhile; the watch will tell
-            raise
-        merged = {**old_status, **new_status}
-        self.written[key] = {k: v for k, v in merged.items() if v is not None}
-        self.written_at[key] = self.monotonic()
+        """Write a status, on the condition that nobody changed the budget since it was read.
+
+        Raises ``StatusConflict`` (after reading the budget again) when someone did: what was
+        decided rests on a stale status, so it is neither written nor acted on. A conflict with
+        nothing changed but the version (the watch delivered an older echo of this replica's own
+        write) is written again at once.
+        """
+        for attempt in range(2):
+            b = self.budgets.get(key)
+            try:
+                version = await self.kube.patch_budget_status(
+                    key[0], key[1], new_status, resource_version=b.resource_version if b else None
+                )
+            except KubeError as e:
+                if e.status == 404:
+                    return  # deleted meanwhile; the watch will tell
+                if e.status != 409:
+                    raise
+                mine = self.written.get(key)
+                fresh = await self._reread(key)
+                if attempt == 0 and mine is not None and fresh == mine:
+                    continue  # only the version was stale: the status is what this replica wrote
+                raise StatusConflict(f"{key[0]}/{key[1]} changed meanwhile") from None
+            if b is not None and version:
+                b.resource_version = version
+            merged = {**old_status, **new_status}
+            self.written[key] = {k: v for k, v in merged.items() if v is not None}
+            self.written_at[key] = self.monotonic()
+            return
+
+    async def _reread(self, key: Key) -> dict[str, Any]:
+        """Take the budget as the API server has it now, and forget what this replica wrote;
+        return its status."""
+        self.written.pop(key, None)
+        self.written_at.pop(key, None)
+        fresh = budget_from_body(await self.kube.read_budget(*key))
+        old = self.budgets.get(key)
+        if old is not None:
+            old.status, old.resource_version = fresh.status, fresh.resource_version
+        return fresh.status
 
     async def _stop_resync(self) -> None:
         task, self.resync = self.resync, None

@@ -213,18 +213,41 @@ class Kube:
         await self.call(fn, name, namespace, patch, **({"dry_run": "All"} if dry_run else {}))
 
     async def patch_budget_status(
-        self, namespace: str, name: str, status: dict[str, object]
-    ) -> None:
-        """Merge-patch a ConnectionBudget's status subresource (never its spec)."""
-        await self.call(
+        self,
+        namespace: str,
+        name: str,
+        status: dict[str, object],
+        *,
+        resource_version: str | None = None,
+    ) -> str | None:
+        """Merge-patch a ConnectionBudget's status subresource (never its spec); return the
+        object's new ``resourceVersion``.
+
+        With ``resource_version`` the write is conditional: the API server refuses it (409,
+        ``KubeError``) if the object changed since, so a replica with a stale view never
+        overwrites another's status (its cooldown, say).
+        """
+        body: dict[str, object] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        written = await self.call(
             self.custom.patch_namespaced_custom_object_status,
             GROUP,
             VERSION,
             namespace,
             PLURAL,
             name,
-            {"status": status},
+            body,
         )
+        meta = written.get("metadata") if isinstance(written, dict) else None
+        return str(meta.get("resourceVersion")) if isinstance(meta, dict) else None
+
+    async def read_budget(self, namespace: str, name: str) -> dict[str, Any]:
+        """Read a ConnectionBudget (after a conflict: what the others wrote)."""
+        got = await self.call(
+            self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name
+        )
+        return dict(got)
 
     async def post_event(
         self,

@@ -1,0 +1,84 @@
+"""Status writes are conditional: a replica with a stale view never overwrites another's."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from connbudget.handlers.reconciler import Reconciler, StatusConflict
+from connbudget.kube.api import KubeError
+from connbudget.probe.postgres import MonitorPool
+from connbudget.report.metrics import Metrics
+
+THEIRS = {"cooldownUntil": "2027-01-15T08:05:00.000Z", "phase": "Remediating"}
+
+
+class VersionedKube:
+    """A budget whose status only a write naming its current resourceVersion may change."""
+
+    def __init__(self) -> None:
+        self.version = 7
+        self.status: dict[str, Any] = dict(THEIRS)
+        self.writes = 0
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "metadata": {
+                "namespace": "shop",
+                "name": "web",
+                "uid": "u1",
+                "generation": 1,
+                "resourceVersion": str(self.version),
+            },
+            "spec": {},
+            "status": dict(self.status),
+        }
+
+    async def patch_budget_status(
+        self, namespace: str, name: str, status: dict[str, Any], *, resource_version: str | None
+    ) -> str:
+        if resource_version != str(self.version):
+            raise KubeError(409, "the object has been modified")
+        self.status.update(status)
+        self.version += 1
+        self.writes += 1
+        return str(self.version)
+
+    async def read_budget(self, namespace: str, name: str) -> dict[str, Any]:
+        return self.body()
+
+
+def test_a_write_on_a_stale_view_is_refused_and_the_view_refreshed() -> None:
+    kube = VersionedKube()
+    reconciler = Reconciler(kube=kube, monitors=MonitorPool(), metrics=Metrics())  # type: ignore[arg-type]
+    stale = kube.body()
+    stale["metadata"]["resourceVersion"] = "6"  # what this replica saw before the other wrote
+    stale["status"] = {}
+    asyncio.run(reconciler.on_budget(None, stale))
+    key = ("shop", "web")
+    with pytest.raises(StatusConflict):
+        asyncio.run(reconciler._write(key, {}, {"cooldownUntil": None, "phase": "OverBudget"}))
+    assert kube.status == THEIRS  # the other replica's cooldown survives
+    assert reconciler.budgets[key].status == THEIRS
+    assert reconciler.budgets[key].resource_version == "7"
+    # With the fresh view, the next write goes through, and the version follows it.
+    asyncio.run(reconciler._write(key, THEIRS, {"phase": "Remediating"}))
+    assert kube.writes == 1
+    assert reconciler.budgets[key].resource_version == "8"
+
+
+def test_a_conflict_on_its_own_status_is_written_again() -> None:
+    kube = VersionedKube()
+    reconciler = Reconciler(kube=kube, monitors=MonitorPool(), metrics=Metrics())  # type: ignore[arg-type]
+    asyncio.run(reconciler.on_budget(None, kube.body()))
+    key = ("shop", "web")
+    asyncio.run(reconciler._write(key, THEIRS, {"phase": "OverBudget"}))
+    # The watch now delivers an older echo: the version goes back, the status is this one's.
+    older = kube.body()
+    older["metadata"]["resourceVersion"] = "7"
+    asyncio.run(reconciler.on_budget(None, older))
+    asyncio.run(reconciler._write(key, kube.status, {"phase": "Remediating"}))
+    assert kube.status["phase"] == "Remediating"
+    assert kube.writes == 2
