@@ -90,6 +90,35 @@ HAND_WRITTEN: list[tuple[str, Any]] = [
     ("secret-ref-string", with_change("database.secretRef", "pg-monitor")),
     ("ca-key-empty", with_change("database.secretRef", {"name": "pg", "caKey": ""})),
     ("ca-key-number", with_change("database.secretRef", {"name": "pg", "caKey": 7})),
+    ("secret-name-bad", with_change("database.secretRef", {"name": "Bad_Name!"})),
+    ("secret-name-upper", with_change("database.secretRef", {"name": "Pg-Monitor"})),
+    ("secret-name-dash-end", with_change("database.secretRef", {"name": "pg-"})),
+    ("secret-name-empty-label", with_change("database.secretRef", {"name": "pg..monitor"})),
+    ("secret-name-254", with_change("database.secretRef", {"name": "a" * 254})),
+    ("secret-key-slash", with_change("database.secretRef", {"name": "pg", "key": "ca/dsn"})),
+    ("secret-key-space", with_change("database.secretRef", {"name": "pg", "key": "my dsn"})),
+    ("secret-key-254", with_change("database.secretRef", {"name": "pg", "key": "k" * 254})),
+    ("ca-key-colon", with_change("database.secretRef", {"name": "pg", "caKey": "ca:crt"})),
+    (
+        "admin-secret-name-bad",
+        with_change(
+            "pooler",
+            {
+                "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "pgb"},
+                "adminSecretRef": {"name": "PgBouncer_Admin"},
+            },
+        ),
+    ),
+    (
+        "admin-secret-key-bad",
+        with_change(
+            "pooler",
+            {
+                "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "pgb"},
+                "adminSecretRef": {"name": "pgbouncer-admin", "key": "admin dsn"},
+            },
+        ),
+    ),
     ("no-budget", with_change("budget", ...)),
     ("no-selector", with_change("selector", ...)),
     ("empty-selector", with_change("selector", {})),

@@ -6,7 +6,12 @@ from typing import Any
 
 import pytest
 
+from connbudget.cli import crd_schema
 from connbudget.model.spec import (
+    SECRET_KEY_MAX_LENGTH,
+    SECRET_KEY_PATTERN,
+    SECRET_NAME_MAX_LENGTH,
+    SECRET_NAME_PATTERN,
     AttributionMode,
     LabelRequirement,
     LabelSelector,
@@ -134,6 +139,76 @@ def test_invalid_specs_are_refused_with_the_field_named(
     with pytest.raises(SpecError) as err:
         parse_spec(raw)
     assert any(problem in p for p in err.value.problems), err.value.problems
+
+
+POOLER_TARGET = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "pgb"}
+
+
+def _with_refs(database: dict[str, Any], admin: dict[str, Any] | None = None) -> dict[str, Any]:
+    raw: dict[str, Any] = {**MINIMAL, "database": {"secretRef": database}}
+    if admin is not None:
+        raw["pooler"] = {"targetRef": POOLER_TARGET, "adminSecretRef": admin}
+    return raw
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Bad_Name!", "Pg-Monitor", "-pg", "pg-", "pg..monitor", "pg monitor", "pg/monitor", "a" * 254],
+)
+def test_a_secret_name_must_be_a_dns_subdomain_as_the_api_server_says(name: str) -> None:
+    for raw, field in (
+        (_with_refs({"name": name}), "spec.database.secretRef.name"),
+        (_with_refs({"name": "pg"}, {"name": name}), "spec.pooler.adminSecretRef.name"),
+    ):
+        with pytest.raises(SpecError) as err:
+            parse_spec(raw)
+        assert any(p.startswith(field) and "DNS" in p for p in err.value.problems), (
+            err.value.problems
+        )
+
+
+@pytest.mark.parametrize("key", ["bad key", "ca/crt", "dsn!", "k" * 254])
+@pytest.mark.parametrize("field", ["key", "caKey"])
+def test_a_secret_key_must_be_a_valid_secret_data_key(field: str, key: str) -> None:
+    with pytest.raises(SpecError) as err:
+        parse_spec(_with_refs({"name": "pg", field: key}))
+    assert any(p.startswith(f"spec.database.secretRef.{field}") for p in err.value.problems), (
+        err.value.problems
+    )
+    if field == "key":
+        with pytest.raises(SpecError) as err:
+            parse_spec(_with_refs({"name": "pg"}, {"name": "pgb", "key": key}))
+        assert any(p.startswith("spec.pooler.adminSecretRef.key") for p in err.value.problems)
+
+
+def test_valid_secret_names_and_keys_are_accepted() -> None:
+    s = parse_spec(
+        _with_refs(
+            {"name": "pg-monitor.prod-1", "key": "DSN_url-1.txt", "caKey": "ca.crt"},
+            {"name": "0pgbouncer", "key": "-admin"},
+        )
+    )
+    assert (s.database_secret.name, s.database_secret.key) == ("pg-monitor.prod-1", "DSN_url-1.txt")
+    assert s.database_secret.ca_key == "ca.crt"
+    assert s.pooler is not None
+    assert s.pooler.admin_secret_ref is not None
+    assert s.pooler.admin_secret_ref.name == "0pgbouncer"
+    assert parse_spec(_with_refs({"name": "a" * 253})).database_secret.name == "a" * 253
+
+
+def test_the_crd_validates_secret_names_and_keys_with_the_same_patterns() -> None:
+    props = crd_schema()["properties"]["spec"]["properties"]
+    for ref in (
+        props["database"]["properties"]["secretRef"],
+        props["pooler"]["properties"]["adminSecretRef"],
+    ):
+        fields = ref["properties"]
+        assert fields["name"]["pattern"] == f"^{SECRET_NAME_PATTERN}$"
+        assert fields["name"]["maxLength"] == SECRET_NAME_MAX_LENGTH
+        for key in ("key", "caKey"):
+            if key in fields:
+                assert fields[key]["pattern"] == f"^{SECRET_KEY_PATTERN}$"
+                assert fields[key]["maxLength"] == SECRET_KEY_MAX_LENGTH
 
 
 def test_every_problem_is_reported_at_once() -> None:

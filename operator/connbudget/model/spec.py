@@ -8,6 +8,7 @@ relies on, because ``connbudget check`` runs it on manifests the API server has 
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -17,6 +18,12 @@ VERSION = "v1alpha1"
 PLURAL = "connectionbudgets"
 KIND = "ConnectionBudget"
 PAUSED_ANNOTATION = "connbudget.io/paused"
+
+# What the API server accepts as a Secret's name (a DNS-1123 subdomain) and as a key of its data;
+# the CRD's schema has the same patterns, so ``connbudget check`` and the API server agree.
+SECRET_NAME_PATTERN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+SECRET_KEY_PATTERN = r"[-._a-zA-Z0-9]+"
+SECRET_NAME_MAX_LENGTH = SECRET_KEY_MAX_LENGTH = 253
 
 
 class SpecError(ValueError):
@@ -253,11 +260,25 @@ class _Reader:
         if ca_key is not None and (not isinstance(ca_key, str) or not ca_key):
             self.problems.append(f"{path}.caKey must be a non-empty string")
             ca_key = None
-        return SecretRef(
-            name=self.string(ref, "name", path),
-            key=self.string(ref, "key", path, default="dsn"),
-            ca_key=ca_key,
-        )
+        name = self.string(ref, "name", path)
+        if name and not _matches(SECRET_NAME_PATTERN, name, SECRET_NAME_MAX_LENGTH):
+            self.problems.append(
+                f"{path}.name must be a Secret name (a DNS subdomain: lower-case letters, digits,"
+                f" '-' and '.', starting and ending with a letter or digit, at most"
+                f" {SECRET_NAME_MAX_LENGTH} characters), not {name!r}"
+            )
+        key = self.string(ref, "key", path, default="dsn")
+        for field_name, value in (("key", key), ("caKey", ca_key)):
+            if value and not _matches(SECRET_KEY_PATTERN, value, SECRET_KEY_MAX_LENGTH):
+                self.problems.append(
+                    f"{path}.{field_name} must be a Secret data key (letters, digits, '-', '_'"
+                    f" and '.', at most {SECRET_KEY_MAX_LENGTH} characters), not {value!r}"
+                )
+        return SecretRef(name=name, key=key, ca_key=ca_key)
+
+
+def _matches(pattern: str, value: str, max_length: int) -> bool:
+    return len(value) <= max_length and re.fullmatch(pattern, value) is not None
 
 
 def _parse_selector(r: _Reader, data: object) -> LabelSelector:
