@@ -104,6 +104,8 @@ class Deps:
     pod_index: Callable[[str], attribution.PodIndex] | None = None
     # Drops a pod the API server says is gone from the watch cache (None: nothing to drop).
     forget_pod: Callable[[str, str], None] | None = None
+    # Whether this replica may act now (it leads for sure); asked before every action.
+    may_act: Callable[[], bool] = lambda: True
 
 
 @dataclass
@@ -499,7 +501,7 @@ async def _record_intent(
     status and restart a second pod. Raises (and so acts on nothing) when the write fails.
     """
     disruptive = [a for a in decision.actions if not isinstance(a, TerminateBackends)]
-    if decision.dry_run or not disruptive or deps.write_status is None:
+    if decision.dry_run or not disruptive or deps.write_status is None or not deps.may_act():
         return
     action = disruptive[0]
     intent = status.LastAction(
@@ -635,6 +637,13 @@ async def _carry_out(
                 dry_run=True,
                 time=now,
                 message=message,
+            )
+            continue
+        if not deps.may_act():
+            # The Lease may be another replica's by now: terminations included, nothing is done.
+            log.warning(
+                "not acting: leadership uncertain",
+                extra={"budget": f"{namespace}/{name}", "action": step},
             )
             continue
         try:

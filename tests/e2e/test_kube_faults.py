@@ -36,7 +36,8 @@ from sandbox.fixtures import Workloads
 pytestmark = pytest.mark.sandbox
 
 APISERVER_DOWN_SECONDS = 5
-# A dead leader's Lease expires after 15 s and the others try every 5 s (kube.lease).
+# A dead leader's Lease expires 15 s after the others last saw it renewed; they try every 2 s
+# (kube.lease).
 TAKEOVER_TIMEOUT = 40.0
 RESTART_ONCE = {
     "steps": ["RestartPods"],

@@ -18,16 +18,12 @@ from kopf._core.engines.peering import Identity  # kopf.run's parameter type, no
 from connbudget.config import OperatorConfig
 from connbudget.handlers.reconciler import Reconciler
 from connbudget.kube.api import Kube
-from connbudget.kube.lease import LEASE_SECONDS, LeaseElector
+from connbudget.kube.lease import RETRY_SECONDS, LeaseElector
 from connbudget.probe.postgres import MonitorPool
 from connbudget.report.metrics import Metrics
 
 log = logging.getLogger("connbudget.lifecycle")
 LEASE_NAME = "connbudget-operator"
-RENEW_EVERY_SECONDS = LEASE_SECONDS / 3
-# Stop acting well before the Lease runs out when it cannot be renewed (API server unreachable):
-# another replica may take over once it has expired.
-STEP_DOWN_AFTER_SECONDS = LEASE_SECONDS * 2 / 3
 
 # This process's name in the Lease: the pod name (HOSTNAME in a pod) and a random suffix.
 IDENTITY = f"{os.environ.get('HOSTNAME') or socket.gethostname()}-{secrets.token_hex(3)}"
@@ -55,23 +51,25 @@ def run_operator(config: OperatorConfig) -> None:
 
 
 async def _elect(reconciler: Reconciler, elector: LeaseElector | None) -> None:
+    """Take or renew the Lease every ``RETRY_SECONDS``; lead while it is held for sure.
+
+    Between two attempts every action asks the elector itself (``may_act``): a replica whose
+    renewal hangs stops acting at its renew deadline, not at its next attempt.
+    """
     if elector is None:
         reconciler.lead()
         return
-    last_ok = 0.0
+    reconciler.may_act = elector.may_act
     while True:
-        now = time.time()
         try:
-            held = await elector.try_acquire(now)
-            last_ok = now
+            await elector.try_acquire(time.time())
         except Exception as e:
             log.warning("leader election failed", extra={"error": str(e)})
-            held = reconciler.leading and now - last_ok < STEP_DOWN_AFTER_SECONDS
-        if held:
+        if elector.may_act():
             reconciler.lead()
         else:
             await reconciler.follow()
-        await asyncio.sleep(RENEW_EVERY_SECONDS)
+        await asyncio.sleep(RETRY_SECONDS)
 
 
 @kopf.on.startup()

@@ -102,6 +102,9 @@ class Reconciler:
         self.workers: dict[Key, asyncio.Task[None]] = {}
         self.standby: dict[Key, asyncio.Task[None]] = {}  # keep connections open, act on nothing
         self.leading = False
+        # Whether this replica may act right now (the leader election's word; always, when it
+        # runs alone). Asked before every action, not only when the election loop runs.
+        self.may_act: Callable[[], bool] = lambda: True
 
     # --- watch events -------------------------------------------------------------------------
 
@@ -305,6 +308,7 @@ class Reconciler:
             write_status=write_status,
             pod_index=self.pod_index,
             forget_pod=self.forget_pod,
+            may_act=lambda: self.leading and self.may_act(),
         )
 
     async def _work(self, key: Key) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import kubernetes
+import urllib3
 from kubernetes.client.rest import ApiException
 
 from connbudget import __version__
@@ -28,6 +29,11 @@ from connbudget.model.spec import GROUP, KIND, PLURAL, VERSION, ObjectRef, Secre
 T = TypeVar("T")
 RESTARTED_AT_ANNOTATION = "connbudget.io/restartedAt"
 SECRET_TTL_SECONDS = 30.0  # how long a Secret's value is reused before it is read again
+# Every API call's deadline: connecting, then waiting for the answer (seconds). Shorter than a
+# Lease's renew deadline, so a hung renewal is known to have failed before the Lease runs out.
+CONNECT_TIMEOUT_SECONDS = 3.0
+REQUEST_TIMEOUT_SECONDS = 5.0
+GATEWAY_TIMEOUT = 504  # the status a call past its deadline reports
 HOSTNAME = os.environ.get("HOSTNAME") or socket.gethostname()
 
 
@@ -101,10 +107,24 @@ class Kube:
         return cls(api)
 
     async def call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """Call one method of the generated client in a thread, within a deadline.
+
+        Every call has a timeout (connect and read, and the same bound again around the thread):
+        a hung API server must not hold a worker, nor keep a Lease renewal pending while the
+        replica goes on acting. A call past its deadline raises ``KubeError`` 504.
+        """
+        kwargs.setdefault("_request_timeout", (CONNECT_TIMEOUT_SECONDS, REQUEST_TIMEOUT_SECONDS))
+        deadline = CONNECT_TIMEOUT_SECONDS + REQUEST_TIMEOUT_SECONDS + 1.0
         try:
-            return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
+            return await asyncio.wait_for(
+                asyncio.to_thread(functools.partial(fn, *args, **kwargs)), deadline
+            )
         except ApiException as e:
             raise KubeError(int(e.status or 0), _reason(e)) from None
+        except (TimeoutError, urllib3.exceptions.HTTPError) as e:
+            raise KubeError(
+                GATEWAY_TIMEOUT, f"no answer from the API server in time ({type(e).__name__})"
+            ) from None
 
     async def read_secret_value(self, namespace: str, ref: SecretRef) -> str:
         """Read one key of a Secret (kept in memory for ``SECRET_TTL_SECONDS``).
