@@ -73,6 +73,8 @@ class KubeCalls(Protocol):
 
     async def count_pods(self, namespace: str, label_selector: str) -> int: ...
 
+    async def autoscalers_of(self, namespace: str, target: ObjectRef) -> list[str]: ...
+
     async def patch_scale(
         self, namespace: str, target: ObjectRef, replicas: int, *, dry_run: bool
     ) -> None: ...
@@ -131,6 +133,9 @@ class Runtime:
     leaking: set[str] = field(default_factory=set)
     # Whether the budget fitted the server's usable slots at the last poll (None: not known).
     budget_fits: bool | None = None
+    # What else sets the pooler's replicas (an HPA), and when that was last asked.
+    pooler_owner: str | None = None
+    pooler_owner_checked: float | None = None
     # Since when the API server has pods for the selector that the watch index lacks.
     unwatched_since: float | None = None
     last_problem: str | None = None
@@ -167,6 +172,54 @@ def _poll_seconds(runtime: Runtime, spec: BudgetSpec) -> float:
     if runtime.next_poll_seconds is None:
         return float(spec.poll_seconds)
     return min(runtime.next_poll_seconds, float(spec.poll_seconds))
+
+
+# The label CloudNativePG puts on a Pooler's pods; its /scale has no selector to find them by.
+CNPG_POOLER_LABEL = "cnpg.io/poolerName"
+CNPG_GROUP = "postgresql.cnpg.io"
+
+
+def pooler_pod_labels(
+    target: ObjectRef, given: Mapping[str, str] | None, scale: Scale
+) -> dict[str, str]:
+    """The labels of the pooler's pods: the spec's, else the target's ``/scale`` selector, else
+    (a CloudNativePG Pooler) its ``cnpg.io/poolerName`` label; empty when none says."""
+    if given:
+        return dict(given)
+    parsed = _parse_selector(scale.selector)
+    if parsed:
+        return parsed
+    if target.kind == "Pooler" and target.api_version.startswith(f"{CNPG_GROUP}/"):
+        return {CNPG_POOLER_LABEL: target.name}
+    return {}
+
+
+async def _pooler_owner(
+    deps: Deps, runtime: Runtime, namespace: str, target: ObjectRef
+) -> str | None:
+    """What else sets the pooler's replicas (an HPA, KEDA's), so the operator does not fight it.
+
+    Asked once a minute at most; if the operator may not list autoscalers, nothing is assumed.
+    """
+    now = deps.now()
+    if runtime.pooler_owner_checked is not None and now - runtime.pooler_owner_checked < 60:
+        return runtime.pooler_owner
+    try:
+        owners = await deps.kube.autoscalers_of(namespace, target)
+    except KubeError as e:
+        log.info("autoscalers not readable", extra={"error": str(e)})
+        owners = []
+    owner = ", ".join(owners) or None
+    if owner is not None and owner != runtime.pooler_owner:
+        await deps.post_event(
+            WARNING,
+            EventReason.POOLER_SCALED_ELSEWHERE.value,
+            f"{target.kind}/{target.name}'s replicas are set by {owner}: the operator will not "
+            "scale it (remove ScalePooler from the steps, or the autoscaler)",
+            None,
+        )
+    runtime.pooler_owner, runtime.pooler_owner_checked = owner, now
+    return owner
 
 
 def _parse_selector(text: str) -> dict[str, str]:
@@ -282,6 +335,7 @@ async def run_cycle(
 
     pooler_sample: PoolerSample | None = None
     pooler_ips: frozenset[str] = frozenset()
+    pooler_owner: str | None = None
     if spec.pooler is not None:
         try:
             scale = await deps.kube.read_scale(namespace, spec.pooler.target_ref)
@@ -294,7 +348,17 @@ async def run_cycle(
                 True,
             )
         else:
-            labels = spec.pooler.pod_labels or _parse_selector(scale.selector)
+            labels = pooler_pod_labels(spec.pooler.target_ref, spec.pooler.pod_labels, scale)
+            if not labels:
+                t = spec.pooler.target_ref
+                problem = _Problem(
+                    Reason.POOLER_TARGET_INVALID,
+                    f"pooler target {t.kind}/{t.name} names no pods (its /scale has no "
+                    "selector): set spec.pooler.selector to its pods' labels",
+                    EventReason.PROBE_FAILED,
+                    True,
+                )
+            pooler_owner = await _pooler_owner(deps, runtime, namespace, spec.pooler.target_ref)
             pooler_pods = [
                 p
                 for p in all_pods
@@ -378,6 +442,7 @@ async def run_cycle(
         # What only the operator can judge blocks every action until it is fixed.
         blocked=problem.message if problem is not None else None,
         termination_possible=not runtime.termination_denied,
+        pooler_owner=pooler_owner,
     )
     runtime.next_poll_seconds = decision.next_poll_seconds
     deps.metrics.record_usage(

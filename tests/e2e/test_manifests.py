@@ -60,6 +60,7 @@ def test_the_install_is_least_privilege(sandbox: Sandbox, installed: None, names
         ("patch", "events"),
         ("patch", "deployments.apps/scale"),
         ("get", "statefulsets.apps/scale"),
+        ("list", "horizontalpodautoscalers.autoscaling"),
         ("watch", "namespaces"),
         ("watch", "customresourcedefinitions.apiextensions.k8s.io"),
     ]
@@ -76,6 +77,7 @@ def test_the_install_is_least_privilege(sandbox: Sandbox, installed: None, names
         ("get", "configmaps"),
         ("patch", "pods/status"),
         ("delete", "events"),
+        ("patch", "horizontalpodautoscalers.autoscaling"),
     ]
     assert [a for a in allowed if not can(*a)] == []
     assert [r for r in refused if can(*r)] == []

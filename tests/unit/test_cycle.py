@@ -31,6 +31,7 @@ class FakeKube:
         self.dsn = dsn
         self.evict_result = evict
         self.unwatched_pods = 0  # pods the API server has that the watch has not delivered
+        self.autoscalers: list[str] = []  # HPAs that own the pooler's replicas
         self.calls: list[tuple[str, Any]] = []
 
     async def read_secret_value(self, namespace: str, ref: SecretRef) -> str:
@@ -68,6 +69,9 @@ class FakeKube:
 
     async def count_pods(self, namespace: str, label_selector: str) -> int:
         return self.unwatched_pods
+
+    async def autoscalers_of(self, namespace: str, target: ObjectRef) -> list[str]:
+        return list(self.autoscalers)
 
 
 class FakeMonitor:

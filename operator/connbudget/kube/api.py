@@ -383,6 +383,25 @@ class Kube:
             selector=str((obj.get("status") or {}).get("selector") or ""),
         )
 
+    async def autoscalers_of(self, namespace: str, target: ObjectRef) -> list[str]:
+        """Names of the HorizontalPodAutoscalers (KEDA's ScaledObjects make one each) whose
+        ``scaleTargetRef`` is ``target``: they own its replica count, not the operator."""
+        listed = await self.call(
+            kubernetes.client.AutoscalingV2Api(self.api).list_namespaced_horizontal_pod_autoscaler,
+            namespace,
+        )
+        group = target.api_version.rpartition("/")[0]
+        out = []
+        for hpa in listed.items or []:
+            ref = hpa.spec.scale_target_ref
+            if (
+                ref.kind == target.kind
+                and ref.name == target.name
+                and (ref.api_version or "").rpartition("/")[0] == group
+            ):
+                out.append(f"HorizontalPodAutoscaler/{hpa.metadata.name}")
+        return sorted(out)
+
     async def patch_scale(
         self, namespace: str, target: ObjectRef, replicas: int, *, dry_run: bool
     ) -> None:

@@ -484,13 +484,16 @@ def decide(
     owners: Mapping[str, OwnerEvidence] | None = None,
     blocked: str | None = None,
     termination_possible: bool = True,
+    pooler_owner: str | None = None,
 ) -> Decision:
     """Decide this cycle's level, actions and next memory (the rules: see the module docstring).
 
     ``owners`` is the evidence per owning workload (``policy.evidence``); ``history`` the
     ``(time, connections)`` series for the forecast, with what the operator removed added back;
     ``blocked`` what stops every action (a problem only the operator can judge) other than a
-    pause; ``termination_possible`` is False when the last termination was refused.
+    pause; ``termination_possible`` is False when the last termination was refused;
+    ``pooler_owner`` names what else sets the pooler's replicas (an autoscaler): the operator
+    then never scales it.
     """
     owners = owners or {}
     rem = spec.remediation
@@ -561,6 +564,7 @@ def decide(
             escalation=escalation,
             in_cooldown=in_cooldown,
             termination_possible=termination_possible,
+            pooler_owner=pooler_owner,
             holds=holds,
             reasons=reasons,
         )
@@ -614,6 +618,7 @@ def _plan_actions(
     escalation: int,
     in_cooldown: bool,
     termination_possible: bool,
+    pooler_owner: str | None,
     holds: list[tuple[Step, Hold, str]],
     reasons: list[str],
 ) -> tuple[list[Action], RestartCause | None, int]:
@@ -691,7 +696,15 @@ def _plan_actions(
         scale = plan_scaling(spec=spec, usage=usage, pooler=pooler, breached=act)
         if act and not reached and scale is not None and scale.desired < scale.current:
             scale = None
-        if scale is not None and in_cooldown:
+        if scale is not None and pooler_owner is not None:
+            holds.append(
+                (
+                    Step.SCALE_POOLER,
+                    Hold.BLOCKED,
+                    f"the pooler's replicas are set by {pooler_owner}, not by the operator",
+                )
+            )
+        elif scale is not None and in_cooldown:
             holds.append((Step.SCALE_POOLER, Hold.COOLDOWN, "scaling waits for the cooldown"))
         elif scale is not None:
             actions.append(scale)

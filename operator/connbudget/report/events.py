@@ -25,6 +25,7 @@ class EventReason(enum.StrEnum):
     BUDGET_RECOVERED = "BudgetRecovered"
     LEAK_DETECTED = "LeakDetected"
     BUDGET_ABOVE_SERVER = "BudgetAboveServerLimit"
+    POOLER_SCALED_ELSEWHERE = "PoolerScaledElsewhere"
     IDLE_TERMINATED = "IdleConnectionsTerminated"
     POD_EVICTED = "PodEvicted"
     POD_DELETED = "PodDeleted"

@@ -34,6 +34,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [apps]
   resources: [deployments/scale, statefulsets/scale]
   verbs: [get, patch]
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [list]
 {{- if .Values.rbac.rolloutRestart }}
 - apiGroups: [apps]
   resources: [deployments, statefulsets, daemonsets]

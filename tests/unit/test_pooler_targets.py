@@ -1,0 +1,82 @@
+"""Pooler targets: a CloudNativePG Pooler's pods are found, an autoscaler is never fought."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from connbudget import cycle
+from connbudget.kube.api import Scale
+from connbudget.model.observations import PoolerSample
+from connbudget.model.spec import ObjectRef
+from unit.test_cycle import (
+    OVER_STATUS,
+    SPEC,
+    WEB1,
+    WEB2,
+    FakeKube,
+    FakeMonitor,
+    leaking,
+    make_deps,
+    run_cycle,
+)
+
+CNPG = ObjectRef(api_version="postgresql.cnpg.io/v1", kind="Pooler", name="pooler-rw")
+NO_SELECTOR = Scale(replicas=2, selector="")
+
+
+def test_a_cloudnativepg_pooler_is_found_by_its_pooler_name_label() -> None:
+    assert cycle.pooler_pod_labels(CNPG, None, NO_SELECTOR) == {"cnpg.io/poolerName": "pooler-rw"}
+    given = {"app": "bouncer"}
+    assert cycle.pooler_pod_labels(CNPG, given, NO_SELECTOR) == given
+
+
+def test_a_target_that_names_no_pods_is_pooler_target_invalid() -> None:
+    class NoSelector(FakeKube):
+        async def read_scale(self, namespace: str, target: ObjectRef) -> Scale:
+            return NO_SELECTOR
+
+    kube, monitor = NoSelector(), FakeMonitor(leaking())
+    deps, _ = make_deps(kube, monitor, [WEB1, WEB2])
+    spec = {
+        **SPEC,
+        "pooler": {"targetRef": {"apiVersion": "example.com/v1", "kind": "Bouncer", "name": "b"}},
+    }
+    out = run_cycle(deps, spec=spec, old_status=OVER_STATUS)
+    ready = next(c for c in out["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "PoolerTargetInvalid")
+    assert "spec.pooler.selector" in ready["message"]
+    assert kube.calls == []  # blocked: no action
+
+
+def test_a_pooler_an_autoscaler_owns_is_never_scaled() -> None:
+    kube, monitor = FakeKube(), FakeMonitor(leaking())
+    kube.autoscalers = ["HorizontalPodAutoscaler/keda-hpa-pgbouncer"]
+    deps, events = make_deps(kube, monitor, [WEB1, WEB2])
+
+    async def busy(template: str, hosts: Sequence[str], replicas: int) -> PoolerSample:
+        return PoolerSample(replicas=4, server_connections=80)
+
+    deps = dataclasses.replace(deps, sample_poolers=busy)
+    spec = {
+        **SPEC,
+        "remediation": {**SPEC["remediation"], "steps": ["ScalePooler"]},
+        "pooler": {
+            "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "pgbouncer"},
+            "adminSecretRef": {"name": "pgbouncer-admin"},
+        },
+    }
+    runtime = cycle.Runtime()
+    out = run_cycle(deps, spec=spec, old_status=OVER_STATUS, runtime=runtime)
+    assert [c for c in kube.calls if c[0] == "scale"] == []
+    holds = out["remediation"]["holds"]
+    assert any(h["step"] == "ScalePooler" and h["reason"] == "Blocked" for h in holds), holds
+    runtime.last_probe_at = None
+    run_cycle(deps, spec=spec, old_status=OVER_STATUS, runtime=runtime)
+    assert [r for _, r, _ in events].count("PoolerScaledElsewhere") == 1
+    # Without the autoscaler, the same breach scales the pooler down.
+    kube.autoscalers = []
+    runtime.pooler_owner_checked = None
+    runtime.last_probe_at = None
+    run_cycle(deps, spec=spec, old_status=OVER_STATUS, runtime=runtime)
+    assert [c for c in kube.calls if c[0] == "scale"]
