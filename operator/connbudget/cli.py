@@ -1,7 +1,7 @@
 """The ``connbudget`` command: run the operator, probe a database, check manifests.
 
 connbudget run [--namespace NS ...] [--metrics-port N] [--log-format json|text]
-connbudget probe DSN [--pgbouncer DSN] [--json]
+connbudget probe [--dsn-file FILE] [--pgbouncer-dsn-file FILE] [--json]   (or $CONNBUDGET_DSN, ...)
 connbudget check FILE...
 """
 
@@ -183,9 +183,85 @@ async def _probe(dsn: str, pgbouncer: str | None) -> dict[str, Any]:
     return probe_report(sample, pooler)
 
 
-def cmd_probe(args: argparse.Namespace) -> int:
+# Where ``connbudget probe`` finds its DSNs when none is given on the command line: a DSN in an
+# argument is visible to every user of the machine (``ps``, /proc/PID/cmdline), the environment
+# and a file are not.
+DSN_ENV = "CONNBUDGET_DSN"
+PGBOUNCER_DSN_ENV = "CONNBUDGET_PGBOUNCER_DSN"
+
+
+class UsageError(Exception):
+    """A command line that cannot be acted on; the message says why (and never holds a DSN)."""
+
+
+def _read_dsn_file(path: str, option: str) -> str:
     try:
-        report = asyncio.run(_probe(args.dsn, args.pgbouncer))
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        # The error names the file, never its content.
+        raise UsageError(f"cannot read {option} {path}: {type(e).__name__}") from None
+    dsn = text.strip()
+    if not dsn:
+        raise UsageError(f"{option} {path} is empty")
+    return dsn
+
+
+def resolve_dsn(
+    given: str | None,
+    path: str | None,
+    env_name: str,
+    environ: Mapping[str, str],
+    *,
+    option: str,
+    argument: str,
+) -> str | None:
+    """The DSN from the command line, else from its file, else from the environment (or None)."""
+    if given is not None and path is not None:
+        raise UsageError(f"give {argument} or {option}, not both")
+    if path is not None:
+        return _read_dsn_file(path, option)
+    if given is not None:
+        return given
+    return environ.get(env_name) or None
+
+
+def probe_dsns(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> tuple[str, str | None]:
+    """The database DSN and the PgBouncer admin DSN ``connbudget probe`` should use."""
+    environ = os.environ if environ is None else environ
+    if args.dsn_file == "-" and args.pgbouncer_dsn_file == "-":
+        raise UsageError("only one of --dsn-file and --pgbouncer-dsn-file can be - (stdin)")
+    dsn = resolve_dsn(
+        args.dsn, args.dsn_file, DSN_ENV, environ, option="--dsn-file", argument="DSN"
+    )
+    if dsn is None:
+        raise UsageError(f"no DSN: give --dsn-file FILE, set {DSN_ENV}, or give it as DSN")
+    pgbouncer = resolve_dsn(
+        args.pgbouncer,
+        args.pgbouncer_dsn_file,
+        PGBOUNCER_DSN_ENV,
+        environ,
+        option="--pgbouncer-dsn-file",
+        argument="--pgbouncer",
+    )
+    return dsn, pgbouncer
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from connbudget.probe.postgres import validate_dsn
+
+    try:
+        dsn, pgbouncer = probe_dsns(args)
+    except UsageError as e:
+        print(f"connbudget probe: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        # Both before connecting anywhere: a malformed DSN is named, its content never shown.
+        validate_dsn(dsn)
+        if pgbouncer:
+            validate_dsn(pgbouncer)
+        report = asyncio.run(_probe(dsn, pgbouncer))
     except ProbeError as e:
         print(f"connbudget probe: {e.failure}: {e}", file=sys.stderr)
         return EXIT_PROBLEMS
@@ -295,9 +371,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="no peering: only for a single replica without the peering CRDs",
     )
     run.set_defaults(func=cmd_run)
-    probe = sub.add_parser("probe", help="show who holds a database's connections")
-    probe.add_argument("dsn", help="libpq DSN or URI of a role with pg_monitor")
-    probe.add_argument("--pgbouncer", help="PgBouncer admin console DSN")
+    probe = sub.add_parser(
+        "probe",
+        help="show who holds a database's connections",
+        description=(
+            "Show who holds a database's connections. The DSN comes from the DSN argument or"
+            f" --dsn-file, else from ${DSN_ENV}; the PgBouncer admin DSN from --pgbouncer or"
+            f" --pgbouncer-dsn-file, else from ${PGBOUNCER_DSN_ENV}. A DSN given as an argument"
+            " is visible to every user of the machine (ps): prefer a file or the environment"
+            " when it holds a password."
+        ),
+    )
+    probe.add_argument(
+        "dsn",
+        nargs="?",
+        help=f"libpq DSN or URI of a role with pg_monitor; visible in ps (see ${DSN_ENV})",
+    )
+    probe.add_argument("--dsn-file", metavar="FILE", help="read the DSN from FILE (- for stdin)")
+    probe.add_argument(
+        "--pgbouncer", metavar="DSN", help="PgBouncer admin console DSN (visible in ps)"
+    )
+    probe.add_argument(
+        "--pgbouncer-dsn-file",
+        metavar="FILE",
+        help=f"read the PgBouncer admin DSN from FILE (- for stdin); or set ${PGBOUNCER_DSN_ENV}",
+    )
     probe.add_argument("--json", action="store_true", help="print JSON")
     probe.set_defaults(func=cmd_probe)
     check = sub.add_parser("check", help="validate ConnectionBudget manifests offline")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -64,3 +66,64 @@ def test_probe_with_a_wrong_password_fails_without_printing_it(sandbox: Sandbox)
     assert res.returncode == 1
     assert "AuthenticationFailed" in res.stderr
     assert "Nope-Secret-42" not in res.stderr + res.stdout
+
+
+# A password with a space, in an unquoted DSN: libpq quotes what follows the space when it fails.
+PLANTED = ("Planted", "Frag-9xQ")
+
+
+def test_a_malformed_pgbouncer_dsn_is_named_without_any_fragment(sandbox: Sandbox) -> None:
+    db = sandbox.db
+    malformed = (
+        f"host={db.host} port={db.bouncer_port} user=pgbouncer_admin password=Planted Frag-9xQ"
+        " dbname=pgbouncer"
+    )
+    res = probe(db.monitor_dsn, "--pgbouncer", malformed)
+    assert res.returncode == 1, res.stderr
+    assert "DsnInvalid" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not [f for f in PLANTED if f in res.stdout + res.stderr], res.stderr
+
+
+def probe_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "connbudget", "probe", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+
+
+def test_the_dsns_from_the_environment_or_files_stay_off_the_command_line(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    db = sandbox.db
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CONNBUDGET_")}
+    from_env = probe_env(
+        {
+            **base,
+            "CONNBUDGET_DSN": db.monitor_dsn,
+            "CONNBUDGET_PGBOUNCER_DSN": db.bouncer_admin_dsn,
+        },
+        "--json",
+    )
+    (tmp_path / "dsn").write_text(db.monitor_dsn + "\n")
+    (tmp_path / "admin").write_text(db.bouncer_admin_dsn + "\n")
+    files = ["--dsn-file", str(tmp_path / "dsn"), "--pgbouncer-dsn-file", str(tmp_path / "admin")]
+    from_files = probe_env(base, "--json", *files)
+    for res in (from_env, from_files):
+        assert res.returncode == 0, res.stderr
+        report = json.loads(res.stdout)
+        assert report["maxConnections"] == db.max_connections
+        assert "pgbouncer" in report
+        assert db.monitor_password not in res.stdout + res.stderr
+    # What ps would show of these two runs: no password.
+    assert not [a for a in files if db.monitor_password in a or db.bouncer_admin_password in a]
+    wrong = db.dsn("connbudget_monitor", "Nope-File-Secret-7", db.pg_port, "app")
+    (tmp_path / "wrong").write_text(wrong)
+    res = probe_env(base, "--dsn-file", str(tmp_path / "wrong"))
+    assert res.returncode == 1
+    assert "AuthenticationFailed" in res.stderr
+    assert "Nope-File-Secret-7" not in res.stdout + res.stderr

@@ -30,17 +30,30 @@ from connbudget.probe.postgres import (
 SERVER_STATES = ("sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login")
 
 
+def _parse(dsn: str) -> dict[str, Any]:
+    # libpq's parser quotes fragments of a malformed DSN (a password with a space, say) in its
+    # message: only the redacted ProbeError leaves this module, never psycopg's own error.
+    try:
+        return conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error as e:
+        raise classify(e, dsn) from None
+
+
 def dsn_for_host(template: str, host: str) -> str:
-    """The admin console DSN of one pooler pod: the template with its host replaced."""
-    params = conninfo.conninfo_to_dict(template)
+    """The admin console DSN of one pooler pod: the template with its host replaced.
+
+    Raises ``ProbeError(DSN_INVALID)``, saying nothing of its content, if the template is not a
+    libpq connection string or URI.
+    """
+    params = _parse(template)
     params["host"] = host
     params.pop("hostaddr", None)
     return conninfo.make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
 
 
 def host_of(dsn: str) -> str:
-    """The host a DSN names (``localhost`` if none)."""
-    return str(conninfo.conninfo_to_dict(dsn).get("host") or "localhost")
+    """The host a DSN names (``localhost`` if none); ``ProbeError`` if the DSN is malformed."""
+    return str(_parse(dsn).get("host") or "localhost")
 
 
 async def _show(dsn: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -100,13 +113,19 @@ def summarise(
 
 
 async def sample_poolers(template: str, hosts: Iterable[str], *, replicas: int) -> PoolerSample:
-    """Query every pooler pod at ``hosts``; pods that fail are named in ``errors``."""
+    """Query every pooler pod at ``hosts``; pods that fail are named in ``errors``.
+
+    A malformed ``template`` raises ``ProbeError(DSN_INVALID)`` (its message redacted) before any
+    pod is asked.
+    """
+    _parse(template)  # even with no pod to ask
     hosts = list(hosts)
+    dsns = [dsn_for_host(template, h) for h in hosts]
     # A pooler pod that accepts connections but never answers (hung, stopped) must not hold the
     # cycle: it counts as an error after the connect timeout plus the answer timeout.
     limit = CONNECT_TIMEOUT_SECONDS + ANSWER_TIMEOUT_SECONDS
     results = await asyncio.gather(
-        *(answer_within(_show(dsn_for_host(template, h)), limit) for h in hosts),
+        *(answer_within(_show(dsn), limit) for dsn in dsns),
         return_exceptions=True,
     )
     waiting = servers = 0
