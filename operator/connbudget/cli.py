@@ -1,6 +1,7 @@
 """The ``connbudget`` command: run the operator, probe a database, check manifests.
 
-connbudget run [--namespace NS ...] [--metrics-port N] [--log-format json|text]
+connbudget run [--namespace NS ... | --all-namespaces] [--metrics-port N] [--log-format json|text]
+               (each also from CONNBUDGET_*: see connbudget.config)
 connbudget probe [--dsn-file FILE] [--pgbouncer-dsn-file FILE] [--json]   (or $CONNBUDGET_DSN, ...)
 connbudget check FILE...
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -22,7 +24,18 @@ from typing import Any, cast
 import yaml
 
 from connbudget import __version__
-from connbudget.config import DEFAULT_LIVENESS, DEFAULT_METRICS_PORT, OperatorConfig
+from connbudget.config import (
+    DEFAULT_LIVENESS,
+    DEFAULT_METRICS_PORT,
+    ENV_LIVENESS,
+    ENV_LOG_FORMAT,
+    ENV_METRICS_PORT,
+    ENV_NAMESPACES,
+    ENV_STANDALONE,
+    LOG_FORMATS,
+    ConfigError,
+    OperatorConfig,
+)
 from connbudget.model.observations import PROBE_APPLICATION_NAME, PoolerSample, ServerSample
 from connbudget.model.schema import validate
 from connbudget.model.spec import GROUP, KIND, VERSION, SpecError, parse_spec
@@ -30,6 +43,10 @@ from connbudget.probe.errors import ProbeError
 
 CRD_RESOURCE = "connectionbudgets.connbudget.io.yaml"
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A command line that cannot be acted on; the message says why (and never holds a DSN)."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -67,24 +84,49 @@ def setup_logging(fmt: str, level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
+def run_config(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> OperatorConfig:
+    """The operator's settings: ``CONNBUDGET_*`` from the environment, each flag given over it."""
+    if args.namespace and args.all_namespaces:
+        raise UsageError("give --namespace or --all-namespaces, not both")
+    config = OperatorConfig.from_env(environ)
+    given: dict[str, Any] = {}
+    if args.namespace:
+        given["namespaces"] = tuple(args.namespace)
+    elif args.all_namespaces:
+        given["namespaces"] = ()  # every namespace, whatever CONNBUDGET_NAMESPACES says
+    if args.metrics_port is not None:
+        given["metrics_port"] = args.metrics_port
+    if args.liveness is not None:
+        given["liveness"] = args.liveness or None
+    if args.log_format is not None:
+        given["log_format"] = args.log_format
+    if args.kubeconfig:
+        given["kubeconfig"] = args.kubeconfig
+    if args.standalone:
+        given["standalone"] = True
+    return dataclasses.replace(config, **given)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from connbudget.handlers import lifecycle
 
-    setup_logging(args.log_format)
-    if args.kubeconfig:
-        os.environ["KUBECONFIG"] = args.kubeconfig
-    namespaces = tuple(args.namespace or ())
-    config = OperatorConfig(
-        namespaces=namespaces,
-        all_namespaces=not namespaces,
-        metrics_port=args.metrics_port,
-        liveness=args.liveness or None,
-        log_format=args.log_format,
-        kubeconfig=args.kubeconfig,
-        standalone=args.standalone,
-    )
+    try:
+        config = run_config(args)
+    except (UsageError, ConfigError) as e:
+        print(f"connbudget run: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(config.log_format)
+    if config.kubeconfig:
+        os.environ["KUBECONFIG"] = config.kubeconfig
     logging.getLogger("connbudget").info(
-        "starting", extra={"version": __version__, "namespaces": list(namespaces) or "all"}
+        "starting",
+        extra={
+            "version": __version__,
+            "namespaces": list(config.namespaces) or "all",
+            "standalone": config.standalone,
+        },
     )
     lifecycle.run_operator(config)
     return EXIT_OK
@@ -188,10 +230,6 @@ async def _probe(dsn: str, pgbouncer: str | None) -> dict[str, Any]:
 # and a file are not.
 DSN_ENV = "CONNBUDGET_DSN"
 PGBOUNCER_DSN_ENV = "CONNBUDGET_PGBOUNCER_DSN"
-
-
-class UsageError(Exception):
-    """A command line that cannot be acted on; the message says why (and never holds a DSN)."""
 
 
 def _read_dsn_file(path: str, option: str) -> str:
@@ -339,36 +377,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"connbudget {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the operator")
+    run = sub.add_parser(
+        "run",
+        help="run the operator",
+        description=(
+            "Run the operator. Each setting comes from its flag, else from its CONNBUDGET_*"
+            " variable, else its default."
+        ),
+    )
     run.add_argument(
         "--namespace",
         "-n",
         action="append",
-        help="watch this namespace (repeat for more); default: all namespaces",
+        help=f"watch this namespace (repeat for more); default ${ENV_NAMESPACES} (comma-separated)"
+        ", else every namespace",
     )
     run.add_argument(
         "--all-namespaces",
         "-A",
         action="store_true",
-        help="watch every namespace (the default when no --namespace is given)",
+        help=f"watch every namespace, whatever ${ENV_NAMESPACES} says",
     )
     run.add_argument(
         "--metrics-port",
         type=int,
-        default=DEFAULT_METRICS_PORT,
-        help=f"Prometheus metrics port, 0 to disable (default {DEFAULT_METRICS_PORT})",
+        help=f"Prometheus metrics port, 0 to disable; default ${ENV_METRICS_PORT}, else"
+        f" {DEFAULT_METRICS_PORT}",
     )
     run.add_argument(
         "--liveness",
-        default=DEFAULT_LIVENESS,
-        help=f"liveness endpoint URL, empty to disable (default {DEFAULT_LIVENESS})",
+        help=f"liveness endpoint URL, empty to disable; default ${ENV_LIVENESS}, else"
+        f" {DEFAULT_LIVENESS}",
     )
-    run.add_argument("--log-format", choices=("json", "text"), default="json")
+    run.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help=f"default ${ENV_LOG_FORMAT}, else json",
+    )
     run.add_argument("--kubeconfig", help="kubeconfig outside a cluster (default: $KUBECONFIG)")
     run.add_argument(
         "--standalone",
         action="store_true",
-        help="no peering: only for a single replica without the peering CRDs",
+        help=f"no leader election, for a single replica (or ${ENV_STANDALONE}=true)",
     )
     run.set_defaults(func=cmd_run)
     probe = sub.add_parser(

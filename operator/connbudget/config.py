@@ -1,32 +1,87 @@
-"""Operator settings, parsed once from the command line and the environment (``CONNBUDGET_*``)."""
+"""Operator settings: the environment (``CONNBUDGET_*``) first, then the command line over it.
+
+``connbudget run`` starts from ``OperatorConfig.from_env()`` and replaces each setting its command
+line gives (``cli.run_config``):
+
+- ``CONNBUDGET_NAMESPACES`` (comma-separated) or ``--namespace NS`` (repeated): the namespaces
+  watched; neither, or ``--all-namespaces`` (whatever the variable says): every namespace;
+- ``CONNBUDGET_METRICS_PORT`` or ``--metrics-port``: 9090 by default, 0 disables;
+- ``CONNBUDGET_LIVENESS`` or ``--liveness``: the liveness endpoint's URL, empty disables;
+- ``CONNBUDGET_LOG_FORMAT`` or ``--log-format``: ``json`` (default) or ``text``;
+- ``CONNBUDGET_STANDALONE=true`` or ``--standalone``: no leader election (a single replica).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_METRICS_PORT = 9090
 DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
+LOG_FORMATS = ("json", "text")
 TICK_SECONDS = 1.0  # the timer's tick; each budget's pollSeconds decides when it probes
+
+ENV_NAMESPACES = "CONNBUDGET_NAMESPACES"
+ENV_METRICS_PORT = "CONNBUDGET_METRICS_PORT"
+ENV_LIVENESS = "CONNBUDGET_LIVENESS"
+ENV_LOG_FORMAT = "CONNBUDGET_LOG_FORMAT"
+ENV_STANDALONE = "CONNBUDGET_STANDALONE"
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the variable or flag."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class OperatorConfig:
-    namespaces: tuple[str, ...] = ()  # empty with all_namespaces: watch every namespace
-    all_namespaces: bool = False
+    namespaces: tuple[str, ...] = ()  # empty: watch every namespace
     metrics_port: int = DEFAULT_METRICS_PORT  # 0 disables the metrics server
     liveness: str | None = DEFAULT_LIVENESS
     log_format: str = "json"  # json or text
     kubeconfig: str | None = None
-    standalone: bool = False  # no peering (a single replica)
+    standalone: bool = False  # no leader election (a single replica)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"the metrics port must be 0-65535, not {self.metrics_port}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"the log format must be json or text, not {self.log_format!r}")
+        if any(not n for n in self.namespaces):
+            raise ConfigError("a namespace must not be empty")
+
+    @property
+    def all_namespaces(self) -> bool:
+        """Whether every namespace is watched (no namespace named)."""
+        return not self.namespaces
 
     @classmethod
-    def from_env(cls) -> OperatorConfig:
-        ns = tuple(n for n in os.environ.get("CONNBUDGET_NAMESPACES", "").split(",") if n)
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
+        """The settings the ``CONNBUDGET_*`` variables give; defaults for those not set."""
+        env = os.environ if environ is None else environ
+        namespaces = tuple(n.strip() for n in env.get(ENV_NAMESPACES, "").split(",") if n.strip())
+        port_text = env.get(ENV_METRICS_PORT, "").strip()
+        try:
+            port = int(port_text) if port_text else DEFAULT_METRICS_PORT
+        except ValueError:
+            raise ConfigError(
+                f"{ENV_METRICS_PORT} must be a port number, not {port_text!r}"
+            ) from None
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{ENV_METRICS_PORT} must be 0-65535, not {port}")
+        standalone_text = env.get(ENV_STANDALONE, "").strip().lower()
+        if standalone_text not in _TRUE + _FALSE:
+            raise ConfigError(f"{ENV_STANDALONE} must be true or false, not {standalone_text!r}")
+        log_format = env.get(ENV_LOG_FORMAT, "").strip().lower() or "json"
+        if log_format not in LOG_FORMATS:
+            raise ConfigError(f"{ENV_LOG_FORMAT} must be json or text, not {log_format!r}")
         return cls(
-            namespaces=ns,
-            all_namespaces=not ns,
-            metrics_port=int(os.environ.get("CONNBUDGET_METRICS_PORT", DEFAULT_METRICS_PORT)),
-            liveness=os.environ.get("CONNBUDGET_LIVENESS", DEFAULT_LIVENESS) or None,
-            log_format=os.environ.get("CONNBUDGET_LOG_FORMAT", "json"),
+            namespaces=namespaces,
+            metrics_port=port,
+            liveness=env.get(ENV_LIVENESS, DEFAULT_LIVENESS).strip() or None,
+            log_format=log_format,
+            standalone=standalone_text in _TRUE,
         )

@@ -1,0 +1,55 @@
+"""Operator settings from the environment (``CONNBUDGET_*``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from connbudget.config import DEFAULT_LIVENESS, ConfigError, OperatorConfig
+
+
+def test_without_variables_the_defaults() -> None:
+    config = OperatorConfig.from_env({})
+    assert config == OperatorConfig()
+    assert config.namespaces == ()
+    assert config.all_namespaces
+    assert config.metrics_port == 9090
+    assert config.liveness == DEFAULT_LIVENESS
+    assert config.log_format == "json"
+    assert not config.standalone
+
+
+def test_every_variable_is_read() -> None:
+    config = OperatorConfig.from_env(
+        {
+            "CONNBUDGET_NAMESPACES": " shop, billing ,,",
+            "CONNBUDGET_METRICS_PORT": "9191",
+            "CONNBUDGET_LIVENESS": "",
+            "CONNBUDGET_LOG_FORMAT": "Text",
+            "CONNBUDGET_STANDALONE": "true",
+        }
+    )
+    assert config.namespaces == ("shop", "billing")
+    assert not config.all_namespaces
+    assert config.metrics_port == 9191
+    assert config.liveness is None  # empty disables it
+    assert config.log_format == "text"
+    assert config.standalone
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"CONNBUDGET_METRICS_PORT": "http"}, "CONNBUDGET_METRICS_PORT"),
+        ({"CONNBUDGET_METRICS_PORT": "70000"}, "CONNBUDGET_METRICS_PORT"),
+        ({"CONNBUDGET_LOG_FORMAT": "xml"}, "CONNBUDGET_LOG_FORMAT"),
+        ({"CONNBUDGET_STANDALONE": "maybe"}, "CONNBUDGET_STANDALONE"),
+    ],
+)
+def test_a_bad_value_is_refused_naming_its_variable(environ: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        OperatorConfig.from_env(environ)
+
+
+def test_the_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONNBUDGET_NAMESPACES", "shop")
+    assert OperatorConfig.from_env().namespaces == ("shop",)
