@@ -384,8 +384,16 @@ async def run_cycle(
                             ProbeFailure.DATABASE_UNREACHABLE, "; ".join(pooler_sample.errors)
                         )
                 except (SecretProblem, ProbeError) as e:
+                    # A malformed admin DSN or a wrong password waits for the user (Stalled); a
+                    # pooler that does not answer may come back by itself.
+                    reason = Reason.PROBE_FAILED
+                    if isinstance(e, ProbeError) and e.failure in (
+                        ProbeFailure.DSN_INVALID,
+                        ProbeFailure.AUTHENTICATION_FAILED,
+                    ):
+                        reason = Reason(e.failure.value)
                     problem = _Problem(
-                        Reason.PROBE_FAILED,
+                        reason,
                         f"pooler probe failed: {e}",
                         EventReason.PROBE_FAILED,
                         True,

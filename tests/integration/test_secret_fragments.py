@@ -84,7 +84,7 @@ def test_a_cycle_with_a_malformed_admin_dsn_reports_it_and_logs_no_fragment(
         logging.getLogger("connbudget.test").exception("reconcile failed")
         pytest.fail(f"the cycle raised {type(e).__name__}; it logs {leaked(caplog.text)}")
     ready = next(c for c in out["conditions"] if c["type"] == "Ready")
-    assert (ready["status"], ready["reason"]) == ("False", "ProbeFailed")
+    assert (ready["status"], ready["reason"]) == ("False", "DsnInvalid")
     assert "not a valid libpq connection string" in ready["message"]
     assert kube.calls == []  # no action on half the picture
     assert monitor.terminated == []

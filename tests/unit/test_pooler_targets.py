@@ -80,3 +80,46 @@ def test_a_pooler_an_autoscaler_owns_is_never_scaled() -> None:
     runtime.last_probe_at = None
     run_cycle(deps, spec=spec, old_status=OVER_STATUS, runtime=runtime)
     assert [c for c in kube.calls if c[0] == "scale"]
+
+
+def test_a_pgbouncer_client_carries_when_it_connected() -> None:
+    from connbudget.probe.pgbouncer import summarise
+
+    _, _, (client,) = summarise(
+        [],
+        [
+            {
+                "database": "app",
+                "user": "app",
+                "addr": "10.0.0.1",
+                "state": "active",
+                "connect_time": "2027-01-15 07:59:00 UTC",
+                "request_time": "2027-01-15 07:59:50 UTC",
+            }
+        ],
+        now=1_800_000_000.0,  # 2027-01-15 08:00:00 UTC
+    )
+    assert client.connected_at == 1_800_000_000.0 - 60
+    assert client.idle_seconds == 10
+
+
+def test_a_malformed_admin_dsn_waits_for_the_user() -> None:
+    from connbudget.probe.errors import ProbeError, ProbeFailure
+
+    kube, monitor = FakeKube(), FakeMonitor(leaking())
+    deps, _ = make_deps(kube, monitor, [WEB1, WEB2])
+
+    async def malformed(template: str, hosts: Sequence[str], replicas: int) -> PoolerSample:
+        raise ProbeError(ProbeFailure.DSN_INVALID, "the DSN is not a valid libpq connection string")
+
+    deps = dataclasses.replace(deps, sample_poolers=malformed)
+    spec = {
+        **SPEC,
+        "pooler": {
+            "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "pgbouncer"},
+            "adminSecretRef": {"name": "pgbouncer-admin"},
+        },
+    }
+    out = run_cycle(deps, spec=spec, old_status=OVER_STATUS)
+    stalled = next(c for c in out["conditions"] if c["type"] == "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "DsnInvalid")

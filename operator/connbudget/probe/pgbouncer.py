@@ -76,15 +76,21 @@ async def _rows(conn: psycopg.AsyncConnection[Any], query: LiteralString) -> lis
     return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
 
 
-def _idle_seconds(request_time: object, now: float) -> float:
-    """Seconds since a client's last request (PgBouncer prints ``2026-11-25 01:16:58 UTC``)."""
-    if isinstance(request_time, dt.datetime):
-        return max(now - request_time.timestamp(), 0.0)
+def _epoch(value: object) -> float | None:
+    """A PgBouncer time (it prints ``2026-11-25 01:16:58 UTC``) in epoch seconds, or None."""
+    if isinstance(value, dt.datetime):
+        return value.timestamp()
     try:
-        t = dt.datetime.strptime(str(request_time), "%Y-%m-%d %H:%M:%S %Z")
+        t = dt.datetime.strptime(str(value), "%Y-%m-%d %H:%M:%S %Z")
     except ValueError:
-        return 0.0
-    return max(now - t.replace(tzinfo=dt.UTC).timestamp(), 0.0)
+        return None
+    return t.replace(tzinfo=dt.UTC).timestamp()
+
+
+def _idle_seconds(request_time: object, now: float) -> float:
+    """Seconds since a client's last request."""
+    t = _epoch(request_time)
+    return 0.0 if t is None else max(now - t, 0.0)
 
 
 def summarise(
@@ -105,6 +111,8 @@ def summarise(
             state=str(c.get("state", "")),
             application_name=str(c.get("application_name") or ""),
             idle_seconds=_idle_seconds(c.get("request_time"), now),
+            # PgBouncer prints whole seconds: the start check allows for it (attribution).
+            connected_at=_epoch(c.get("connect_time")),
         )
         for c in clients
         if c.get("database") != "pgbouncer"
