@@ -10,7 +10,11 @@ What the API server is given, and why:
   so RBAC is enforced for everyone else;
 - a service-account signing key and issuer, so ``kubectl create token`` (TokenRequest) works;
 - ``--endpoint-reconciler-type=none``: the ``kubernetes`` Service gets no endpoints (pods get the
-  API server's address directly), and a loopback advertise address would fail endpoint validation.
+  API server's address directly), and a loopback advertise address would fail endpoint validation;
+- an audit log (``logs/audit.log``, policy ``certs/audit-policy.yaml``) of the few writes the fault
+  run judges an operator by: pod evictions and deletions and ConnectionBudget status patches
+  (Metadata level), Lease writes (RequestResponse level, so the holder written is in the record).
+  Everything else is left out (``level: None``), so the file stays small.
 
 kube-controller-manager runs the controllers the sandbox needs and, on purpose, not the node
 lifecycle and taint-eviction controllers: the sandbox's node never heartbeats, and those would mark
@@ -51,6 +55,27 @@ CONTROLLERS = ",".join(
 )
 SERVICE_CIDR = "10.96.0.0/16"
 CLUSTER_NAME = "connbudget-sandbox"
+AUDIT_LOG = "audit.log"  # under the state folder's logs/, one JSON event per line
+AUDIT_LOG_MAX_MB = 200  # rotated past this size; a 30-minute fault run writes about 20 MB
+# What the fault run (tests/faults) reads; the first matching rule wins.
+AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: RequestResponse
+    resources: [{group: coordination.k8s.io, resources: [leases]}]
+    verbs: [create, update, patch]
+  - level: Metadata
+    resources: [{group: "", resources: [pods/eviction]}]
+    verbs: [create]
+  - level: Metadata
+    resources: [{group: "", resources: [pods]}]
+    verbs: [delete]
+  - level: Metadata
+    resources: [{group: connbudget.io, resources: [connectionbudgets/status]}]
+    verbs: [patch, update]
+  - level: None
+"""
 
 
 @dataclass(frozen=True)
@@ -160,6 +185,8 @@ def start(state: Path, bin_dir: Path, *, tag: str, host_ip: str) -> ControlPlane
     tokens.write_text(f'{admin_token},sandbox-admin,sandbox-admin,"system:masters"\n')
     tokens.chmod(0o600)
     api_log = logs / "kube-apiserver.log"
+    policy = certs / "audit-policy.yaml"
+    policy.write_text(AUDIT_POLICY)
     api = spawn(
         [
             str(bin_dir / "kube-apiserver"),
@@ -179,6 +206,10 @@ def start(state: Path, bin_dir: Path, *, tag: str, host_ip: str) -> ControlPlane
             "--allow-privileged=true",
             "--endpoint-reconciler-type=none",
             "--profiling=false",
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={logs / AUDIT_LOG}",
+            f"--audit-log-maxsize={AUDIT_LOG_MAX_MB}",
+            "--audit-log-maxbackup=1",
             "--v=1",
         ],
         tag=tag,
