@@ -1,4 +1,7 @@
-"""Throwaway PostgreSQL 15 and PgBouncer instances from Debian's packages.
+"""Throwaway PostgreSQL and PgBouncer instances: PostgreSQL 15 and PgBouncer from Debian's packages.
+
+The sandbox runs PostgreSQL 15; ``start(bin_dir=...)`` runs another major from its binaries' folder
+(the version matrix, ``sandbox.pgversions``).
 
 Both run as the ``postgres`` system user when the sandbox runs as root (neither server agrees to run
 as root), listen on loopback and on the pod network's host address, on free ports, with all their
@@ -22,6 +25,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -113,9 +117,20 @@ def _own(path: Path, user: str | None) -> None:
 
 
 def start(
-    state: Path, *, tag: str, host_ip: str, max_connections: int
+    state: Path,
+    *,
+    tag: str,
+    host_ip: str,
+    max_connections: int,
+    bin_dir: Path = PG_BIN,
+    settings: Mapping[str, str] | None = None,
 ) -> tuple[DatabaseInfo, list[int]]:
-    """Initialise and start PostgreSQL and PgBouncer under ``state``; return their info and pids."""
+    """Initialise and start PostgreSQL and PgBouncer under ``state``; return their info and pids.
+
+    ``bin_dir`` holds the PostgreSQL binaries (``initdb``, ``postgres``, ``pg_isready``): Debian's
+    PostgreSQL 15 unless another major is given. ``settings`` are appended to ``postgresql.conf``
+    (values written as they are, quoted by the caller where PostgreSQL needs quotes).
+    """
     ensure_packages()
     user = _server_user()
     root = state / "db"
@@ -137,7 +152,7 @@ def start(
     listen = "127.0.0.1" if host_ip == "127.0.0.1" else f"127.0.0.1,{host_ip}"
     run(
         [
-            str(PG_BIN / "initdb"),
+            str(bin_dir / "initdb"),
             "-D",
             str(data),
             "-U",
@@ -160,19 +175,20 @@ def start(
             "full_page_writes = off\nshared_buffers = 32MB\nlogging_collector = off\n"
             "log_connections = off\nlog_min_messages = warning\n"
         )
+        conf.writelines(f"{k} = {v}\n" for k, v in (settings or {}).items())
     (data / "pg_hba.conf").write_text(
         "local all all trust\n"
         "host all all 127.0.0.1/32 scram-sha-256\n"
         "host all all 198.18.0.0/15 scram-sha-256\n"
     )
     log = state / "logs" / "postgres.log"
-    pg = spawn([str(PG_BIN / "postgres"), "-D", str(data)], tag=tag, log=log, user=user, cwd=root)
+    pg = spawn([str(bin_dir / "postgres"), "-D", str(data)], tag=tag, log=log, user=user, cwd=root)
     wait_for(
         "PostgreSQL",
         lambda: (
             run(
                 [
-                    str(PG_BIN / "pg_isready"),
+                    str(bin_dir / "pg_isready"),
                     "-q",
                     "-h",
                     str(sock),
@@ -198,12 +214,21 @@ def start(
         CREATE DATABASE {APP_DB} OWNER {APP_ROLE};
     """,
     )
-    bouncer = _start_pgbouncer(root, info, listen=listen, tag=tag, state=state, user=user)
+    bouncer = _start_pgbouncer(
+        root, info, listen=listen, tag=tag, state=state, user=user, bin_dir=bin_dir
+    )
     return info, [pg.pid, bouncer.pid]
 
 
 def _start_pgbouncer(
-    root: Path, info: DatabaseInfo, *, listen: str, tag: str, state: Path, user: str | None
+    root: Path,
+    info: DatabaseInfo,
+    *,
+    listen: str,
+    tag: str,
+    state: Path,
+    user: str | None,
+    bin_dir: Path = PG_BIN,
 ) -> subprocess.Popen[bytes]:
     conf = root / "pgbouncer.ini"
     users = root / "userlist.txt"
@@ -234,7 +259,7 @@ def _start_pgbouncer(
         lambda: (
             run(
                 [
-                    str(PG_BIN / "pg_isready"),
+                    str(bin_dir / "pg_isready"),
                     "-q",
                     "-h",
                     "127.0.0.1",
