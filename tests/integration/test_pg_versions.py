@@ -1,6 +1,6 @@
 """The probe, the termination and the monitoring role on every supported PostgreSQL major.
 
-Each test runs once per major (the ``pg`` fixture: 15, 17 and 18). The probe's own integration
+Each test runs once per major (the ``pg`` fixture: 15, 16, 17 and 18). The probe's own integration
 tests (``test_probe``, ``test_terminate_predicates``) are run again here against each major, as
 they are: they read only the server's DSNs and where clients connect from. The tests written here
 cover what differs between majors: the reserved slots (``reserved_connections`` and the

