@@ -232,3 +232,309 @@ def test_the_exhaustion_targets_are_computed_from_the_results() -> None:
     )
     assert "| connbudget: at most 1% of no guard's refusals at 20/s | 9 vs 1000 (0.90%) |" in text
     assert "![leak of 20/s](tests/bench/charts/exhaustion-20.png)" in text
+
+
+# --- the fault run's judges (tests/faults/checks.py): each catches what it is meant to ------------
+
+from faults import checks  # noqa: E402
+
+T0 = 1_800_000_000.0  # an epoch second for the synthetic logs
+NS = "faults"
+
+
+def pg_line(t: float, pid: int, app: str, host: str, level: str, msg: str) -> str:
+    import datetime as dt
+
+    stamp = dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    return f"{stamp} UTC [{pid}] app={app} host={host} {level}:  {msg}"
+
+
+def selection(**kw: Any) -> checks.Selection:
+    base: dict[str, Any] = {
+        "budget": "leaky",
+        "pods": frozenset({f"{NS}/leaky-1"}),
+        "alive": ((T0 - 100, T0 + 1000),),
+        "max_pods_per_cycle": 1,
+        "cooldown_seconds": 30,
+    }
+    base.update(kw)
+    return checks.Selection(**base)
+
+
+def seen(pid: int, state: str, t: float, pod: str | None = f"{NS}/leaky-1") -> dict[Any, Any]:
+    b = checks.BackendSeen(pid=pid, backend_start=T0 - 50, t=t, state=state, pod=pod, app="x")
+    return {(pid, b.backend_start): b}
+
+
+def ended_at(t: float, pid: int = 42) -> list[checks.PgLogLine]:
+    lines = checks.parse_pg_log(
+        [pg_line(t, pid, "leaky-1", "198.18.0.5", "FATAL", checks.TERMINATED)]
+    )
+    return checks.terminations(lines, end=T0 + 1000)
+
+
+def test_the_pg_log_parser_reads_the_prefix_and_skips_the_servers_own_shutdown() -> None:
+    lines = checks.parse_pg_log(
+        [
+            "2026-01-01 00:00:00.000 UTC [1] LOG:  starting PostgreSQL (no prefix yet)",
+            pg_line(T0, 10, "", "", "LOG", "received fast shutdown request"),
+            pg_line(T0 + 0.1, 11, "leaky-1", "198.18.0.5", "FATAL", checks.TERMINATED),
+            pg_line(T0 + 2, 12, "", "", "LOG", checks.SERVER_READY),
+            pg_line(T0 + 3, 13, "leaky-1", "198.18.0.5", "FATAL", checks.TERMINATED),
+        ]
+    )
+    assert len(lines) == 4
+    assert lines[1].pid == 11
+    assert lines[1].host == "198.18.0.5"
+    assert lines[1].t == pytest.approx(T0 + 0.1, abs=0.01)
+    assert [line.pid for line in checks.terminations(lines, end=T0 + 10)] == [13]
+
+
+@pytest.mark.parametrize(
+    ("state", "seen_before", "pod", "invariants"),
+    [
+        pytest.param("idle", 0.2, f"{NS}/leaky-1", [], id="idle-selected"),
+        pytest.param("active", 0.2, f"{NS}/leaky-1", ["terminated a backend 'active'"], id="busy"),
+        pytest.param(
+            "idle in transaction",
+            0.2,
+            f"{NS}/leaky-1",
+            ["terminated a backend 'idle in transaction'"],
+            id="in-transaction",
+        ),
+        pytest.param("active", 10.0, f"{NS}/leaky-1", [], id="busy-but-sample-too-old-to-tell"),
+        pytest.param(
+            "idle",
+            0.2,
+            f"{NS}/steady-1",
+            ["terminated a backend of an unselected pod"],
+            id="steady",
+        ),
+        pytest.param(
+            "idle", 0.2, None, ["terminated a backend of an unselected pod"], id="nobodys"
+        ),
+    ],
+)
+def test_terminations_are_judged_by_last_state_and_pod(
+    state: str, seen_before: float, pod: str | None, invariants: list[str]
+) -> None:
+    t = T0 + 100
+    _, got = checks.judge_terminations(
+        ended=ended_at(t),
+        seen=seen(42, state, t - seen_before, pod),
+        selections=[selection()],
+        min_idle_seconds=3,
+    )
+    assert [v.invariant for v in got] == invariants
+
+
+def test_a_termination_of_a_paused_budgets_pod_or_an_unseen_backend_is_a_violation() -> None:
+    t = T0 + 100
+    paused = selection(paused=((T0 + 50, T0 + 200),))
+    _, got = checks.judge_terminations(
+        ended=ended_at(t), seen=seen(42, "idle", t - 0.2), selections=[paused], min_idle_seconds=3
+    )
+    assert [v.invariant for v in got] == ["terminated a backend of an unselected pod"]
+    _, got = checks.judge_terminations(
+        ended=ended_at(t), seen={}, selections=[selection()], min_idle_seconds=3
+    )
+    assert [v.invariant for v in got] == ["terminated a backend never seen"]
+    # The run's own terminations (the Secret rotation) are not the operator's.
+    _, got = checks.judge_terminations(
+        ended=ended_at(t), seen={}, selections=[selection()], own=[42], min_idle_seconds=3
+    )
+    assert got == []
+
+
+def audit_line(t: float, verb: str, resource: str, name: str, code: int, **extra: Any) -> str:
+    import datetime as dt
+    import json
+
+    group, _, sub = resource.partition("/")
+    ref: dict[str, Any] = {"resource": group, "namespace": NS, "name": name}
+    if sub:
+        ref["subresource"] = sub
+    stamp = dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return json.dumps(
+        {
+            "stage": "ResponseComplete",
+            "verb": verb,
+            "objectRef": ref,
+            "responseStatus": {"code": code},
+            "requestReceivedTimestamp": stamp,
+            "stageTimestamp": stamp,
+            **extra,
+        }
+    )
+
+
+def evictions(*events: tuple[float, str, str, int]) -> list[checks.AuditEvent]:
+    return checks.parse_audit(
+        [
+            audit_line(t, "delete" if r == "pods" else "create", r, name, code)
+            for t, r, name, code in events
+        ]
+    )
+
+
+def test_evictions_of_selected_pods_within_the_rate_pass() -> None:
+    audit = evictions(
+        (T0, "pods/eviction", "leaky-1", 201),
+        (T0 + 31.5, "pods/eviction", "leaky-2", 201),
+        (T0 + 40, "pods/eviction", "leaky-3", 429),  # refused by a PDB: not a restart
+    )
+    pods = frozenset({f"{NS}/leaky-1", f"{NS}/leaky-2", f"{NS}/leaky-3"})
+    judged, got = checks.judge_evictions(
+        audit=audit, namespace=NS, selections=[selection(pods=pods)]
+    )
+    assert (judged, got) == (3, [])
+
+
+def test_evictions_too_many_per_cooldown_unselected_or_of_a_terminating_pod_are_caught() -> None:
+    pods = frozenset({f"{NS}/leaky-1", f"{NS}/leaky-2"})
+    audit = evictions(
+        (T0, "pods/eviction", "leaky-1", 201),
+        (T0 + 10, "pods/eviction", "leaky-2", 201),  # within the 30 s cooldown
+        (T0 + 20, "pods/eviction", "steady-1", 201),  # nobody's
+        (T0 + 40, "pods", "leaky-3", 200),  # deleted by someone
+        (T0 + 45, "pods/eviction", "leaky-3", 200),  # then evicted
+    )
+    pods |= {f"{NS}/leaky-3"}
+    _, got = checks.judge_evictions(audit=audit, namespace=NS, selections=[selection(pods=pods)])
+    assert [v.invariant for v in got] == [
+        "more evictions than maxPodsPerCycle within cooldownSeconds",
+        "evicted an unselected pod",
+        "evicted a pod already terminating",
+    ]
+
+
+def test_a_recreated_budget_starts_a_fresh_cooldown() -> None:
+    pods = frozenset({f"{NS}/leaky-1", f"{NS}/leaky-2"})
+    audit = evictions(
+        (T0, "pods/eviction", "leaky-1", 201), (T0 + 20, "pods/eviction", "leaky-2", 201)
+    )
+    twice = selection(pods=pods, alive=((T0 - 100, T0 + 5), (T0 + 12, T0 + 1000)))
+    _, got = checks.judge_evictions(audit=audit, namespace=NS, selections=[twice])
+    assert got == []
+
+
+def lease_write(t: float, holder: str, code: int = 200) -> str:
+    return audit_line(
+        t,
+        "update",
+        "leases",
+        "connbudget-operator",
+        code,
+        requestObject={"spec": {"holderIdentity": holder}},
+    )
+
+
+def test_lease_terms_come_from_successful_writes() -> None:
+    audit = checks.parse_audit(
+        [
+            lease_write(T0, "a"),
+            lease_write(T0 + 2, "a"),
+            lease_write(T0 + 3, "b", code=409),  # lost the race: no term
+            lease_write(T0 + 20, "b"),
+            lease_write(T0 + 22, "b"),
+        ]
+    )
+    terms = checks.lease_terms(audit, namespace=NS, name="connbudget-operator")
+    assert [(t.holder, t.start - T0, t.last_renewal - T0) for t in terms] == [
+        ("a", 0, 2),
+        ("b", 20, 22),
+    ]
+    assert checks.judge_terms(terms) == []
+    early = checks.lease_terms(
+        checks.parse_audit([lease_write(T0, "a"), lease_write(T0 + 5, "b")]),
+        namespace=NS,
+        name="connbudget-operator",
+    )
+    assert [v.invariant for v in checks.judge_terms(early)] == [
+        "the Lease was taken while its holder could still act"
+    ]
+
+
+def test_an_action_outside_the_replicas_own_term_is_caught() -> None:
+    terms = [checks.Term("a", T0, T0 + 30), checks.Term("b", T0 + 50, T0 + 100)]
+    ok = checks.Action(T0 + 10, "a", "TerminateIdle", "Succeeded")
+    late = checks.Action(T0 + 60, "a", "RestartPods", "Succeeded")  # b's term: a acted
+    planned = checks.Action(T0 + 60, "a", "RestartPods", "Planned")  # a dry run does nothing
+    judged, got = checks.judge_actions(
+        actions=[ok, late, planned], terms=terms, evictions=[], ended=ended_at(T0 + 45)
+    )
+    assert judged == 3
+    assert [v.invariant for v in got] == [
+        "a replica acted outside its own lease term",
+        "an action while no replica held the Lease",
+    ]
+
+
+def test_actions_identity_and_tracebacks_are_read_from_a_replicas_log() -> None:
+    import json
+
+    log = [
+        json.dumps(
+            {
+                "time": "2027-01-15T08:00:00.000+00:00",
+                "message": "leader election",
+                "identity": "host-abc",
+            }
+        ),
+        json.dumps(
+            {
+                "time": "2027-01-15T08:00:05.000+00:00",
+                "message": "action",
+                "action": "TerminateIdle",
+                "result": "Succeeded",
+                "detail": "3 backends",
+            }
+        ),
+        json.dumps(
+            {
+                "time": "2027-01-15T08:00:06.000+00:00",
+                "message": "boom",
+                "exception": "Traceback (most recent call last):\n...",
+            }
+        ),
+    ]
+    identity, acts, tracebacks = checks.parse_actions(log)
+    assert identity == "host-abc"
+    assert [(a.replica, a.step, a.result) for a in acts] == [
+        ("host-abc", "TerminateIdle", "Succeeded")
+    ]
+    assert len(tracebacks) == 1
+
+
+def status(t: float, ready: str, probe: float | None) -> checks.StatusSample:
+    return checks.StatusSample(t=T0 + t, budget="leaky", ready=ready, probe_time=probe)
+
+
+def test_a_fault_noticed_and_recovered_in_time_passes_and_a_late_one_is_caught() -> None:
+    fault = checks.Fault("pg_stall", T0, T0 + 15, ("leaky",), notice=("DatabaseUnreachable",))
+    good = [
+        status(1, "True:ProbeSucceeded", T0),
+        status(7, "False:DatabaseUnreachable", T0 + 6),
+        status(17, "True:ProbeSucceeded", T0 + 16.5),
+    ]
+    out = checks.judge_fault(fault, good, notice_within=10, recover_within=30)
+    assert out.violations == []
+    assert out.noticed_after == pytest.approx(7)
+    assert out.recovered_after == pytest.approx(2)
+    late = [
+        status(12, "False:DatabaseUnreachable", T0 + 11),
+        status(17, "True:ProbeSucceeded", T0 + 10),  # a stale probe is not a recovery
+    ]
+    out = checks.judge_fault(fault, late, notice_within=10, recover_within=30)
+    assert [v.invariant for v in out.violations] == [
+        "a fault not noticed in status in time",
+        "a fault not recovered from in time",
+    ]
+
+
+def test_rss_growth_compares_the_last_fifth_with_the_first() -> None:
+    flat = [(T0 + i, 80.0 + (i % 3)) for i in range(100)]
+    assert checks.growth_mb(flat, warmup=10) == pytest.approx(0, abs=1.5)
+    leak = [(T0 + i, 80.0 + i * 0.5) for i in range(100)]
+    assert checks.growth_mb(leak, warmup=10) == pytest.approx(36, abs=3)
+    assert checks.growth_mb(leak[:5], warmup=0) is None
