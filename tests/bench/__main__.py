@@ -170,6 +170,10 @@ def main(argv: list[str]) -> int:
         sb.down()
         say("sandbox torn down")
     results["total_seconds"] = round(time.time() - started)
+    faults = ROOT / "tests" / "bench" / "faults.json"
+    if faults.exists():
+        # The fault run is its own command (tests/bench/faults): its last figures are reported.
+        results["faults"] = json.loads(faults.read_text())
     results["phases_run"] = sorted(phases & set(PHASES) & set(results))
     say(f"\nall done in {results['total_seconds'] / 60:.1f} min")
     out.write_text(json.dumps(results, indent=2, default=report.to_json) + "\n")

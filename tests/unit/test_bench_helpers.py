@@ -538,3 +538,34 @@ def test_rss_growth_compares_the_last_fifth_with_the_first() -> None:
     leak = [(T0 + i, 80.0 + i * 0.5) for i in range(100)]
     assert checks.growth_mb(leak, warmup=10) == pytest.approx(36, abs=3)
     assert checks.growth_mb(leak[:5], warmup=0) is None
+
+
+def test_the_fault_run_section_reports_its_figures_and_its_verdict() -> None:
+    from bench.report import _faults
+
+    targets: list[tuple[str, str, str]] = []
+    run = {
+        "seed": 12,
+        "duration_s": 1800,
+        "date": "2027-01-15 08:00 UTC",
+        "faults": {"pg_stall": 2, "leader_kill": 1},
+        "faults_injected": 3,
+        "time_to_notice_s": {"pg_stall": [7.4, 8.0], "leader_kill": []},
+        "time_to_recover_s": {"pg_stall": [1.5, 2.5], "leader_kill": [1.4]},
+        "leader_takeover_s": {"leader_kill": [15.6]},
+        "checked": {
+            "terminations": 80,
+            "evictions": 8,
+            "lease_terms": 3,
+            "operator_actions": 19,
+            "replicas_started": 3,
+            "status_samples": 600,
+        },
+        "rss_growth_mb": {"1": 0.4, "2": None},
+        "violations": [],
+    }
+    text = "\n".join(_faults(run, targets))
+    assert "| pg_stall | 2 | 8.0 (7.4-8.0) | 2.5 (1.5-2.5) |" in text
+    assert "Lease taken over after 15.6" in text
+    assert "Violations: 0." in text
+    assert targets == [("fault run: no invariant broken", "0 violations in 3 faults", "**met**")]
