@@ -370,6 +370,28 @@ def judge_terms(terms: Sequence[Term]) -> list[Violation]:
     ]
 
 
+def judge_takeover(
+    *, killed_at: float, old_holder: str | None, terms: Sequence[Term], within: float
+) -> tuple[float | None, list[Violation]]:
+    """After the leader was killed or frozen at ``killed_at``, another replica holds the Lease
+    within ``within`` seconds (its Lease duration, a retry and some slack). Return how long it
+    took (None: never) and the violation if too long."""
+    took = next(
+        (t.start - killed_at for t in terms if t.start > killed_at and t.holder != old_holder),
+        None,
+    )
+    if took is not None and took <= within:
+        return took, []
+    return took, [
+        Violation(
+            "nobody took over the Lease in time",
+            killed_at,
+            f"the leader {old_holder} stopped at {killed_at:.3f}; the Lease was taken "
+            + (f"{took:.1f}s later" if took is not None else "never"),
+        )
+    ]
+
+
 @dataclass(frozen=True)
 class Action:
     """One ``action`` line of a replica's JSON log."""
@@ -472,6 +494,7 @@ class Fault:
     budgets: tuple[str, ...]  # the budgets whose status should tell
     notice: tuple[str, ...] = ()  # Ready reasons that count as noticed; empty: nothing to notice
     detail: str = ""
+    holder: str | None = None  # the Lease holder a leader fault hit
 
 
 @dataclass

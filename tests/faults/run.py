@@ -44,6 +44,9 @@ RECOVER_WITHIN = 60.0  # a fault is recovered from within a minute of its end
 # A dead or frozen leader's Lease expires 15 s after it was last renewed; the other replica then
 # takes over within its 2 s retry, and its first cycle writes status.
 LEADER_RECOVER_WITHIN = 45.0
+# Another replica takes the Lease within its 15 s duration, a 2 s retry and slack for 2 busy cores.
+# A killed leader's replacement starts 20-30 s after the kill, so it cannot mask a stuck survivor.
+TAKEOVER_WITHIN = 25.0
 MIN_IDLE_SECONDS = 3  # terminateIdle.minIdleSeconds of the leaky budget
 COOLDOWN_SECONDS = 30  # remediation.cooldownSeconds of every budget
 MAX_PODS_PER_CYCLE = 1
@@ -405,6 +408,11 @@ class Run:
         self.ops.append(op)
         return op
 
+    def identity_of(self, op: Operator) -> str | None:
+        """A replica's Lease identity, from its log."""
+        identity, _, _ = checks.parse_actions(op.logs().splitlines())
+        return identity
+
     def live_ops(self) -> list[Operator]:
         return [op for op in self.ops if op.proc.poll() is None]
 
@@ -429,6 +437,7 @@ class Run:
         start = time.time()
         notice: tuple[str, ...] = ()
         detail = ""
+        holder: str | None = None
         if kind == "pg_restart":
             down = rng.uniform(3, 8)
             postgres.stop_postgres(self.sb.state_dir)
@@ -456,6 +465,7 @@ class Run:
             detail = f"down {down:.1f}s"
         elif kind in ("leader_kill", "leader_freeze"):
             leader = self.leader()
+            holder = self.identity_of(leader) if leader is not None else None
             if leader is None:
                 detail = "no leader to hit"
             elif kind == "leader_kill":
@@ -558,7 +568,13 @@ class Run:
         else:
             raise ValueError(kind)
         fault = checks.Fault(
-            kind=kind, start=start, end=time.time(), budgets=budgets, notice=notice, detail=detail
+            kind=kind,
+            start=start,
+            end=time.time(),
+            budgets=budgets,
+            notice=notice,
+            detail=detail,
+            holder=holder,
         )
         self.faults.append(fault)
         say(f"{kind}: {detail} ({fault.end - fault.start:.1f}s)")
@@ -592,8 +608,9 @@ class Run:
         t0 = time.time()
         self.watchers = Watchers(self.sb, self.namespace, t0 + self.duration + 600, self.ops)
         try:
-            self.setup()
+            # Watching before anything runs: the first terminations come seconds after setup.
             self.watchers.start()
+            self.setup()
             deadline = t0 + self.duration
             eventually(
                 lambda: self.leader() is not None, timeout=60, what="a leader elected", interval=1
@@ -722,12 +739,16 @@ class Run:
                 k["notice_s"].append(round(out.noticed_after, 1))
             if out.recovered_after is not None:
                 k["recover_s"].append(round(out.recovered_after, 1))
-            if out.fault.kind in ("leader_kill", "leader_freeze"):
+            if out.fault.kind in ("leader_kill", "leader_freeze") and out.fault.holder:
                 # Recovered when another replica took the Lease (from the audit log).
-                took = next((t.start for t in terms if t.start > out.fault.start), None)
-                k.setdefault("takeover_s", []).append(
-                    None if took is None else round(took - out.fault.start, 1)
+                took, v = checks.judge_takeover(
+                    killed_at=out.fault.start,
+                    old_holder=out.fault.holder,
+                    terms=terms,
+                    within=TAKEOVER_WITHIN,
                 )
+                violations += v
+                k.setdefault("takeover_s", []).append(None if took is None else round(took, 1))
         growth = {str(pid): checks.growth_mb(s, warmup=60.0) for pid, s in sorted(ev.rss.items())}
         return {
             "seed": self.seed,

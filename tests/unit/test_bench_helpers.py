@@ -569,3 +569,14 @@ def test_the_fault_run_section_reports_its_figures_and_its_verdict() -> None:
     assert "Lease taken over after 15.6" in text
     assert "Violations: 0." in text
     assert targets == [("fault run: no invariant broken", "0 violations in 3 faults", "**met**")]
+
+
+def test_a_lease_not_taken_over_in_time_after_the_leader_stopped_is_caught() -> None:
+    terms = [checks.Term("a", T0, T0 + 10), checks.Term("b", T0 + 27, T0 + 60)]
+    took, got = checks.judge_takeover(killed_at=T0 + 11, old_holder="a", terms=terms, within=25)
+    assert (took, got) == (16, [])
+    took, got = checks.judge_takeover(killed_at=T0 + 1, old_holder="a", terms=terms, within=25)
+    assert took == 26
+    assert [v.invariant for v in got] == ["nobody took over the Lease in time"]
+    _, got = checks.judge_takeover(killed_at=T0 + 40, old_holder="b", terms=terms, within=25)
+    assert "never" in got[0].evidence
