@@ -82,3 +82,31 @@ def test_a_conflict_on_its_own_status_is_written_again() -> None:
     asyncio.run(reconciler._write(key, kube.status, {"phase": "Remediating"}))
     assert kube.status["phase"] == "Remediating"
     assert kube.writes == 2
+
+
+def test_an_api_server_away_is_said_once_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Away:
+        async def read_secret_value(self, namespace: str, ref: object) -> str:
+            raise KubeError(504, "no answer from the API server in time (ReadTimeoutError)")
+
+    reconciler = Reconciler(kube=Away(), monitors=MonitorPool(), metrics=Metrics())  # type: ignore[arg-type]
+    body = VersionedKube().body()
+    body["spec"] = {
+        "database": {"secretRef": {"name": "pg"}},
+        "budget": {"maxConnections": 10},
+        "selector": {"matchLabels": {"app": "web"}},
+        "pollSeconds": 1,
+    }
+
+    async def play() -> None:
+        await reconciler.on_budget(None, body)
+        reconciler.lead()
+        await asyncio.sleep(2.5)  # three polls
+        await reconciler.close()
+
+    asyncio.run(play())
+    said = [r for r in caplog.records if "Kubernetes API call failed" in r.getMessage()]
+    assert len(said) == 1
+    assert not [r for r in caplog.records if r.exc_info]

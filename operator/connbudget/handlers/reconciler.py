@@ -95,6 +95,7 @@ class Reconciler:
         self._indexes: dict[str, tuple[int, PodIndex]] = {}
         self._seen_at: dict[str, float] = {}  # pod uid -> when (monotonic) the watch last told
         self.resync: asyncio.Task[None] | None = None
+        self._api_errors: dict[Key, str] = {}  # the last API error said, per budget
         self.budgets: dict[Key, Budget] = {}
         self.written: dict[Key, dict[str, Any]] = {}  # the status we wrote last (ahead of watch)
         self.written_at: dict[Key, float] = {}  # when (monotonic) this process last wrote it
@@ -318,11 +319,22 @@ class Reconciler:
             b.changed.clear()
             try:
                 await self._once(key, b, runtime)
+                self._api_errors.pop(key, None)
             except asyncio.CancelledError:
                 raise
             except StatusConflict as e:
                 log.info("status changed meanwhile; deciding again", extra={"detail": str(e)})
                 runtime.last_probe_at = None
+            except KubeError as e:
+                # The API server is away (restarted, partitioned) or refused: not a bug. Said
+                # once per budget and kind of error, not at every tick, and tried again.
+                said = f"{e.status}: {e}"
+                if self._api_errors.get(key) != said:
+                    log.warning(
+                        "a Kubernetes API call failed; trying again",
+                        extra={"budget": f"{key[0]}/{key[1]}", "status": e.status, "error": str(e)},
+                    )
+                self._api_errors[key] = said
             except Exception:
                 # A bug must not kill the budget's worker: log it and try again next tick.
                 log.exception("reconcile failed", extra={"budget": f"{key[0]}/{key[1]}"})
