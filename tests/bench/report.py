@@ -736,6 +736,11 @@ def _faults(f: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[str]
         + f". Violations: {len(f['violations'])}.",
         "",
     ]
+    kinds: dict[str, int] = {}
+    for v in f["violations"]:
+        kinds[v["invariant"]] = kinds.get(v["invariant"], 0) + 1
+    out += [f"- {k}: {n} (first: `{_first(f, k)}`)" for k, n in sorted(kinds.items())]
+    out += [""] if kinds else []
     targets.append(
         (
             "fault run: no invariant broken",
@@ -744,6 +749,11 @@ def _faults(f: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[str]
         )
     )
     return out
+
+
+def _first(f: dict[str, Any], invariant: str) -> str:
+    evidence = next(v["evidence"] for v in f["violations"] if v["invariant"] == invariant)
+    return str(evidence)[:300].replace("`", "'").replace("|", "/")
 
 
 def _spread(values: list[float]) -> str:
