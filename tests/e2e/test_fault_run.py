@@ -6,7 +6,6 @@ The 30-minute run is ``tests/bench/faults``; a failing seed replays with ``--see
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
@@ -23,13 +22,6 @@ SEED = (
 MINUTES = 3.0
 
 
-# TODO: remove the skip when the finding is fixed (issue 12).
-@pytest.mark.skipif(
-    os.environ.get("CONNBUDGET_FAULT_RUN") != "1",
-    reason="finding: while the API server restarts, every budget's worker logs 'reconcile failed' "
-    "with a traceback each second (KubeError from patch_budget_status escapes the cycle); "
-    "CONNBUDGET_FAULT_RUN=1 runs it",
-)
 def test_a_three_minute_fault_run_breaks_no_invariant(sandbox: Sandbox, tmp_path: Path) -> None:
     report = fault_run.run(
         sandbox,
