@@ -75,6 +75,8 @@ class KubeCalls(Protocol):
 
     async def autoscalers_of(self, namespace: str, target: ObjectRef) -> list[str]: ...
 
+    async def replica_managers(self, namespace: str, target: ObjectRef) -> list[str]: ...
+
     async def patch_scale(
         self, namespace: str, target: ObjectRef, replicas: int, *, dry_run: bool
     ) -> None: ...
@@ -197,18 +199,20 @@ def pooler_pod_labels(
 async def _pooler_owner(
     deps: Deps, runtime: Runtime, namespace: str, target: ObjectRef
 ) -> str | None:
-    """What else sets the pooler's replicas (an HPA, KEDA's), so the operator does not fight it.
+    """What else sets the pooler's replicas (an HPA, KEDA's, or a GitOps tool that applies them),
+    so the operator does not fight it.
 
-    Asked once a minute at most; if the operator may not list autoscalers, nothing is assumed.
+    Asked once a minute at most; what the operator may not read is not assumed.
     """
     now = deps.now()
     if runtime.pooler_owner_checked is not None and now - runtime.pooler_owner_checked < 60:
         return runtime.pooler_owner
-    try:
-        owners = await deps.kube.autoscalers_of(namespace, target)
-    except KubeError as e:
-        log.info("autoscalers not readable", extra={"error": str(e)})
-        owners = []
+    owners: list[str] = []
+    for ask in (deps.kube.autoscalers_of, deps.kube.replica_managers):
+        try:
+            owners += await ask(namespace, target)
+        except KubeError as e:
+            log.info("who sets the pooler's replicas: not readable", extra={"error": str(e)})
     owner = ", ".join(owners) or None
     if owner is not None and owner != runtime.pooler_owner:
         await deps.post_event(

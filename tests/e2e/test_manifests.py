@@ -61,6 +61,7 @@ def test_the_install_is_least_privilege(sandbox: Sandbox, installed: None, names
         ("patch", "deployments.apps/scale"),
         ("get", "statefulsets.apps/scale"),
         ("list", "horizontalpodautoscalers.autoscaling"),
+        ("get", "deployments.apps"),
         ("watch", "namespaces"),
         ("watch", "customresourcedefinitions.apiextensions.k8s.io"),
     ]

@@ -73,6 +73,9 @@ class FakeKube:
     async def autoscalers_of(self, namespace: str, target: ObjectRef) -> list[str]:
         return list(self.autoscalers)
 
+    async def replica_managers(self, namespace: str, target: ObjectRef) -> list[str]:
+        return []
+
 
 class FakeMonitor:
     def __init__(self, result: ServerSample | ProbeError) -> None:

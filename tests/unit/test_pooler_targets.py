@@ -123,3 +123,21 @@ def test_a_malformed_admin_dsn_waits_for_the_user() -> None:
     out = run_cycle(deps, spec=spec, old_status=OVER_STATUS)
     stalled = next(c for c in out["conditions"] if c["type"] == "Stalled")
     assert (stalled["status"], stalled["reason"]) == ("True", "DsnInvalid")
+
+
+def test_a_gitops_tool_that_applies_the_replicas_owns_them() -> None:
+    from connbudget.kube.api import replica_managers
+
+    replicas: dict[str, object] = {"f:spec": {"f:replicas": {}, "f:template": {}}}
+    template_only: dict[str, object] = {"f:spec": {"f:template": {}}}
+    fields = [
+        {"manager": "kustomize-controller", "operation": "Apply", "fieldsV1": replicas},
+        {"manager": "argocd-controller", "operation": "Update", "fieldsV1": replicas},
+        {"manager": "connbudget", "operation": "Update", "fieldsV1": replicas},
+        {"manager": "kubectl", "operation": "Update", "fieldsV1": replicas},  # kubectl scale
+        {"manager": "helm", "operation": "Apply", "fieldsV1": template_only},
+    ]
+    assert replica_managers(fields) == [
+        "field manager argocd-controller",
+        "field manager kustomize-controller",
+    ]

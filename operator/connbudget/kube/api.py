@@ -76,6 +76,33 @@ def _reason(e: ApiException) -> str:
 
 
 FIELD_MANAGER = "connbudget"
+# Controllers that keep a workload as Git has it, whatever operation they write with.
+GITOPS_MANAGERS = frozenset(
+    {
+        "kustomize-controller",
+        "helm-controller",
+        "argocd-controller",
+        "argocd-application-controller",
+    }
+)
+
+
+def replica_managers(managed_fields: list[Any]) -> list[str]:
+    """Who else owns ``spec.replicas`` per ``managedFields``: a manager that applied it
+    (server-side apply: a GitOps tool, or anyone declaring the count), or a known GitOps
+    controller that wrote it. The operator's own entry, and plain updates (``kubectl scale``,
+    an HPA through ``/scale``), are left out."""
+    out = set()
+    for entry in managed_fields:
+        if not isinstance(entry, dict):
+            continue
+        manager = str(entry.get("manager") or "")
+        spec = (entry.get("fieldsV1") or {}).get("f:spec") or {}
+        if manager == FIELD_MANAGER or "f:replicas" not in spec:
+            continue
+        if entry.get("operation") == "Apply" or manager in GITOPS_MANAGERS:
+            out.add(f"field manager {manager}")
+    return sorted(out)
 
 
 class Kube:
@@ -382,6 +409,18 @@ class Kube:
             ),
             selector=str((obj.get("status") or {}).get("selector") or ""),
         )
+
+    async def replica_managers(self, namespace: str, target: ObjectRef) -> list[str]:
+        """Field managers other than the operator that set the target's ``spec.replicas`` by
+        server-side apply, or known GitOps controllers (see ``replica_managers``)."""
+        group, _, version = target.api_version.rpartition("/")
+        plural = await self._plural(target.api_version, target.kind)
+        obj = await self.call(
+            self.custom.get_namespaced_custom_object, group, version, namespace, plural, target.name
+        )
+        meta = obj.get("metadata") if isinstance(obj, dict) else None
+        fields = meta.get("managedFields") if isinstance(meta, dict) else None
+        return replica_managers(fields if isinstance(fields, list) else [])
 
     async def autoscalers_of(self, namespace: str, target: ObjectRef) -> list[str]:
         """Names of the HorizontalPodAutoscalers (KEDA's ScaledObjects make one each) whose

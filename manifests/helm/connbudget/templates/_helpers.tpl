@@ -37,6 +37,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [autoscaling]
   resources: [horizontalpodautoscalers]
   verbs: [list]
+- apiGroups: [apps]
+  resources: [deployments, statefulsets]
+  verbs: [get]
 {{- if .Values.rbac.rolloutRestart }}
 - apiGroups: [apps]
   resources: [deployments, statefulsets, daemonsets]
