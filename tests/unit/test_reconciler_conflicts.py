@@ -110,3 +110,37 @@ def test_an_api_server_away_is_said_once_without_a_traceback(
     said = [r for r in caplog.records if "Kubernetes API call failed" in r.getMessage()]
     assert len(said) == 1
     assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_stepping_down_is_never_held_by_a_worker_that_lost_its_cancellation() -> None:
+    # Python 3.11's asyncio.wait_for can swallow a cancellation; found by the fault run: the
+    # replica that stepped down kept a worker and never tried for the Lease again.
+    reconciler = Reconciler(kube=VersionedKube(), monitors=MonitorPool(), metrics=Metrics())  # type: ignore[arg-type]
+    turns: list[float] = []
+
+    async def deaf(key: object, b: object, runtime: object) -> None:
+        turns.append(asyncio.get_running_loop().time())
+        try:
+            await asyncio.sleep(0.3)
+        except asyncio.CancelledError:
+            pass  # the lost cancellation
+
+    reconciler._once = deaf  # type: ignore[method-assign,assignment]
+    body = VersionedKube().body()
+    body["spec"] = {"pollSeconds": 1}
+
+    async def play() -> float:
+        await reconciler.on_budget(None, body)
+        reconciler.lead()
+        await asyncio.sleep(0.1)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await reconciler.follow()
+        stepped_down = loop.time() - started
+        await asyncio.sleep(2.5)  # a worker still running would take more turns
+        await reconciler.close()
+        return stepped_down
+
+    stepped_down = asyncio.run(play())
+    assert stepped_down < 6
+    assert len(turns) == 1

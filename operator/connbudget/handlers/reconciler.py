@@ -30,6 +30,7 @@ from connbudget.report.metrics import Metrics
 log = logging.getLogger("connbudget.reconciler")
 Key = tuple[str, str]  # (namespace, name)
 STANDBY_CHECK_SECONDS = 10.0  # how often a replica that does not lead checks its connection
+STOP_WAIT_SECONDS = 5.0  # how long stopping a worker waits for it to end
 # How often the leader lists the pods it knows of, to drop the ones the watch never said were
 # deleted (a watch that expired, 410 Gone, is listed again by kopf, and a pod deleted meanwhile
 # gets no DELETED event): a ghost could suppress NoPodsSelected or be picked for a restart.
@@ -254,7 +255,8 @@ class Reconciler:
         )
 
     async def _keep_connected(self, key: Key) -> None:
-        while key in self.budgets and not self.leading:
+        me = asyncio.current_task()
+        while key in self.budgets and not self.leading and self.standby.get(key) is me:
             b = self.budgets[key]
             try:
                 await cycle.keep_connected(
@@ -266,11 +268,19 @@ class Reconciler:
 
     @staticmethod
     async def _stop(tasks: dict[Key, asyncio.Task[None]], key: Key) -> None:
+        """Cancel a worker and wait for it, a bounded time.
+
+        On Python 3.11 ``asyncio.wait_for`` can swallow a cancellation that arrives as its inner
+        awaitable completes: a worker may then go on. It is no longer registered, so it leaves
+        its loop at the next turn; the caller (the leader election, stepping down) never waits
+        on it longer than ``STOP_WAIT_SECONDS``.
+        """
         task = tasks.pop(key, None)
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            done, _ = await asyncio.wait({task}, timeout=STOP_WAIT_SECONDS)
+            if not done:
+                log.warning("a stopped worker is still finishing", extra={"task": task.get_name()})
 
     def _deps(self, ref: BudgetRef) -> cycle.Deps:
         async def post_event(type_: str, reason: str, message: str, series: str | None) -> None:
@@ -314,7 +324,9 @@ class Reconciler:
 
     async def _work(self, key: Key) -> None:
         runtime = self.runtimes.setdefault(key, cycle.Runtime())
-        while key in self.budgets:
+        me = asyncio.current_task()
+        # Registered as the budget's worker, or stopped (even if the cancellation was lost).
+        while key in self.budgets and self.workers.get(key) is me:
             b = self.budgets[key]
             b.changed.clear()
             try:
