@@ -276,8 +276,10 @@ class Reconciler:
         on it longer than ``STOP_WAIT_SECONDS``.
         """
         task = tasks.pop(key, None)
-        if task is not None:
+        if task is not None and not task.done():
             task.cancel()
+            if task.get_loop() is not asyncio.get_running_loop():
+                return  # a task of a loop that has ended (tests run several): nothing to await
             done, _ = await asyncio.wait({task}, timeout=STOP_WAIT_SECONDS)
             if not done:
                 log.warning("a stopped worker is still finishing", extra={"task": task.get_name()})
