@@ -30,7 +30,7 @@ from e2e.reliability import (
     ready,
     refresh_pids,
 )
-from sandbox import postgres
+from sandbox import postgres, procs
 from sandbox.core import Sandbox
 from sandbox.fixtures import Workloads
 from sandbox.network import NETNS
@@ -290,19 +290,10 @@ def test_a_full_database_is_still_seen_and_acted_on(
 
 def pgbouncer_pid(sandbox: Sandbox, pod: str) -> int:
     """The pid of the pgbouncer process running in sandbox pod ``pod``."""
-    needle = f"HOSTNAME={pod}".encode() + b"\0"
-    tag = f"CONNBUDGET_SANDBOX={sandbox.tag}".encode() + b"\0"
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            comm = (entry / "comm").read_text().strip()
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if comm == "pgbouncer" and needle in environ and tag in environ:
-            return int(entry.name)
-    raise LookupError(f"no pgbouncer process in pod {pod}")
+    pid = procs.pgbouncer_pid(sandbox.tag, pod)
+    if pid is None:
+        raise LookupError(f"no pgbouncer process in pod {pod}")
+    return pid
 
 
 def test_pgbouncer_down(

@@ -31,7 +31,7 @@ from psycopg import sql
 from e2e.conftest import GROUP, PLURAL, VERSION, Budgets, Operator, start_operator
 from e2e.reliability import restart_apiserver
 from faults import checks
-from sandbox import postgres
+from sandbox import postgres, procs
 from sandbox.core import Sandbox
 from sandbox.fixtures import STEADY_IMAGE, Workloads, eventually
 
@@ -249,19 +249,7 @@ def server_pids(sb: Sandbox) -> list[int]:
 
 
 def pgbouncer_pid(sb: Sandbox, pod: str) -> int | None:
-    needle = f"HOSTNAME={pod}".encode() + b"\0"
-    tag = f"CONNBUDGET_SANDBOX={sb.tag}".encode() + b"\0"
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            comm = (entry / "comm").read_text().strip()
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if comm == "pgbouncer" and needle in environ and tag in environ:
-            return int(entry.name)
-    return None
+    return procs.pgbouncer_pid(sb.tag, pod)
 
 
 BUDGETS: dict[str, dict[str, Any]] = {

@@ -159,3 +159,20 @@ def run(
     if check and res.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({res.returncode}): {res.stderr.strip()}")
     return res  # type: ignore[no-any-return]
+
+
+def pgbouncer_pid(sandbox_tag: str, pod: str) -> int | None:
+    """The pid of the pgbouncer process running in the sandbox pod ``pod`` (None: none runs)."""
+    needle = f"HOSTNAME={pod}".encode() + b"\0"
+    tag = f"CONNBUDGET_SANDBOX={sandbox_tag}".encode() + b"\0"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if comm == "pgbouncer" and needle in environ and tag in environ:
+            return int(entry.name)
+    return None
