@@ -12,7 +12,7 @@ import pytest
 
 from connbudget import cycle
 from connbudget.handlers import reconciler as rec
-from connbudget.kube.api import Kube
+from connbudget.kube.api import Kube, KubeError
 from connbudget.probe.postgres import MonitorPool
 from connbudget.report import status
 from connbudget.report.metrics import Metrics
@@ -144,3 +144,50 @@ def test_worth_writing_reads_a_merge_patch() -> None:
     # The heartbeat, and a first write, go out whatever they change.
     assert worth({"lastProbeTime": "b"}, since=60.0)
     assert worth({"lastProbeTime": "b"}, since=None)
+
+
+def test_after_an_api_server_outage_the_next_probe_is_written_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Found by the fault run: with nothing else changed, a recovered operator showed a fresh
+    # lastProbeTime only at the next heartbeat, up to a minute after the API server was back.
+    kube = PatchRecorder()
+    clock = [0.0]
+    r = rec.Reconciler(
+        kube=cast(Kube, kube), monitors=MonitorPool(), metrics=Metrics(), monotonic=lambda: clock[0]
+    )
+    script: list[dict[str, Any] | Exception] = [
+        probed(NOW),
+        KubeError(504, "no answer from the API server in time (ReadTimeoutError)"),
+        probed(NOW + 2),
+        probed(NOW + 3),
+    ]
+
+    done = asyncio.Event()
+
+    async def scripted(**_: object) -> dict[str, Any] | None:
+        clock[0] += 1.0
+        step = script.pop(0) if script else None
+        if not script:
+            done.set()
+        if isinstance(step, Exception):
+            raise step
+        return step
+
+    monkeypatch.setattr(cycle, "run_cycle", scripted)
+    monkeypatch.setattr(rec, "TICK_SECONDS", 0.01)
+    monkeypatch.setattr(cycle, "seconds_to_next_cycle", lambda *_, **__: 0.01)
+
+    async def play() -> None:
+        await r.on_budget(None, BODY)
+        r.lead()
+        await asyncio.wait_for(done.wait(), timeout=5)
+        await asyncio.sleep(0.05)
+        await r.close()
+
+    asyncio.run(play())
+    # The first probe, and the first after the outage; not the one after it (nothing changed).
+    assert [p["lastProbeTime"] for p in kube.patches] == [
+        status.rfc3339(NOW),
+        status.rfc3339(NOW + 2),
+    ]

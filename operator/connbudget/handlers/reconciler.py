@@ -349,16 +349,23 @@ class Reconciler:
                         extra={"budget": f"{key[0]}/{key[1]}", "status": e.status, "error": str(e)},
                     )
                 self._api_errors[key] = said
+                # Once the API server answers again, write the status at once (not at the next
+                # heartbeat): its lastProbeTime shows the operator is back.
+                self.written_at.pop(key, None)
             except Exception:
                 # A bug must not kill the budget's worker: log it and try again next tick.
                 log.exception("reconcile failed", extra={"budget": f"{key[0]}/{key[1]}"})
+                self.written_at.pop(key, None)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     b.changed.wait(),
                     timeout=cycle.seconds_to_next_cycle(runtime, time.time(), tick=TICK_SECONDS),
                 )
             if b.changed.is_set():
-                runtime.last_probe_at = None  # the spec or annotations changed: probe at once
+                # The spec or annotations changed: probe at once, and write what that probe saw
+                # even if only lastProbeTime moved (whoever changed it looks at the status next).
+                runtime.last_probe_at = None
+                self.written_at.pop(key, None)
 
     async def _once(self, key: Key, b: Budget, runtime: cycle.Runtime) -> None:
         old_status = self.written.get(key, b.status)
