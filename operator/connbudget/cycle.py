@@ -27,7 +27,7 @@ from connbudget.model.actions import (
     TerminateBackends,
 )
 from connbudget.model.conditions import Reason
-from connbudget.model.observations import PodInfo, PoolerSample, ServerSample
+from connbudget.model.observations import LastStatement, PodInfo, PoolerSample, ServerSample
 from connbudget.model.spec import (
     BudgetSpec,
     ObjectRef,
@@ -37,7 +37,7 @@ from connbudget.model.spec import (
     is_paused,
     parse_spec,
 )
-from connbudget.policy import attribution, evidence, plan, usage
+from connbudget.policy import attribution, culprits, evidence, hints, plan, usage
 from connbudget.probe.errors import ProbeError, ProbeFailure
 from connbudget.report import events, status
 from connbudget.report.events import NORMAL, WARNING, EventReason
@@ -89,6 +89,8 @@ class MonitorLike(Protocol):
         self, backends: Iterable[IdleBackend], *, min_idle_seconds: float
     ) -> list[int]: ...
 
+    async def statements(self, backends: Iterable[tuple[int, float]]) -> list[LastStatement]: ...
+
 
 @dataclass
 class Deps:
@@ -124,6 +126,8 @@ class Runtime:
     next_poll_seconds: float | None = None
     # Each governed backend followed across polls: who leaks, who pools (policy.evidence).
     evidence: evidence.Evidence = field(default_factory=evidence.Evidence)
+    # What leaking owners' abandoned connections last ran (policy.culprits).
+    culprits: culprits.Culprits = field(default_factory=culprits.Culprits)
     # Connections the operator removed itself (terminated), added back into the forecast's
     # series, so that its own actions never look like a slowing leak.
     removed: int = 0
@@ -298,6 +302,7 @@ async def run_cycle(
         deps.metrics.record_probe_error(namespace, name, e.failure.value)
         runtime.history.clear()  # a gap in the samples: the old rate says nothing now
         runtime.evidence.clear()  # nor does a backend seen before the gap
+        runtime.culprits.clear()
         if e.failure in (ProbeFailure.AUTHENTICATION_FAILED, ProbeFailure.DSN_INVALID):
             # The Secret may be fixed any moment: read it again at the next poll.
             deps.kube.forget_secret(namespace, secret)
@@ -427,6 +432,7 @@ async def run_cycle(
     owners = runtime.evidence.judge(
         at=sample.sampled_at, floor=floor, idle_seconds=spec.leak_idle_seconds
     )
+    shapes = await _where_leaks(monitor, runtime, owners, index, at=sample.sampled_at)
     use = usage.compute_usage(
         spec=spec,
         namespace=namespace,
@@ -437,6 +443,9 @@ async def run_cycle(
         owners=owners,
     )
     runtime.history.append((sample.sampled_at, use.server_total + runtime.removed))
+    owner_hints = hints.hints_of(
+        hints.owner_facts(owners=owners, attributed=attributed, shapes=shapes, budget=use.budget)
+    )
     memory = status.memory_from_status(old_status)
     decision = plan.decide(
         spec=spec,
@@ -460,9 +469,9 @@ async def run_cycle(
     deps.metrics.record_usage(
         namespace, name, use, [a.group for a in attributed], decision.seconds_to_full
     )
-    deps.metrics.record_owners(namespace, name, owners.values())
+    deps.metrics.record_owners(namespace, name, owners.values(), shapes)
     await _post_transition(deps, runtime, decision, use)
-    await _post_leaks(deps, runtime, owners)
+    await _post_leaks(deps, runtime, owners, shapes, owner_hints)
     await _post_budget_fit(deps, runtime, use)
     outcome = status.Outcome(
         generation=generation,
@@ -474,6 +483,9 @@ async def run_cycle(
         paused=paused,
         pooler=pooler_sample,
         probe_time=now,
+        leaks=shapes,
+        hints=owner_hints,
+        statements_visible=runtime.culprits.visible,
     )
     await _record_intent(decision, old_status, outcome, deps, now)
     done = await _carry_out(decision, spec, namespace, name, monitor, deps, runtime, now)
@@ -643,15 +655,41 @@ async def _post_transition(
         runtime.episode += 1  # what comes next is another episode
 
 
+async def _where_leaks(
+    monitor: MonitorLike,
+    runtime: Runtime,
+    owners: Mapping[str, evidence.OwnerEvidence],
+    index: attribution.PodIndex,
+    *,
+    at: float,
+) -> dict[str, tuple[culprits.LeakShape, ...]]:
+    """What leaking owners' abandoned connections last ran: asked of the server only for
+    connections not asked about before. A failed ask costs the detail, never the cycle."""
+    ask = runtime.culprits.ask(owners, index.by_name, at=at)
+    if ask.backends:
+        try:
+            found = await monitor.statements(ask.backends)
+        except ProbeError as e:
+            log.warning("reading leaked connections' statements failed", extra={"error": str(e)})
+        else:
+            runtime.culprits.record(at=at, ask=ask, found=found)
+    leaking = [o for o, ev in owners.items() if ev.cls is evidence.OwnerClass.LEAKING]
+    return runtime.culprits.shapes(at=at, leaking=leaking)
+
+
 async def _post_leaks(
-    deps: Deps, runtime: Runtime, owners: Mapping[str, evidence.OwnerEvidence]
+    deps: Deps,
+    runtime: Runtime,
+    owners: Mapping[str, evidence.OwnerEvidence],
+    shapes: Mapping[str, Sequence[culprits.LeakShape]],
+    owner_hints: Mapping[str, str],
 ) -> None:
-    """Post a ``LeakDetected`` Event when an owner starts leaking (once per owner and episode)."""
+    """Post a ``LeakDetected`` Event when an owner starts leaking (once per owner and episode),
+    naming what its leaked connections last ran where that is known."""
     leaking = {o for o, ev in owners.items() if ev.cls is evidence.OwnerClass.LEAKING}
     for owner in sorted(leaking - runtime.leaking):
-        await deps.post_event(
-            WARNING, EventReason.LEAK_DETECTED.value, events.leak_text(owners[owner]), owner
-        )
+        text = events.leak_text(owners[owner], shapes.get(owner, ()), owner_hints.get(owner))
+        await deps.post_event(WARNING, EventReason.LEAK_DETECTED.value, text, owner)
     runtime.leaking = leaking
 
 

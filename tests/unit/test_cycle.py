@@ -8,11 +8,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
 from connbudget import cycle
 from connbudget.kube.api import EvictionResult, Scale, SecretProblem
 from connbudget.model.actions import IdleBackend
-from connbudget.model.observations import PodInfo, PoolerSample, ServerSample
+from connbudget.model.observations import LastStatement, PodInfo, PoolerSample, ServerSample
 from connbudget.model.spec import ObjectRef, SecretRef, parse_spec
 from connbudget.probe.errors import ProbeError, ProbeFailure
 from connbudget.report.metrics import Metrics
@@ -78,9 +79,11 @@ class FakeKube:
 
 
 class FakeMonitor:
-    def __init__(self, result: ServerSample | ProbeError) -> None:
+    def __init__(self, result: ServerSample | ProbeError, query: str = "SELECT 1") -> None:
         self.result = result
         self.terminated: list[int] = []
+        self.query = query  # what every backend last ran
+        self.asked: list[int] = []
 
     async def sample(self) -> ServerSample:
         if isinstance(self.result, ProbeError):
@@ -93,6 +96,14 @@ class FakeMonitor:
         pids = [b.pid for b in backends]
         self.terminated += pids
         return pids
+
+    async def statements(self, backends: Iterable[tuple[int, float]]) -> list[LastStatement]:
+        chosen = list(backends)
+        self.asked += [pid for pid, _ in chosen]
+        return [
+            LastStatement(pid=pid, backend_start=start, query_id=None, query=self.query)
+            for pid, start in chosen
+        ]
 
 
 def make_deps(
@@ -170,6 +181,31 @@ def leaking() -> ServerSample:
             leak_group(WEB2, 30),
         ]
     )
+
+
+def test_a_leak_is_located_in_status_event_and_metrics_without_its_literals() -> None:
+    secret = "planted-S3cret-literal"
+    query = f"SELECT id FROM accounts WHERE password = '{secret}' /*route='login%2F'*/"
+    kube, monitor = FakeKube(), FakeMonitor(leaking(), query=query)
+    deps, events = make_deps(kube, monitor, [WEB1, WEB2])
+    rt = cycle.Runtime()
+    out = run_cycle(deps, old_status=OVER_STATUS, runtime=rt)
+    web = next(o for o in out["usage"]["byOwner"] if o["owner"] == "Deployment/web")
+    (where,) = web["leaks"]
+    assert where["statement"] == "SELECT id FROM accounts WHERE password = ?"
+    assert where["tags"] == {"route": "login/"}
+    assert where["count"] == 90
+    (leak_event,) = [m for _, r, m in events if r == "LeakDetected"]
+    assert "100% after `SELECT id FROM accounts WHERE password = ?` (route=login/)" in leak_event
+    exposition = generate_latest(deps.metrics.registry).decode()
+    assert f'fingerprint="{where["fingerprint"]}"' in exposition
+    assert all(secret not in text for text in (str(out), str(events), exposition))
+    assert {c["type"]: c["status"] for c in out["conditions"]}["StatementsVisible"] == "True"
+    # Asked once per connection: the next cycle asks about none of them again.
+    asked = len(monitor.asked)
+    rt.last_probe_at = None
+    run_cycle(deps, old_status=out, runtime=rt)
+    assert len(monitor.asked) == asked == 90
 
 
 def test_a_breach_terminates_and_evicts_and_reports_it() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from connbudget.model.conditions import Condition, ConditionType, Reason
 from connbudget.policy import attribution, usage
 from connbudget.policy.plan import Level, Memory
@@ -190,3 +192,60 @@ def test_a_budget_above_the_servers_usable_slots_is_a_condition_and_one_event() 
     assert [r for _, r, _ in events].count("BudgetAboveServerLimit") == 1
     ready = next(c for c in out["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True"  # reported, not blocking: the leak is still held
+
+
+def test_where_a_leak_is_shows_per_owner_with_its_hint_and_the_privilege_condition() -> None:
+    from connbudget.policy.culprits import LeakShape
+
+    smp = sample([idle_group(WEB1, [5.0] * 10)])
+    attributed = attribution.attribute_backends(
+        groups=smp.groups,
+        index=attribution.PodIndex.build([WEB1], namespace="shop"),
+        mode=spec().attribution,
+    )
+    u = usage.compute_usage(spec=spec(), namespace="shop", sample=smp, attributed=attributed)
+    shape = LeakShape(
+        fingerprint="0123456789abcdef",
+        statement='SELECT COUNT(*) AS "__count" FROM "auth_user"',
+        tags={"route": "sync/"},
+        count=42,
+        share=0.956,
+        first_seen=NOW - 30,
+        revision="web-7457d5dc96",
+    )
+
+    def render(visible: bool | None) -> dict[str, Any]:
+        return status.render_status(
+            {},
+            status.Outcome(
+                generation=1,
+                now=NOW,
+                usage=u,
+                database_reachable=True,
+                leaks={"Deployment/web": [shape]},
+                hints={"Deployment/web": "set PGAPPNAME"},
+                statements_visible=visible,
+            ),
+        )
+
+    out = render(True)
+    (owner,) = out["usage"]["byOwner"]
+    assert owner["leaks"] == [
+        {
+            "fingerprint": "0123456789abcdef",
+            "statement": 'SELECT COUNT(*) AS "__count" FROM "auth_user"',
+            "tags": {"route": "sync/"},
+            "count": 42,
+            "share": 0.96,
+            "firstSeen": status.rfc3339(NOW - 30),
+            "revision": "web-7457d5dc96",
+        }
+    ]
+    assert owner["hint"] == "set PGAPPNAME"
+    conds = {c["type"]: c for c in out["conditions"]}
+    assert conds["StatementsVisible"]["reason"] == "StatementsReadable"
+    hidden = {c["type"]: c for c in render(False)["conditions"]}
+    assert hidden["StatementsVisible"]["status"] == "False"
+    assert "pg_read_all_stats" in hidden["StatementsVisible"]["message"]
+    # Before any leak was seen, nothing is said of statements.
+    assert "StatementsVisible" not in {c["type"] for c in render(None)["conditions"]}

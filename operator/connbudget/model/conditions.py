@@ -17,6 +17,8 @@ class ConditionType(enum.StrEnum):
     REMEDIATING = "Remediating"
     PAUSED = "Paused"
     BUDGET_FITS = "BudgetFits"  # the budget is within the server's usable slots
+    # Leaked connections' statements can be read (pg_read_all_stats): set once a leak was seen.
+    STATEMENTS_VISIBLE = "StatementsVisible"
     # kstatus' "abnormal-true" pair, read by Flux and the cli-utils applier: Reconciling=True while
     # the first probe is pending, Stalled=True while only a change by the user can help.
     RECONCILING = "Reconciling"
@@ -44,6 +46,9 @@ class Reason(enum.StrEnum):
     # BudgetFits
     BUDGET_FITS = "BudgetFits"
     BUDGET_ABOVE_SERVER = "BudgetAboveServerLimit"
+    # StatementsVisible
+    STATEMENTS_READABLE = "StatementsReadable"
+    INSUFFICIENT_PRIVILEGE = "InsufficientPrivilege"
     # Remediating
     IDLE = "Idle"
     ACTING = "Acting"

@@ -55,6 +55,17 @@ class ServerSample:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LastStatement:
+    """The last statement a backend ran, as ``pg_stat_activity`` shows it (raw: may hold
+    literals; only ``policy.fingerprint`` reads ``query``, and only its result is ever shown)."""
+
+    pid: int
+    backend_start: float
+    query_id: int | None  # None: not computed (compute_query_id off, or before PostgreSQL 14)
+    query: str  # "<insufficient privilege>" without pg_read_all_stats
+
+
+@dataclass(frozen=True, kw_only=True)
 class PoolerClient:
     """One PgBouncer client (``SHOW CLIENTS``)."""
 

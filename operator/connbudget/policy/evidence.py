@@ -83,6 +83,7 @@ class Seen:
 
 @dataclass(slots=True)
 class _Track:
+    pid: int
     owner: str
     pod: str
     start: float  # backend_start
@@ -117,6 +118,9 @@ class OwnerEvidence:
     abandoned_by_pod: Mapping[str, int] = field(default_factory=dict)
     in_transaction_by_pod: Mapping[str, int] = field(default_factory=dict)
     rate_by_pod: Mapping[str, float] = field(default_factory=dict)  # of a leaking owner
+    # (pid, backend_start, pod) of its abandoned connections open now, oldest first: whose last
+    # statement tells where the leak is (policy.culprits)
+    abandoned_backends: tuple[tuple[int, float, str], ...] = ()
 
     @property
     def rate_per_minute(self) -> float:
@@ -192,6 +196,7 @@ class Evidence:
                 log = self._owners.setdefault(track.owner, _OwnerLog())
                 log.gaps.append((at, s.changed_at - track.changed_at))
             current[key] = _Track(
+                pid=s.pid,
                 owner=s.owner,
                 pod=s.pod,
                 start=s.backend_start,
@@ -256,9 +261,11 @@ class Evidence:
             and t.start >= at - LEAK_WINDOW_SECONDS
             and t.changed_at - t.start <= FIRST_USE_SECONDS
         )
+        abandoned: list[_Track] = []
         for t in tracks:
             if t.state not in WAITING_STATES or at - t.changed_at < after:
                 continue
+            abandoned.append(t)
             by_pod[t.pod] = by_pod.get(t.pod, 0) + 1
             if t.state in IN_TRANSACTION_STATES:
                 in_tx_by_pod[t.pod] = in_tx_by_pod.get(t.pod, 0) + 1
@@ -299,6 +306,9 @@ class Evidence:
             rate_by_pod={p: n / span for p, n in pod_starts.items()} if leaking else {},
             abandoned_by_pod=by_pod,
             in_transaction_by_pod=in_tx_by_pod,
+            abandoned_backends=tuple(
+                (t.pid, t.start, t.pod) for t in sorted(abandoned, key=lambda t: t.start)
+            ),
         )
 
 

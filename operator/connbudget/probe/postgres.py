@@ -26,7 +26,12 @@ from psycopg.abc import Buffer
 from psycopg.adapt import Loader
 
 from connbudget.model.actions import IdleBackend
-from connbudget.model.observations import PROBE_APPLICATION_NAME, BackendGroup, ServerSample
+from connbudget.model.observations import (
+    PROBE_APPLICATION_NAME,
+    BackendGroup,
+    LastStatement,
+    ServerSample,
+)
 from connbudget.probe import queries
 from connbudget.probe.errors import ProbeError, ProbeFailure
 
@@ -203,6 +208,14 @@ def _group(raw: Sequence[Any]) -> BackendGroup:
     )
 
 
+def _statement(raw: Sequence[Any]) -> LastStatement:
+    pid, start, query_id, query = raw
+    qid = int(query_id) if query_id not in (None, "", "0") else None
+    return LastStatement(
+        pid=int(pid), backend_start=float(start), query_id=qid, query=str(query or "")
+    )
+
+
 class Monitor:
     """The monitoring connection to one database; reconnects with backoff after a failure."""
 
@@ -335,6 +348,17 @@ class Monitor:
             },
         )
         return [int(pid) for pid, ok in rows if ok]
+
+    async def statements(self, backends: Iterable[tuple[int, float]]) -> list[LastStatement]:
+        """The last statement of each ``(pid, backend_start)`` still open (others are left out)."""
+        chosen = list(backends)
+        if not chosen:
+            return []
+        ((rows,),) = await self._run(
+            queries.STATEMENTS,
+            {"pids": [pid for pid, _ in chosen], "starts": [start for _, start in chosen]},
+        )
+        return [_statement(r) for r in rows]
 
     async def close(self) -> None:
         async with self._lock:

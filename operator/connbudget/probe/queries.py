@@ -57,6 +57,24 @@ WHERE a.backend_type = 'client backend'
   AND a.state_change <= now() - make_interval(secs => %(min_idle)s)
 """
 
+# The last statement of a few backends (the abandoned connections of a leaking workload), by pid
+# and start time: fetched only for backends the evidence asks about, never every poll for every
+# backend. ``query_id`` (PostgreSQL 14+ with compute_query_id) is read through to_jsonb so the
+# same text runs where the column is missing. Without pg_read_all_stats, ``query`` of another
+# role's backend reads ``<insufficient privilege>``. The text never leaves the operator as it is:
+# policy.fingerprint strips its literals.
+STATEMENTS: Final[LiteralString] = """
+SELECT coalesce(json_agg(json_build_array(
+           a.pid,
+           extract(epoch FROM a.backend_start)::float8,
+           to_jsonb(a) ->> 'query_id',
+           a.query)), '[]'::json)
+FROM unnest(%(pids)s::int[], %(starts)s::float8[]) AS t(pid, started)
+JOIN pg_stat_activity a
+  ON a.pid = t.pid
+ AND abs(extract(epoch FROM a.backend_start) - t.started) < 0.001
+"""
+
 # The cheapest look at the same data: the floor the probe's cost is compared to (benchmarks).
 COUNT_FLOOR: Final[LiteralString] = "SELECT count(*) FROM pg_stat_activity"
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from connbudget.model.actions import Action, RestartPod, TerminateBackends
 from connbudget.model.spec import RestartMethod
+from connbudget.policy.culprits import LeakShape
 from connbudget.policy.evidence import OwnerEvidence
 from connbudget.policy.usage import Usage
 
@@ -49,12 +50,27 @@ def usage_text(u: Usage) -> str:
     )
 
 
-def leak_text(ev: OwnerEvidence) -> str:
-    """Who leaks, how fast, and from when on its connections count as abandoned."""
+def where_text(shape: LeakShape) -> str:
+    """What the leaked connections last ran: share, normalised statement, tags, revision."""
+    tags = ", ".join(f"{k}={v}" for k, v in shape.tags.items())
+    return (
+        f"{shape.share:.0%} after `{shape.statement}`"
+        + (f" ({tags})" if tags else "")
+        + (f" on revision {shape.revision}" if shape.revision else "")
+    )
+
+
+def leak_text(
+    ev: OwnerEvidence, shapes: Sequence[LeakShape] = (), hint: str | None = None
+) -> str:
+    """Who leaks, how fast, where (the statement its leaked connections last ran), and from when
+    on its connections count as abandoned; then the hint, if one applies."""
     rate = ev.leak_rate
     pace = f"{rate:.1f} connections/s" if rate >= 1 else f"{ev.rate_per_minute:.0f} connections/min"
     return (
-        f"{ev.owner} leaks about {pace}: its connections are abandoned after "
+        f"{ev.owner} leaks about {pace}"
+        + (f"; {where_text(shapes[0])}" if shapes else "")
+        + ": its connections are abandoned after "
         f"{ev.abandon_after:.0f}s idle"
         + (
             f" (the longest idle gap before reuse seen is {ev.max_gap:.0f}s)"
@@ -67,6 +83,7 @@ def leak_text(ev: OwnerEvidence) -> str:
             if ev.abandoned_in_transaction
             else ""
         )
+        + (f". Hint: {hint}" if hint else "")
     )
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from connbudget.model.observations import BackendGroup
+from connbudget.policy.culprits import LeakShape
 from connbudget.policy.evidence import OwnerEvidence
 from connbudget.policy.usage import Usage
 
@@ -82,6 +83,14 @@ class Metrics:
             [*LABELS, "owner"],
             registry=r,
         )
+        self.leak_rate_by_fingerprint = Gauge(
+            "connbudget_leak_fingerprint_rate_connections_per_second",
+            "A leaking workload's leak rate times the share of its leaked connections that last "
+            "ran the statement with this fingerprint (status.usage.byOwner[].leaks; never the "
+            "statement's text in a label).",
+            [*LABELS, "owner", "fingerprint"],
+            registry=r,
+        )
         self.abandoned = Gauge(
             "connbudget_abandoned_connections",
             "Open connections of a governed workload idle beyond its learned abandon age.",
@@ -103,6 +112,7 @@ class Metrics:
         self._actions: dict[tuple[str, str], set[tuple[str, str]]] = {}
         self._reasons: dict[tuple[str, str], set[str]] = {}
         self._owners: dict[tuple[str, str], set[str]] = {}
+        self._fingerprints: dict[tuple[str, str], set[tuple[str, str]]] = {}
 
     def record_usage(
         self,
@@ -132,17 +142,34 @@ class Metrics:
             float("nan") if seconds_to_full is None else seconds_to_full
         )
 
-    def record_owners(self, namespace: str, budget: str, owners: Iterable[OwnerEvidence]) -> None:
-        """Leak rate and abandoned connections per owning workload (``Kind/name``, never pods)."""
+    def record_owners(
+        self,
+        namespace: str,
+        budget: str,
+        owners: Iterable[OwnerEvidence],
+        shapes: Mapping[str, Sequence[LeakShape]] | None = None,
+    ) -> None:
+        """Leak rate and abandoned connections per owning workload (``Kind/name``, never pods),
+        and the leak rate per owner and statement fingerprint."""
         key = (namespace, budget)
         seen = set()
+        prints: set[tuple[str, str]] = set()
         for ev in owners:
             seen.add(ev.owner)
             self.leak_rate.labels(namespace, budget, ev.owner).set(ev.leak_rate)
             self.abandoned.labels(namespace, budget, ev.owner).set(ev.abandoned)
+            for shape in (shapes or {}).get(ev.owner, ()):
+                prints.add((ev.owner, shape.fingerprint))
+                self.leak_rate_by_fingerprint.labels(
+                    namespace, budget, ev.owner, shape.fingerprint
+                ).set(ev.leak_rate * shape.share)
         for owner in self._owners.get(key, set()) - seen:
             self._remove_owner(namespace, budget, owner)
+        for owner, fp in self._fingerprints.get(key, set()) - prints:
+            with contextlib.suppress(KeyError):
+                self.leak_rate_by_fingerprint.remove(namespace, budget, owner, fp)
         self._owners[key] = seen
+        self._fingerprints[key] = prints
 
     def _remove_owner(self, namespace: str, budget: str, owner: str) -> None:
         for g in (self.leak_rate, self.abandoned):
@@ -176,6 +203,9 @@ class Metrics:
             self.probe_errors.remove(namespace, budget, reason)
         for owner in self._owners.pop(key, set()):
             self._remove_owner(namespace, budget, owner)
+        for owner, fp in self._fingerprints.pop(key, set()):
+            with contextlib.suppress(KeyError):
+                self.leak_rate_by_fingerprint.remove(namespace, budget, owner, fp)
         for g in (
             self.budget,
             self.usage_ratio,

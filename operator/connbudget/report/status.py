@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from connbudget.model.conditions import STALLED_REASONS, Condition, ConditionType, Phase, Reason
 from connbudget.model.observations import PoolerSample
+from connbudget.policy.culprits import LeakShape
 from connbudget.policy.plan import Decision, Level, Memory
 from connbudget.policy.usage import OwnerUsage, Usage
 
@@ -42,6 +43,9 @@ class Outcome:
     pooler: PoolerSample | None = None
     pooler_desired: int | None = None
     probe_time: float | None = None
+    leaks: Mapping[str, Sequence[LeakShape]] = field(default_factory=dict)  # owner → top shapes
+    hints: Mapping[str, str] = field(default_factory=dict)  # owner → one actionable line
+    statements_visible: bool | None = None  # None: no leaked statement asked for yet
 
 
 def rfc3339(t: float) -> str:
@@ -241,6 +245,8 @@ def _conditions(o: Outcome) -> list[Condition]:
                     message=why or "nothing to do",
                 )
             )
+    if o.statements_visible is not None:
+        conds.append(statements_visible(o.statements_visible))
     conds.append(
         Condition(
             type=ConditionType.PAUSED,
@@ -250,6 +256,43 @@ def _conditions(o: Outcome) -> list[Condition]:
         )
     )
     return conds
+
+
+def statements_visible(visible: bool) -> Condition:
+    """Whether leaked connections' last statements could be read: without pg_read_all_stats
+    PostgreSQL hides other roles' statements, and the leak is counted but not located."""
+    if visible:
+        return Condition(
+            type=ConditionType.STATEMENTS_VISIBLE,
+            status=True,
+            reason=Reason.STATEMENTS_READABLE,
+            message="leaked connections' last statements are read (literals stripped)",
+        )
+    return Condition(
+        type=ConditionType.STATEMENTS_VISIBLE,
+        status=False,
+        reason=Reason.INSUFFICIENT_PRIVILEGE,
+        message=(
+            "the monitoring role cannot read other roles' statements, so a leak is counted but "
+            "not located: GRANT pg_read_all_stats (part of pg_monitor) to it"
+        ),
+    )
+
+
+def leak_shapes(shapes: Sequence[LeakShape]) -> list[dict[str, Any]]:
+    """``byOwner[].leaks``: normalised statements only, never a literal."""
+    return [
+        {
+            "fingerprint": s.fingerprint,
+            "statement": s.statement,
+            "tags": dict(s.tags),
+            "count": s.count,
+            "share": round(s.share, 2),
+            "firstSeen": rfc3339(s.first_seen),
+            "revision": s.revision,
+        }
+        for s in shapes
+    ]
 
 
 def budget_fits(u: Usage) -> Condition:
@@ -311,6 +354,16 @@ def _owner_evidence(w: OwnerUsage) -> dict[str, Any]:
     }
 
 
+def _where(owner: str, o: Outcome) -> dict[str, Any]:
+    """Where an owner's leak is (``leaks``) and what to do (``hint``): left out when unknown."""
+    out: dict[str, Any] = {}
+    if shapes := o.leaks.get(owner):
+        out["leaks"] = leak_shapes(shapes)
+    if hint := o.hints.get(owner):
+        out["hint"] = hint
+    return out
+
+
 def render_status(old: Mapping[str, Any] | None, o: Outcome) -> dict[str, Any]:
     """The whole new status (a merge patch: fields not rendered keep their old values)."""
     old = old or {}
@@ -347,6 +400,7 @@ def render_status(old: Mapping[str, Any] | None, o: Outcome) -> dict[str, Any]:
                     "leaked": w.leaked,
                     "pooled": w.pooled,
                     **_owner_evidence(w),
+                    **_where(w.owner, o),
                 }
                 for w in u.by_owner
             ],

@@ -1,0 +1,131 @@
+"""One actionable line per workload, where the evidence is clear: a table, never a guess.
+
+Pure. Each hint names the evidence that triggers it; the first that applies is shown
+(``status.usage.byOwner[].hint``, the leak's Event, ``connbudget leaks``). A hint that needs a fact
+the operator does not have (a framework tag the app does not send) does not apply.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from connbudget.policy.attribution import Attributed, Via
+from connbudget.policy.culprits import LeakShape
+from connbudget.policy.evidence import OwnerClass, OwnerEvidence
+
+# sqlcommenter's Django middleware tags statements framework='django:<version>'.
+_LEAKY_DJANGO = re.compile(r"^django:5\.0(\.[01])?$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OwnerFacts:
+    """What a hint may look at of one owning workload."""
+
+    owner: str
+    cls: OwnerClass
+    shapes: Sequence[LeakShape] = ()  # what its abandoned connections last ran (leaking only)
+    unnamed: int = 0  # its direct backends that send no application_name
+    pods: int = 0
+    max_per_pod: int = 0  # the most connections one of its pods holds
+    budget: int = 0  # the budget's maxConnections
+
+
+@dataclass(frozen=True)
+class Hint:
+    name: str
+    evidence: str  # what triggers it, in words (the README's table is made from these)
+    applies: Callable[[OwnerFacts], bool]
+    text: Callable[[OwnerFacts], str]
+
+
+def _django_asgi(f: OwnerFacts) -> bool:
+    return f.cls is OwnerClass.LEAKING and any(
+        _LEAKY_DJANGO.match(s.tags.get("framework", "")) for s in f.shapes
+    )
+
+
+def _pool_over_budget(f: OwnerFacts) -> bool:
+    return f.cls is OwnerClass.POOLING and f.pods > 1 and f.max_per_pod * f.pods > f.budget > 0
+
+
+HINTS: tuple[Hint, ...] = (
+    Hint(
+        "DjangoAsgiLeak",
+        "leaking, and its leaked statements carry sqlcommenter's framework tag django:5.0 or "
+        "django:5.0.1",
+        _django_asgi,
+        lambda f: (
+            "known leak: Django 5.0-5.0.1 under ASGI, ticket #35059 (a client that hangs up "
+            "mid-request leaves its connection open); upgrade Django, or set CONN_MAX_AGE with "
+            "CONN_HEALTH_CHECKS"
+        ),
+    ),
+    Hint(
+        "NoApplicationName",
+        "some of its connections send no application_name",
+        lambda f: f.unnamed > 0,
+        lambda f: (
+            f"{f.unnamed} of its connections send no application_name: set PGAPPNAME from the "
+            "pod name (env valueFrom fieldRef metadata.name), so PostgreSQL and PgBouncer show "
+            "which pod holds each"
+        ),
+    ),
+    Hint(
+        "PoolAboveBudget",
+        "its connections are pooled, and its busiest pod's connections times its pods exceed "
+        "the budget",
+        _pool_over_budget,
+        lambda f: (
+            f"its pool of up to {f.max_per_pod} connections per pod times {f.pods} pods is "
+            f"{f.max_per_pod * f.pods}, above the budget of {f.budget}: lower the pool size or "
+            "the replicas, or put PgBouncer in front"
+        ),
+    ),
+)
+
+
+def hint_for(facts: OwnerFacts) -> str | None:
+    """The first hint of ``HINTS`` that applies to ``facts`` (None: none does)."""
+    for h in HINTS:
+        if h.applies(facts):
+            return h.text(facts)
+    return None
+
+
+def owner_facts(
+    *,
+    owners: Mapping[str, OwnerEvidence],
+    attributed: Sequence[Attributed],
+    shapes: Mapping[str, Sequence[LeakShape]],
+    budget: int,
+) -> list[OwnerFacts]:
+    """The facts of every judged owner, from its direct backends (not those through a pooler)."""
+    per_pod: dict[str, dict[str, int]] = {}
+    unnamed: dict[str, int] = {}
+    for a in attributed:
+        if a.pod is None or a.via is Via.POOLER or a.pod.owner not in owners:
+            continue
+        owner = a.pod.owner
+        pods = per_pod.setdefault(owner, {})
+        pods[a.pod.name] = pods.get(a.pod.name, 0) + a.group.count
+        if not a.group.application_name:
+            unnamed[owner] = unnamed.get(owner, 0) + a.group.count
+    return [
+        OwnerFacts(
+            owner=owner,
+            cls=ev.cls,
+            shapes=tuple(shapes.get(owner, ())),
+            unnamed=unnamed.get(owner, 0),
+            pods=len(per_pod.get(owner, {})),
+            max_per_pod=max(per_pod.get(owner, {}).values(), default=0),
+            budget=budget,
+        )
+        for owner, ev in sorted(owners.items())
+    ]
+
+
+def hints_of(facts: Sequence[OwnerFacts]) -> dict[str, str]:
+    """Owner → its hint, for the owners one applies to."""
+    return {f.owner: h for f in facts if (h := hint_for(f)) is not None}
