@@ -349,6 +349,8 @@ async def run_cycle(
         try:
             scale = await deps.kube.read_scale(namespace, spec.pooler.target_ref)
         except KubeError as e:
+            if transient(e):
+                raise  # the API server is away: retried, not the user's mistake
             t = spec.pooler.target_ref
             problem = _Problem(
                 Reason.POOLER_TARGET_INVALID,
@@ -653,6 +655,11 @@ async def _post_transition(
     elif decision.transition is plan.Transition.RECOVERED:
         await deps.post_event(NORMAL, EventReason.BUDGET_RECOVERED.value, text, _series(runtime))
         runtime.episode += 1  # what comes next is another episode
+
+
+def transient(e: KubeError) -> bool:
+    """An API error that waiting may cure (no answer, overloaded, throttled), not a refusal."""
+    return e.status >= 500 or e.status in (408, 429)
 
 
 async def _where_leaks(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import pytest
+
 from connbudget import cycle
-from connbudget.kube.api import Scale
+from connbudget.kube.api import KubeError, Scale
 from connbudget.model.observations import PoolerSample
 from connbudget.model.spec import ObjectRef
 from unit.test_cycle import (
@@ -47,6 +49,31 @@ def test_a_target_that_names_no_pods_is_pooler_target_invalid() -> None:
     assert (ready["status"], ready["reason"]) == ("False", "PoolerTargetInvalid")
     assert "spec.pooler.selector" in ready["message"]
     assert kube.calls == []  # blocked: no action
+
+
+def test_an_api_server_away_is_no_invalid_pooler_target() -> None:
+    # Found by the fault run: while the API server restarted, reading /scale timed out and the
+    # budget said PoolerTargetInvalid (a Stalled reason: "only a change by the user can help").
+    # An API server away is the cycle's failure, retried, not the user's mistake.
+    class Away(FakeKube):
+        async def read_scale(self, namespace: str, target: ObjectRef) -> Scale:
+            raise KubeError(504, "no answer from the API server in time (MaxRetryError)")
+
+    class Missing(FakeKube):
+        async def read_scale(self, namespace: str, target: ObjectRef) -> Scale:
+            raise KubeError(404, 'deployments.apps "pgbouncer" not found')
+
+    spec = {
+        **SPEC,
+        "pooler": {"targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "pgb"}},
+    }
+    deps, _ = make_deps(Away(), FakeMonitor(leaking()), [WEB1, WEB2])
+    with pytest.raises(KubeError):
+        run_cycle(deps, spec=spec, old_status=OVER_STATUS)
+    deps, _ = make_deps(Missing(), FakeMonitor(leaking()), [WEB1, WEB2])
+    out = run_cycle(deps, spec=spec, old_status=OVER_STATUS)
+    ready = next(c for c in out["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "PoolerTargetInvalid")
 
 
 def test_a_pooler_an_autoscaler_owns_is_never_scaled() -> None:
