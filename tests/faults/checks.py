@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -505,6 +506,28 @@ class Outcome:
     violations: list[Violation] = field(default_factory=list)
 
 
+def recovered_at(fault: Fault, samples: Sequence[StatusSample], budget: str) -> float | None:
+    """When ``budget`` was first seen Ready after ``fault`` ended, on a probe made since the fault
+    began and no older than any failed probe it showed since (None: not yet).
+
+    A probe made after the fault's *end* is not required: the operator writes a status that only
+    moves ``lastProbeTime`` once a minute (a heartbeat), so a fault the operator came through
+    without a change (a leader replaced before the fault's end, a pause) shows no newer probe for
+    up to a minute. ``lastProbeTime`` has whole seconds: the fault's start is cut to its second.
+    """
+    floor = float(math.floor(fault.start))
+    for s in samples:
+        if s.budget != budget or s.t < fault.start:
+            continue
+        if s.ready != "True:ProbeSucceeded":
+            if s.probe_time is not None:
+                floor = max(floor, s.probe_time)
+            continue
+        if s.t >= fault.end and s.probe_time is not None and s.probe_time >= floor:
+            return s.t
+    return None
+
+
 def judge_fault(
     fault: Fault,
     samples: Sequence[StatusSample],
@@ -516,7 +539,7 @@ def judge_fault(
 
     Noticed: a Ready reason of ``fault.notice`` on one of its budgets within ``notice_within`` of
     its start (required only of faults that lasted that long). Recovered: each budget Ready=True
-    with a probe made after the fault ended, within ``recover_within`` of the end.
+    after the fault ended, on a fresh probe (``recovered_at``), within ``recover_within`` of it.
     """
     out = Outcome(fault)
     if fault.notice:
@@ -545,26 +568,22 @@ def judge_fault(
             )
     back: list[float] = []
     for budget in fault.budgets:
-        ok = [
-            s.t
-            for s in samples
-            if s.budget == budget
-            and s.t >= fault.end
-            and s.ready == "True:ProbeSucceeded"
-            and s.probe_time is not None
-            and s.probe_time >= fault.end
-        ]
-        if not ok or min(ok) - fault.end > recover_within:
+        at = recovered_at(fault, samples, budget)
+        if at is None or at - fault.end > recover_within:
             out.violations.append(
                 Violation(
                     "a fault not recovered from in time",
                     fault.end,
                     f"{fault.kind} ({fault.detail}) ended {fault.end:.3f}: {budget} "
-                    + (f"Ready again after {min(ok) - fault.end:.1f}s" if ok else "never Ready"),
+                    + (
+                        f"Ready again after {at - fault.end:.1f}s"
+                        if at is not None
+                        else "never Ready"
+                    ),
                 )
             )
         else:
-            back.append(min(ok) - fault.end)
+            back.append(at - fault.end)
     if back and len(back) == len(fault.budgets):
         out.recovered_after = max(back)
     return out

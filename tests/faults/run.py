@@ -572,14 +572,8 @@ class Run:
         """Wait (bounded) until every budget the fault hit is Ready again with a fresh probe."""
         limit = min(deadline, time.time() + SETTLE_TIMEOUT)
         while time.time() < limit:
-            samples = self.watchers.ev.status[-50:]
-            fresh = {
-                s.budget
-                for s in samples
-                if s.ready == "True:ProbeSucceeded"
-                and s.probe_time is not None
-                and s.probe_time >= fault.end
-            }
+            samples = [s for s in self.watchers.ev.status[-400:] if s.t >= fault.start]
+            fresh = {b for b in fault.budgets if checks.recovered_at(fault, samples, b) is not None}
             if set(fault.budgets) <= fresh and len(self.live_ops()) >= 2:
                 return
             time.sleep(0.5)

@@ -20,7 +20,10 @@ from bench.common import (
 )
 from bench.exhaustion import breaches, first_within, seconds_at_least
 from bench.footprint import _slope, expected_probes
+from bench.probecost import idle_backends, last_statement, step_figures
 from bench.report import exhaustion_verdicts, from_json, render, to_json
+from connbudget.model.observations import BackendGroup, ServerSample
+from connbudget.policy import fingerprint
 
 METRICS = """\
 # HELP connbudget_probe_duration_seconds Time to probe the database.
@@ -102,6 +105,116 @@ def test_the_report_states_each_target_with_its_verdict() -> None:
     assert "**missed**" in text
     assert "**Why the target is missed.**" in text
     assert text.index("## Targets") < text.index("## 3. Probe cost")
+
+
+def _group(app: str, state: str, backends: list[tuple[int, float, float]]) -> BackendGroup:
+    return BackendGroup(
+        database="app",
+        user="app",
+        application_name=app,
+        client_addr="10.0.0.1",
+        state=state,
+        count=len(backends),
+        max_idle_seconds=max((s for _, s, _ in backends), default=0.0),
+        oldest_backend_start=min((t for _, _, t in backends), default=0.0),
+        backends=tuple(backends),
+    )
+
+
+def test_the_statements_are_asked_about_idle_client_backends_only() -> None:
+    sample = ServerSample(
+        sampled_at=100.0,
+        database="app",
+        max_connections=100,
+        reserved=3,
+        groups=(
+            _group("pod-0", "active", [(1, 0.1, 10.0)]),
+            _group("connbudget", "idle", [(2, 5.0, 11.0)]),
+            _group("pod-0", "idle", [(3, 9.0, 12.0), (4, 8.0, 13.0)]),
+            _group("pod-1", "idle", [(5, 7.0, 14.0)]),
+        ),
+    )
+    assert idle_backends(sample, 2) == [(3, 12.0), (4, 13.0)]
+    assert idle_backends(sample, 100) == [(3, 12.0), (4, 13.0), (5, 14.0)]
+
+
+def test_the_held_connections_run_one_statement_shape_with_their_own_literals() -> None:
+    one, two = (last_statement(i).as_string(None) for i in (1, 2))
+    assert "'user1@example.com'" in one
+    assert one != two
+    shapes = [fingerprint.statement_of(q, None) for q in (one, two)]
+    assert shapes[0] is not None
+    assert shapes[0] == shapes[1]
+    assert "example.com" not in shapes[0].text
+    assert 80 <= len(one) <= fingerprint.STATEMENT_LIMIT
+
+
+def test_step_figures_are_ratios_to_the_floor_of_the_same_repeat() -> None:
+    medians = [
+        {"probe": 0.010, "floor": 0.002, "query": 0.008},
+        {"probe": 0.012, "floor": 0.004, "query": 0.010},
+    ]
+    fig = step_figures(medians)
+    assert set(fig) == {"probe_ms", "floor_ms", "ratio", "query_ms", "query_ratio"}
+    assert (fig["ratio"].low, fig["ratio"].high) == pytest.approx((3.0, 5.0))
+    asked = [m | {"statements": 0.001, "statements_query": 0.0005, "poll": 0.012} for m in medians]
+    fig = step_figures(asked)
+    assert fig["statements_ms"].median == pytest.approx(1.0)
+    assert fig["statements_query_ms"].median == pytest.approx(0.5)
+    assert (fig["statements_ratio"].low, fig["statements_ratio"].high) == pytest.approx((0.25, 0.5))
+    assert fig["with_statements_ms"].median == pytest.approx(12.0)
+    assert (fig["with_statements_ratio"].low, fig["with_statements_ratio"].high) == (
+        pytest.approx((3.0, 6.0))
+    )
+
+
+def test_the_probe_section_states_what_asking_for_statements_adds() -> None:
+    row = {
+        "backends": 1000,
+        "probe_ms": Spread.of([1.4]),
+        "floor_ms": Spread.of([1.0]),
+        "ratio": Spread.of([1.4]),
+        "query_ms": Spread.of([1.2]),
+        "query_ratio": Spread.of([1.2]),
+        "target_ratio": 1.5,
+        "statements_asked": 100,
+        "statements_found": 100,
+        "statements_shown": 100,
+        "statement_chars": 121.0,
+        "statements_ms": Spread.of([0.9, 1.1, 1.0]),
+        "statements_ratio": Spread.of([0.9, 1.1, 1.0]),
+        "statements_query_ms": Spread.of([0.6]),
+        "with_statements_ms": Spread.of([2.4]),
+        "with_statements_ratio": Spread.of([2.4]),
+    }
+    text = render(
+        {
+            "date": "d",
+            "machine": "m",
+            "repeats": 3,
+            "total_seconds": 60,
+            "probe": {"iterations": 30, "backends1000": row},
+        }
+    )
+    assert "30 calls of each per repeat" in text
+    assert "last ran a statement with literals (121 characters" in text
+    assert "took 1.00 ms (0.90-1.10) (1.00x (0.90-1.10) the floor)" in text
+    assert "its query alone, without decoding or normalising, took 0.60 ms." in text
+    assert "took 2.40 ms: 2.40x the floor, against 1.40x for the probe alone" in text
+    # An earlier run's figures, without the statements: the section as it was.
+    before = {k: v for k, v in row.items() if "statement" not in k}
+    text = render(
+        {
+            "date": "d",
+            "machine": "m",
+            "repeats": 3,
+            "total_seconds": 60,
+            "probe": {"backends1000": before},
+        }
+    )
+    assert "naming a leak's statement" not in text
+    assert "as 100 pods would hold them.\n" in text
+    assert "100 calls of each per repeat" in text
 
 
 # --- the exhaustion scenario's arithmetic and report ---------------------------------------------
@@ -580,3 +693,27 @@ def test_a_lease_not_taken_over_in_time_after_the_leader_stopped_is_caught() -> 
     assert [v.invariant for v in got] == ["nobody took over the Lease in time"]
     _, got = checks.judge_takeover(killed_at=T0 + 40, old_holder="b", terms=terms, within=25)
     assert "never" in got[0].evidence
+
+
+def test_a_recovery_needs_no_probe_newer_than_the_fault_only_newer_than_its_failures() -> None:
+    # Found by the fault run: a replica that took over before the fault's end wrote its status
+    # then, and the next write that moves only lastProbeTime comes a heartbeat (60 s) later.
+    fault = checks.Fault("leader_kill", T0, T0 + 24, ("leaky",))
+    taken_over = [
+        status(1, "True:ProbeSucceeded", T0 - 30),  # the killed leader's last write
+        status(17, "True:ProbeSucceeded", T0 + 16),  # the new leader's first
+        status(25, "True:ProbeSucceeded", T0 + 16),
+    ]
+    assert checks.recovered_at(fault, taken_over, "leaky") == T0 + 25
+    # lastProbeTime has whole seconds: a probe in the fault's first second counts.
+    paused = checks.Fault("budget_pause", T0 + 0.6, T0 + 12, ("leaky",))
+    assert checks.recovered_at(paused, [status(13, "True:ProbeSucceeded", T0)], "leaky") == T0 + 13
+    # No probe since the fault began (a replica stuck): not recovered.
+    assert checks.recovered_at(fault, [status(25, "True:ProbeSucceeded", T0 - 30)], "leaky") is None
+    # Ready again only on a probe at least as new as the last failed one.
+    failed = [
+        status(5, "False:DatabaseUnreachable", T0 + 5),
+        status(25, "True:ProbeSucceeded", T0 + 3),
+        status(26, "True:ProbeSucceeded", T0 + 26),
+    ]
+    assert checks.recovered_at(fault, failed, "leaky") == T0 + 26
