@@ -1,9 +1,10 @@
-"""The ``connbudget`` command: run the operator, probe a database, check manifests.
+"""The ``connbudget`` command: run the operator, probe a database, check manifests, show leaks.
 
 connbudget run [--namespace NS ... | --all-namespaces] [--metrics-port N] [--log-format json|text]
                (each also from CONNBUDGET_*: see connbudget.config)
 connbudget probe [--dsn-file FILE] [--pgbouncer-dsn-file FILE] [--json]   (or $CONNBUDGET_DSN, ...)
 connbudget check FILE...
+connbudget leaks [-n NAMESPACE | -A] [--all-owners] [--json] [--kubeconfig FILE] [--context NAME]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, cast
 
 import yaml
 
-from connbudget import __version__
+from connbudget import __version__, leaks
 from connbudget.config import (
     DEFAULT_LIVENESS,
     DEFAULT_METRICS_PORT,
@@ -36,9 +37,16 @@ from connbudget.config import (
     ConfigError,
     OperatorConfig,
 )
-from connbudget.model.observations import PROBE_APPLICATION_NAME, PoolerSample, ServerSample
+from connbudget.model.observations import (
+    PROBE_APPLICATION_NAME,
+    BackendGroup,
+    LastStatement,
+    PoolerSample,
+    ServerSample,
+)
 from connbudget.model.schema import validate
 from connbudget.model.spec import GROUP, KIND, VERSION, SpecError, parse_spec
+from connbudget.policy import fingerprint
 from connbudget.probe.errors import ProbeError
 
 CRD_RESOURCE = "connectionbudgets.connbudget.io.yaml"
@@ -135,9 +143,51 @@ def cmd_run(args: argparse.Namespace) -> int:
 # --- probe ------------------------------------------------------------------------------------
 
 
-def probe_report(sample: ServerSample, pooler: PoolerSample | None) -> dict[str, Any]:
-    """The JSON document ``connbudget probe --json`` prints."""
+# The states whose backends wait on their client: what each last ran is where the code left it
+# (an active backend's statement is still running, and says nothing of a leak).
+STATEMENT_STATES = ("idle", "idle in transaction", "idle in transaction (aborted)")
+# Seconds two backend_start readings may differ by and be one backend (as probe.queries does).
+START_EPSILON = 0.001
+
+
+def probe_report(
+    sample: ServerSample,
+    pooler: PoolerSample | None,
+    *,
+    statements: Sequence[LastStatement] = (),
+) -> dict[str, Any]:
+    """The JSON document ``connbudget probe --json`` prints.
+
+    ``statements`` are the last statements of the waiting backends (``STATEMENT_STATES``); each
+    such group lists its ``fingerprint.TOP_STATEMENTS`` most frequent shapes, normalised by
+    ``policy.fingerprint`` so that no literal of them is ever printed. ``statementsVisible`` is
+    False when the probe's role could not read some of them (no pg_read_all_stats).
+    """
     groups = [g for g in sample.groups if g.application_name != PROBE_APPLICATION_NAME]
+    by_pid = {s.pid: s for s in statements}
+
+    def shapes(g: BackendGroup) -> list[dict[str, Any]]:
+        if g.state not in STATEMENT_STATES:
+            return []
+        # A backend is known by pid and start time: a pid reused since the sample is another.
+        found = [
+            s
+            for pid, _, start in g.backends
+            if (s := by_pid.get(pid)) is not None and abs(s.backend_start - start) < START_EPSILON
+        ]
+        ranked = fingerprint.rank_statements(
+            fingerprint.statement_of(s.query, s.query_id) for s in found
+        )
+        return [
+            {
+                "fingerprint": st.fingerprint,
+                "statement": st.text,
+                "tags": dict(st.tags),
+                "count": n,
+            }
+            for st, n in ranked
+        ]
+
     out: dict[str, Any] = {
         "connections": sum(g.count for g in groups),
         "maxConnections": sample.max_connections,
@@ -152,12 +202,14 @@ def probe_report(sample: ServerSample, pooler: PoolerSample | None) -> dict[str,
                 "state": g.state,
                 "count": g.count,
                 "maxIdleSeconds": round(g.max_idle_seconds, 1),
+                "statements": shapes(g),
             }
             for g in sorted(
                 groups,
                 key=lambda g: (-g.count, g.application_name, g.client_addr or "", g.state or ""),
             )
         ],
+        "statementsVisible": not any(s.query.strip() == fingerprint.HIDDEN for s in statements),
     }
     if pooler is not None:
         out["pgbouncer"] = {
@@ -177,7 +229,17 @@ def _count_by(values: Iterator[str] | Sequence[str]) -> dict[str, int]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+# "12 times" before a statement: how many of the group's backends last ran it.
+TIMES = "\N{MULTIPLICATION SIGN}"
+# Shown when some statements read "<insufficient privilege>": what the probe's role lacks.
+HIDDEN_STATEMENTS_HINT = (
+    "Some statements are hidden: the probe's role cannot read other roles' queries."
+    " Grant it pg_read_all_stats (e.g. GRANT pg_monitor TO <role>) to see them."
+)
+
+
 def render_probe_table(report: Mapping[str, Any]) -> str:
+    """The ``connbudget probe`` table: one row per group, its last statements indented below."""
     lines = [
         f"{report['connections']} client connections on a server with max_connections "
         f"{report['maxConnections']} ({report['reserved']} reserved)",
@@ -197,7 +259,17 @@ def render_probe_table(report: Mapping[str, Any]) -> str:
         for g in report["groups"]
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    # Groups of old reports (or of tests) may have no statements: those show none.
+    below: list[list[dict[str, Any]]] = [[]] + [g.get("statements", []) for g in report["groups"]]
+    for row, shapes in zip(rows, below, strict=True):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        for shape in shapes:
+            tags = " ".join(f"{k}={v}" for k, v in shape["tags"].items())
+            lines.append(
+                f"    {shape['count']}{TIMES} {shape['statement']}" + (f"  {tags}" if tags else "")
+            )
+    if not report.get("statementsVisible", True):
+        lines += ["", HIDDEN_STATEMENTS_HINT]
     if "pgbouncer" in report:
         p = report["pgbouncer"]
         lines += [
@@ -217,12 +289,18 @@ async def _probe(dsn: str, pgbouncer: str | None) -> dict[str, Any]:
     monitor = Monitor(dsn)
     try:
         sample = await monitor.sample()
+        statements = await monitor.statements(
+            (pid, start)
+            for g in sample.groups
+            if g.application_name != PROBE_APPLICATION_NAME and g.state in STATEMENT_STATES
+            for pid, _, start in g.backends
+        )
     finally:
         await monitor.close()
     pooler = None
     if pgbouncer:
         pooler = await sample_poolers(pgbouncer, [host_of(pgbouncer)], replicas=1)
-    return probe_report(sample, pooler)
+    return probe_report(sample, pooler, statements=statements)
 
 
 # Where ``connbudget probe`` finds its DSNs when none is given on the command line: a DSN in an
@@ -371,9 +449,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "connbudget") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="connbudget", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"connbudget {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -451,11 +529,24 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate ConnectionBudget manifests offline")
     check.add_argument("files", nargs="+", help="YAML files (several documents each allowed)")
     check.set_defaults(func=cmd_check)
+    leaks_cmd = sub.add_parser(
+        "leaks",
+        help="show which workloads leak connections, and where",
+        description=(
+            "Show the workloads the operator finds leaking connections, from the"
+            " ConnectionBudgets' status: leak rate, abandoned connections, the statements they"
+            " last ran (literals stripped) and a hint. Also `kubectl connbudget leaks`."
+        ),
+    )
+    leaks.add_arguments(leaks_cmd)
+    leaks_cmd.set_defaults(func=leaks.cmd_leaks)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Installed as kubectl-connbudget too, kubectl runs it for `kubectl connbudget ...`.
+    plugin = Path(sys.argv[0]).name.startswith("kubectl-")
+    args = build_parser("kubectl connbudget" if plugin else "connbudget").parse_args(argv)
     return int(args.func(args))
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from integration.conftest import VersionServer
 from sandbox.core import Sandbox
 
 pytestmark = pytest.mark.sandbox
@@ -51,6 +52,7 @@ def test_probe_json_reports_groups_without_counting_itself(sandbox: Sandbox) -> 
         "state",
         "count",
         "maxIdleSeconds",
+        "statements",
     }
     assert report["connections"] == sum(g["count"] for g in report["groups"])
     assert not [g for g in report["groups"] if g["applicationName"] == "connbudget-probe"]
@@ -127,3 +129,37 @@ def test_the_dsns_from_the_environment_or_files_stay_off_the_command_line(
     assert res.returncode == 1
     assert "AuthenticationFailed" in res.stderr
     assert "Nope-File-Secret-7" not in res.stdout + res.stderr
+
+
+# A literal the probe must never print: what an application last ran may hold a password.
+PLANTED_LITERAL = "planted-S3cret-literal"
+TIMES = "\N{MULTIPLICATION SIGN}"
+
+
+def test_probe_shows_what_idle_connections_last_ran_without_its_literals(
+    pg: VersionServer,
+) -> None:
+    db = pg.db
+    conns = [
+        psycopg.connect(db.app_dsn, autocommit=True, application_name="cli-statements")
+        for _ in range(2)
+    ]
+    try:
+        for c in conns:
+            c.execute(f"SELECT '{PLANTED_LITERAL}' AS x, 42")
+        res = probe(db.monitor_dsn, "--json")
+        text = probe(db.monitor_dsn)
+    finally:
+        for c in conns:
+            c.close()
+    assert res.returncode == 0, res.stderr
+    assert text.returncode == 0, text.stderr
+    report = json.loads(res.stdout)
+    (mine,) = [g for g in report["groups"] if g["applicationName"] == "cli-statements"]
+    assert mine["state"] == "idle"
+    assert [(s["statement"], s["count"]) for s in mine["statements"]] == [("SELECT ? AS x, ?", 2)]
+    assert report["statementsVisible"] is True
+    assert f"    2{TIMES} SELECT ? AS x, ?" in text.stdout.splitlines()
+    assert "42" not in "".join(s["statement"] for g in report["groups"] for s in g["statements"])
+    for out in (res, text):
+        assert "S3cret" not in out.stdout + out.stderr

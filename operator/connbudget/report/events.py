@@ -60,9 +60,7 @@ def where_text(shape: LeakShape) -> str:
     )
 
 
-def leak_text(
-    ev: OwnerEvidence, shapes: Sequence[LeakShape] = (), hint: str | None = None
-) -> str:
+def leak_text(ev: OwnerEvidence, shapes: Sequence[LeakShape] = (), hint: str | None = None) -> str:
     """Who leaks, how fast, where (the statement its leaked connections last ran), and from when
     on its connections count as abandoned; then the hint, if one applies."""
     rate = ev.leak_rate

@@ -1,0 +1,388 @@
+"""The shape of a backend's last statement: what a leaking workload last ran, with no literal in it.
+
+Pure: no I/O, no clock; every input is an argument.
+
+Why: "Deployment/api leaks 3 connections a minute" tells an operator *who* leaks; the statement
+its abandoned connections last ran tells a developer *where* (the view that opened a transaction
+and never closed it, the task that forgot to return its connection). ``pg_stat_activity.query``
+holds that statement, but as the client sent it: with its literals, and a literal can be a
+password (``ALTER ROLE ... PASSWORD '...'``), a token or a card number. So the text is normalised
+before anything shows it: every literal becomes ``?``, comments go, lists of placeholders collapse
+(``IN (?, ?, ?)`` and ``IN (?)`` are the same place in the code), and what is left is cut to a
+length a status field, an Event or a terminal line can hold.
+
+The lexer follows PostgreSQL's (``scan.l``) where it decides what is a literal: string constants
+(``'...'`` with ``''``, ``E'...'`` with backslash escapes, ``U&'...'``, ``B'...'``, ``X'...'``,
+``N'...'``), dollar-quoted strings (``$$...$$``, ``$tag$...$tag$``; ``$1`` is a parameter and
+stays), numbers (``42``, ``1.5e-3``, ``0x1F``, ``1_000``; a digit inside an identifier such as
+``t1`` is no number), ``/* */`` comments (nested) and ``--`` comments. Quoted identifiers
+(``"Table 3"``) are names, not data, and stay as written.
+
+What it accepts, erring always on the side of hiding:
+
+- ``pg_stat_activity`` cuts the text at ``track_activity_query_size`` bytes, so the last literal or
+  comment may have no end: everything from its opening to the end is dropped.
+- With ``standard_conforming_strings = off`` (not the default since PostgreSQL 9.1) a backslash
+  escapes a quote in a plain ``'...'`` string, so where such a string ends depends on a setting the
+  text does not carry. A plain string whose quote follows an odd run of backslashes is read both
+  ways by nobody: everything from its opening to the end is dropped.
+- Tags come from comments only (sqlcommenter ``key='value'`` pairs, Rails Marginalia
+  ``key:value`` pairs), never from inside a literal, and only the keys in ``TAG_KEYS``: they name
+  code (a route pattern, a controller), where ``traceparent`` and friends are per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+# What pg_stat_activity.query shows of another role's backend without pg_read_all_stats.
+HIDDEN = "<insufficient privilege>"
+# What it shows when track_activities is off: no statement either.
+_NOT_STATEMENTS = frozenset({HIDDEN, "<command string not enabled>"})
+# Characters of a normalised statement shown (status, Events, CLI): a line, not a page.
+STATEMENT_LIMIT = 200
+# Characters of a normalised statement that take part in its fingerprint when PostgreSQL gives no
+# query_id: long enough that two statements differing only past the cut are rare.
+FINGERPRINT_TEXT_LIMIT = 10_000
+# The tags kept, in this order (sqlcommenter's and Marginalia's keys that name code, not requests).
+TAG_KEYS = ("route", "controller", "action", "framework", "application")
+# Characters of a tag value kept: a route pattern or a controller name, not a document.
+TAG_VALUE_LIMIT = 100
+# Hex characters of the sha256 kept as a fingerprint: 64 bits, unique among a server's shapes.
+FINGERPRINT_HEX_CHARS = 16
+# Statement shapes shown per group of backends (CLI, status): the few that matter.
+TOP_STATEMENTS = 3
+
+ELLIPSIS = "…"
+PLACEHOLDER = "?"
+LIST = "(...)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Statement:
+    """The shape of a statement, safe to show: literals replaced, tags bounded and printable."""
+
+    fingerprint: str  # 16 lowercase hex chars: stable id of (shape, kept tags)
+    text: str  # normalised statement, <= STATEMENT_LIMIT chars (ends with "…" when cut)
+    tags: Mapping[str, str] = field(hash=False)  # kept tags only, in TAG_KEYS order
+
+
+# --- lexer --------------------------------------------------------------------------------------
+
+# PostgreSQL's identifier characters: letters, digits, _, $ (not first) and any non-ASCII.
+_IDENT = re.compile(r"[A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_$\u0080-\U0010ffff]*")
+# A number, with what PostgreSQL would call trailing junk (``123abc``) taken along: all of it goes.
+_NUMBER = re.compile(
+    r"(?:0[xX][0-9A-Fa-f_]+|0[oO][0-7_]+|0[bB][01_]+"
+    r"|(?:\d[\d_]*(?:\.(?!\.)[\d_]*)?|\.\d[\d_]*)(?:[eE][+-]?\d[\d_]*)?)"
+    r"[A-Za-z0-9_$\u0080-\U0010ffff]*"
+)
+_PARAMETER = re.compile(r"\$\d+")
+_DOLLAR_OPEN = re.compile(r"\$(?:[A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_\u0080-\U0010ffff]*)?\$")
+# The body and closing quote of an E'...' string: backslash escapes, and '' too. Possessive: a
+# string with no end must not be ended by backtracking to the first quote of a ''.
+_E_STRING_REST = re.compile(r"(?:[^'\\]|\\.|'')*+'", re.DOTALL)
+# Everything that cannot start a literal, comment, identifier or parameter.
+_PLAIN = re.compile(r"[^A-Za-z0-9_$\u0080-\U0010ffff'\"/\-.]+")
+_COMMENT_EDGE = re.compile(r"/\*|\*/")
+_LINE_END = re.compile(r"[\n\r]")
+# Prefixes of string constants: E (escapes), B and X (bit strings), N (national); U& apart.
+_STRING_PREFIXES = frozenset("EeBbXxNn")
+
+
+@dataclass
+class _Scan:
+    """A statement split into what may be shown and what may not."""
+
+    pieces: list[str] = field(default_factory=list)  # the statement with literals as "?"
+    comments: list[str] = field(default_factory=list)  # bodies of complete /* */ comments
+
+
+def _plain_string_end(query: str, start: int) -> int | None:
+    """Index after the closing quote of the plain string opened at ``start``; None: no safe end.
+
+    None when the string has no end (a cut statement) and when a quote in it follows an odd run of
+    backslashes: under ``standard_conforming_strings = off`` that quote is escaped, under ``on`` it
+    is not, and the two readings end the string in different places.
+    """
+    i = start + 1
+    while True:
+        j = query.find("'", i)
+        if j < 0:
+            return None
+        run = 0
+        while j - run - 1 > start and query[j - run - 1] == "\\":
+            run += 1
+        if run % 2:
+            return None
+        if query.startswith("''", j):
+            i = j + 2
+            continue
+        return j + 1
+
+
+def _comment_end(query: str, start: int) -> int | None:
+    """Index after the ``*/`` closing the comment opened at ``start`` (nested, as PostgreSQL)."""
+    depth = 0
+    pos = start
+    while (m := _COMMENT_EDGE.search(query, pos)) is not None:
+        depth += 1 if m.group() == "/*" else -1
+        pos = m.end()
+        if depth == 0:
+            return pos
+    return None
+
+
+def _scan(query: str) -> _Scan:
+    """Split ``query`` into showable pieces (literals as ``?``) and comment bodies.
+
+    An unterminated literal or comment ends the scan: nothing after its opening is kept.
+    """
+    out = _Scan()
+    n = len(query)
+    pos = 0
+    while pos < n:
+        c = query[pos]
+        if (m := _PLAIN.match(query, pos)) is not None:
+            out.pieces.append(m.group())
+            pos = m.end()
+        elif c == "'":
+            end = _plain_string_end(query, pos)
+            out.pieces.append(PLACEHOLDER)
+            if end is None:
+                break
+            pos = end
+        elif c == '"':
+            end = query.find('"', pos + 1)
+            while end >= 0 and query.startswith('""', end):
+                end = query.find('"', end + 2)
+            # A name cut by the length limit is still a name: shown as far as it goes.
+            stop = n if end < 0 else end + 1
+            out.pieces.append(query[pos:stop])
+            pos = stop
+        elif query.startswith("--", pos):
+            m = _LINE_END.search(query, pos)
+            pos = n if m is None else m.end()
+            out.pieces.append(" ")
+        elif query.startswith("/*", pos):
+            end = _comment_end(query, pos)
+            if end is None:
+                break
+            out.comments.append(query[pos + 2 : end - 2])
+            out.pieces.append(" ")
+            pos = end
+        elif c == "$":
+            if (m := _PARAMETER.match(query, pos)) is not None:
+                out.pieces.append(m.group())
+                pos = m.end()
+            elif (m := _DOLLAR_OPEN.match(query, pos)) is not None:
+                end = query.find(m.group(), m.end())
+                out.pieces.append(PLACEHOLDER)
+                if end < 0:
+                    break
+                pos = end + len(m.group())
+            else:
+                out.pieces.append(c)
+                pos += 1
+        elif (m := _NUMBER.match(query, pos)) is not None:
+            out.pieces.append(PLACEHOLDER)
+            pos = m.end()
+        elif (m := _IDENT.match(query, pos)) is not None:
+            word = m.group()
+            after = m.end()
+            if word in _STRING_PREFIXES and query.startswith("'", after):
+                # E'...' reads backslash escapes whatever the server's settings.
+                if word in ("E", "e"):
+                    rest = _E_STRING_REST.match(query, after + 1)
+                    end = None if rest is None else rest.end()
+                else:
+                    end = _plain_string_end(query, after)
+                out.pieces.append(PLACEHOLDER)
+                if end is None:
+                    break
+                pos = end
+            elif word in ("U", "u") and query.startswith("&'", after):
+                end = _plain_string_end(query, after + 1)
+                out.pieces.append(PLACEHOLDER)
+                if end is None:
+                    break
+                pos = end
+            else:
+                out.pieces.append(word)
+                pos = after
+        else:
+            # A lone "-", "/" or "." (an operator or a qualifier): shown as it is.
+            out.pieces.append(c)
+            pos += 1
+    return out
+
+
+# --- normalisation ------------------------------------------------------------------------------
+
+_SPACE = re.compile(r"\s+")
+_ITEM = r"[-+]?(?:\?|\$\d+)"
+_TUPLE = rf"\(\s*{_ITEM}(?:\s*,\s*{_ITEM})*\s*\)"
+# IN (?, ?) and VALUES (?, ?), (?, ?): one list whatever its length.
+_PLACEHOLDER_LIST = re.compile(
+    rf"\b(IN|VALUES)\s*{_TUPLE}(?:\s*,\s*{_TUPLE})*", re.IGNORECASE | re.ASCII
+)
+
+
+def _printable(text: str) -> str:
+    """``text`` on one line: whitespace runs as one space, other unprintable characters gone."""
+    spaced = _SPACE.sub(" ", text)
+    return "".join(ch for ch in spaced if ch.isprintable())
+
+
+def _cut(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[: max(limit - 1, 0)].rstrip() + ELLIPSIS
+
+
+def _shape(scan: _Scan, limit: int) -> str:
+    text = _printable("".join(scan.pieces))
+    text = _PLACEHOLDER_LIST.sub(lambda m: f"{m.group(1)} {LIST}", text)
+    return _cut(text.strip(), limit)
+
+
+def normalise(query: str, *, limit: int = STATEMENT_LIMIT) -> str:
+    """Return the shape of ``query``: literals as ``?``, no comments, one line, at most ``limit``.
+
+    Keyword case is kept as written. Lists of placeholders collapse to ``(...)`` so the same code
+    with lists of different lengths has one shape. Safe to show: no literal of ``query`` survives,
+    even when ``query`` was cut in the middle of one (see the module docstring).
+
+    Args:
+        query: a statement as ``pg_stat_activity.query`` shows it.
+        limit: characters kept; a longer shape is cut and ends with "…".
+
+    Returns:
+        The normalised statement ("" when nothing but comments and space).
+    """
+    return _shape(_scan(query), limit)
+
+
+# --- tags ---------------------------------------------------------------------------------------
+
+_SQLCOMMENTER_PAIR = r"\s*([^\s=,']+)\s*=\s*'((?:[^'\\]|\\.)*+)'\s*"
+_SQLCOMMENTER = re.compile(rf"{_SQLCOMMENTER_PAIR}(?:,{_SQLCOMMENTER_PAIR})*", re.DOTALL)
+_SQLCOMMENTER_PAIRS = re.compile(_SQLCOMMENTER_PAIR, re.DOTALL)
+_MARGINALIA_PAIR = r"\s*[A-Za-z_][A-Za-z0-9_]*:[^,]*"
+_MARGINALIA = re.compile(rf"{_MARGINALIA_PAIR}(?:,{_MARGINALIA_PAIR})*", re.DOTALL)
+_BACKSLASH_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
+
+
+def _tag_value(value: str) -> str:
+    return _printable(value).strip()[:TAG_VALUE_LIMIT]
+
+
+def _sqlcommenter_decode(raw: str) -> str:
+    # The spec escapes ' with a backslash; sqlcommenter-python doubles % for pyformat drivers,
+    # and a driver that did not format the statement leaves the doubled % in it.
+    unescaped = _BACKSLASH_ESCAPE.sub(r"\1", raw).replace("%%", "%")
+    return urllib.parse.unquote(unescaped, errors="replace")
+
+
+def _comment_tags(body: str) -> dict[str, str]:
+    """Tags of one comment body in either format; {} for any other comment."""
+    found: dict[str, str] = {}
+    if _SQLCOMMENTER.fullmatch(body):
+        for m in _SQLCOMMENTER_PAIRS.finditer(body):
+            found[_sqlcommenter_decode(m.group(1))] = _sqlcommenter_decode(m.group(2))
+    elif _MARGINALIA.fullmatch(body):
+        for pair in body.split(","):
+            key, _, value = pair.partition(":")
+            found[key.strip()] = value
+    return {k: v for k in TAG_KEYS if (v := _tag_value(found.get(k, "")))}
+
+
+def _tags_of(scan: _Scan) -> dict[str, str]:
+    merged: dict[str, str] = {}
+    for body in scan.comments:
+        merged.update(_comment_tags(body))
+    return {k: merged[k] for k in TAG_KEYS if k in merged}
+
+
+def parse_tags(query: str) -> dict[str, str]:
+    """Return the code location tags of ``query``'s comments (sqlcommenter or Marginalia).
+
+    Only the keys of ``TAG_KEYS``, in that order: ``traceparent``, ``tracestate`` and the like
+    change with every request and would split one place in the code into as many shapes as there
+    were requests. Values are URL-decoded (sqlcommenter), at most ``TAG_VALUE_LIMIT`` characters,
+    printable. Comments are found as PostgreSQL finds them: text inside a literal is no comment.
+
+    Args:
+        query: a statement as ``pg_stat_activity.query`` shows it.
+
+    Returns:
+        The kept tags; {} when no comment has any (or none is in a known format).
+    """
+    return _tags_of(_scan(query))
+
+
+# --- statements ---------------------------------------------------------------------------------
+
+
+def _fingerprint(base: str, tags: Mapping[str, str]) -> str:
+    # Values are printable (no newline), so the newline separates the parts unambiguously.
+    parts = [base, *(f"{k}={tags[k]}" for k in TAG_KEYS if k in tags)]
+    digest = hashlib.sha256("\n".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
+    return digest[:FINGERPRINT_HEX_CHARS]
+
+
+def statement_of(query: str, query_id: int | None) -> Statement | None:
+    """Return the shape of a backend's last statement, or None when there is none to show.
+
+    The fingerprint is PostgreSQL's ``query_id`` when it computed one (it already ignores
+    literals, and is what pg_stat_statements keys on), else the normalised text; with the tags
+    either way, since ``query_id`` ignores comments and two routes running the same statement are
+    two places in the code.
+
+    Args:
+        query: ``pg_stat_activity.query``.
+        query_id: ``pg_stat_activity.query_id``; None or 0 when not computed.
+
+    Returns:
+        The statement's shape; None for an empty statement, a comment alone, or a statement the
+        probe's role may not see (``HIDDEN``).
+    """
+    if query.strip() in _NOT_STATEMENTS:
+        return None
+    scan = _scan(query)
+    text = _shape(scan, STATEMENT_LIMIT)
+    if not text:
+        return None
+    tags = _tags_of(scan)
+    base = f"q:{query_id}" if query_id else "t:" + _shape(scan, FINGERPRINT_TEXT_LIMIT)
+    return Statement(fingerprint=_fingerprint(base, tags), text=text, tags=tags)
+
+
+def rank_statements(
+    statements: Iterable[Statement | None], *, top: int = TOP_STATEMENTS
+) -> list[tuple[Statement, int]]:
+    """Return the ``top`` most frequent shapes among ``statements`` with their counts.
+
+    Most frequent first, then by text and fingerprint so equal counts always list in one order.
+    None (a statement not seen) counts for nothing.
+
+    Args:
+        statements: the shapes of a group's backends, one per backend.
+        top: how many shapes to return.
+
+    Returns:
+        ``(statement, count)`` pairs.
+    """
+    counts: dict[str, int] = {}
+    first: dict[str, Statement] = {}
+    for s in statements:
+        if s is None:
+            continue
+        counts[s.fingerprint] = counts.get(s.fingerprint, 0) + 1
+        first.setdefault(s.fingerprint, s)
+    ranked = sorted(counts, key=lambda f: (-counts[f], first[f].text, f))
+    return [(first[f], counts[f]) for f in ranked[:top]]
