@@ -5,9 +5,15 @@ each budget runs per poll (and its decoding into ``ServerSample``). The floor is
 ``SELECT count(*) FROM pg_stat_activity`` (the cheapest possible look at the same data) on a
 connection opened the same way, against the same server, interleaved with the probe so both see
 the same load. Client backends are idle connections of the app role spread over 100 application
-names (as 100 pods would be). The PgBouncer figures use ``sample_poolers`` (what the operator
-runs per poll and pooler pod: connect, ``SHOW POOLS``, ``SHOW CLIENTS``) and ``SHOW CLIENTS``
-alone on an open admin connection, with 1,000 clients connected through PgBouncer.
+names (as 100 pods would be), each of which ran a statement with literals before going idle, as an
+app's connection has. At 1,000 backends a third call is timed with them: what a poll adds when a
+new leak is seen, ``Monitor.statements()`` for ``MAX_ASKED_PER_POLL`` (100) idle backends (the most
+the operator asks about in one poll) and ``statement_of()`` over each answer, and its query alone
+(no decoding, no normalising). The operator asks about each connection once in its life and only
+while a workload leaks, so a poll that asks the full 100 is its worst case. The PgBouncer figures
+use ``sample_poolers`` (what the operator runs per poll and pooler pod: connect, ``SHOW POOLS``,
+``SHOW CLIENTS``) and ``SHOW CLIENTS`` alone on an open admin connection, with 1,000 clients
+connected through PgBouncer.
 """
 
 from __future__ import annotations
@@ -15,14 +21,17 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from bench.common import Server, Spread, say
-from connbudget.model.observations import PROBE_APPLICATION_NAME
+from connbudget.model.observations import PROBE_APPLICATION_NAME, ServerSample
+from connbudget.policy import culprits, fingerprint
 from connbudget.probe import queries
 from connbudget.probe.pgbouncer import sample_poolers
 from connbudget.probe.postgres import STATEMENT_TIMEOUT_MS, Monitor
@@ -31,6 +40,55 @@ BACKENDS = (100, 1000)
 PODS = 100  # application names the backends are spread over
 ITERATIONS = 100  # timed calls of each kind per repeat
 WARMUP = 10
+APP_PREFIX = "pod-"  # application names of the held client connections: pod-0 .. pod-99
+# What each held client connection last ran (an ORM's lookup of a user, about 120 characters),
+# its literals different on every connection, as an app's are.
+LAST_STATEMENT = sql.SQL(
+    'SELECT "u"."id", "u"."email" FROM (VALUES ({id}, {email})) AS "u"("id", "email") '
+    'WHERE "u"."id" = {id} LIMIT 21'
+)
+
+
+def last_statement(i: int) -> sql.Composed:
+    """The statement the ``i``-th held connection runs before going idle."""
+    return LAST_STATEMENT.format(id=sql.Literal(i), email=sql.Literal(f"user{i}@example.com"))
+
+
+def idle_backends(
+    sample: ServerSample, n: int, *, prefix: str = APP_PREFIX
+) -> list[tuple[int, float]]:
+    """``(pid, backend_start)`` of the first ``n`` idle backends of applications named ``prefix*``
+    in ``sample``: what the operator passes to ``Monitor.statements()`` for a leak's connections."""
+    found = [
+        (pid, start)
+        for g in sample.groups
+        if g.application_name.startswith(prefix)
+        for pid, _, start in g.idle
+    ]
+    return found[:n]
+
+
+def step_figures(medians: Sequence[Mapping[str, float]]) -> dict[str, Spread]:
+    """One step's figures from each repeat's median seconds per kind of call.
+
+    Times in ms, ratios to the floor of the same repeat. The statement figures only when every
+    repeat timed ``statements``, its query alone (``statements_query``) and ``poll`` (the probe
+    and the statements of one iteration added up: a poll that sees a new leak).
+    """
+    out = {
+        "probe_ms": Spread.of(m["probe"] * 1000 for m in medians),
+        "floor_ms": Spread.of(m["floor"] * 1000 for m in medians),
+        "ratio": Spread.of(m["probe"] / m["floor"] for m in medians),
+        "query_ms": Spread.of(m["query"] * 1000 for m in medians),
+        "query_ratio": Spread.of(m["query"] / m["floor"] for m in medians),
+    }
+    if medians and all({"statements", "statements_query", "poll"} <= set(m) for m in medians):
+        out["statements_ms"] = Spread.of(m["statements"] * 1000 for m in medians)
+        out["statements_ratio"] = Spread.of(m["statements"] / m["floor"] for m in medians)
+        out["statements_query_ms"] = Spread.of(m["statements_query"] * 1000 for m in medians)
+        out["with_statements_ms"] = Spread.of(m["poll"] * 1000 for m in medians)
+        out["with_statements_ratio"] = Spread.of(m["poll"] / m["floor"] for m in medians)
+    return out
 
 
 def open_clients(
@@ -40,14 +98,18 @@ def open_clients(
 
     def one(i: int) -> psycopg.Connection[Any]:
         # PgBouncer refuses the options startup parameter.
-        return psycopg.connect(
+        conn = psycopg.connect(
             dsn,
             autocommit=True,
             connect_timeout=10,
             prepare_threshold=None,
-            application_name=f"pod-{i % PODS}",
+            application_name=f"{APP_PREFIX}{i % PODS}",
             options=None if pooler else "-c idle_session_timeout=0",
         )
+        if not pooler:
+            # Through PgBouncer a statement would tie a server connection to each client.
+            conn.execute(last_statement(i)).fetchall()
+        return conn
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         return list(pool.map(one, range(offset, offset + n)))
@@ -62,10 +124,20 @@ async def _timed(fn: Callable[[], Awaitable[object]], n: int) -> list[float]:
     return out
 
 
-async def _probe_vs_floor(
-    dsn: str, repeats: int, iterations: int
-) -> list[tuple[float, float, float]]:
-    """Per repeat: the median seconds of the probe, the floor and the probe's query alone."""
+@dataclass
+class Timings:
+    """Per repeat, the median seconds of each kind of call; what the statements call fetched."""
+
+    medians: list[dict[str, float]] = field(default_factory=list)
+    asked: int = 0  # backends passed to Monitor.statements()
+    found: int = 0  # statements it returned
+    shown: int = 0  # of those, statements statement_of() had a shape for
+    chars: float = 0.0  # median length of the raw statements returned
+
+
+async def _probe_vs_floor(dsn: str, repeats: int, iterations: int, *, ask: int = 0) -> Timings:
+    """Per repeat: the median seconds of the probe, the floor, the probe's query alone and (with
+    ``ask``) the statements of ``ask`` idle client backends, interleaved call by call."""
     monitor = Monitor(dsn)
     floor_conn = await psycopg.AsyncConnection.connect(
         dsn,
@@ -83,21 +155,53 @@ async def _probe_vs_floor(
         return await cur.fetchall()
 
     try:
-        await _timed(monitor.sample, WARMUP)
-        await _timed(floor, WARMUP)
-        out = []
-        for _ in range(repeats):
-            probe_t: list[float] = []
-            floor_t: list[float] = []
-            query_t: list[float] = []
-            for _ in range(iterations):
-                probe_t += await _timed(monitor.sample, 1)
-                floor_t += await _timed(floor, 1)
-                query_t += await _timed(query_only, 1)
-            out.append(
-                (statistics.median(probe_t), statistics.median(floor_t), statistics.median(query_t))
+        timings = Timings()
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "probe": monitor.sample,
+            "floor": floor,
+            "query": query_only,
+        }
+        if ask:
+            asked = idle_backends(await monitor.sample(), ask)
+            if len(asked) < ask:
+                raise RuntimeError(
+                    f"only {len(asked)} idle client backends to ask about, not {ask}"
+                )
+
+            async def statements() -> object:
+                # What a poll that sees a new leak adds: ask, then normalise each answer.
+                got = await monitor.statements(asked)
+                return [fingerprint.statement_of(s.query, s.query_id) for s in got]
+
+            params = {"pids": [pid for pid, _ in asked], "starts": [t for _, t in asked]}
+
+            async def statements_query() -> object:
+                cur = await floor_conn.execute(queries.STATEMENTS, params)
+                return await cur.fetchall()
+
+            calls["statements"] = statements
+            calls["statements_query"] = statements_query
+            first = await monitor.statements(asked)
+            timings.asked = len(asked)
+            timings.found = len(first)
+            timings.shown = sum(
+                1 for s in first if fingerprint.statement_of(s.query, s.query_id) is not None
             )
-        return out
+            timings.chars = statistics.median(len(s.query) for s in first) if first else 0.0
+        for fn in calls.values():
+            await _timed(fn, WARMUP)
+        for _ in range(repeats):
+            times: dict[str, list[float]] = {k: [] for k in calls}
+            for _ in range(iterations):
+                for k, fn in calls.items():
+                    times[k] += await _timed(fn, 1)
+                if ask:
+                    # A poll that sees a new leak runs both, one after the other.
+                    times.setdefault("poll", []).append(
+                        times["probe"][-1] + times["statements"][-1]
+                    )
+            timings.medians.append({k: statistics.median(v) for k, v in times.items()})
+        return timings
     finally:
         await monitor.close()
         await floor_conn.close()
@@ -153,7 +257,7 @@ def run(server: Server, *, repeats: int, quick: bool) -> dict[str, Any]:
         f"\n== 3. probe cost: the operator's per-poll query vs SELECT count(*) FROM "
         f"pg_stat_activity, {iterations} interleaved calls each, {repeats} repeats"
     )
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"iterations": iterations}
     held: list[psycopg.Connection[Any]] = []
     left = server.wait_backends("true", at_most=0, timeout=120)
     if left:
@@ -162,13 +266,15 @@ def run(server: Server, *, repeats: int, quick: bool) -> dict[str, Any]:
         for n in BACKENDS:
             held += open_clients(server.app_dsn(), n - len(held), offset=len(held))
             got = server.client_backends("datname = 'app'")
-            pairs = asyncio.run(_probe_vs_floor(server.monitor_dsn(), repeats, iterations))
-            probe = Spread.of(p * 1000 for p, _, _ in pairs)
-            floor = Spread.of(f * 1000 for _, f, _ in pairs)
-            query = Spread.of(q * 1000 for _, _, q in pairs)
-            ratio = Spread.of(p / f for p, f, _ in pairs)
-            query_ratio = Spread.of(q / f for _, f, q in pairs)
-            out[f"backends{n}"] = {
+            # At the largest step, also what a poll adds when it sees a new leak.
+            ask = culprits.MAX_ASKED_PER_POLL if n == BACKENDS[-1] else 0
+            timings = asyncio.run(
+                _probe_vs_floor(server.monitor_dsn(), repeats, iterations, ask=ask)
+            )
+            fig = step_figures(timings.medians)
+            probe, floor, ratio = fig["probe_ms"], fig["floor_ms"], fig["ratio"]
+            query, query_ratio = fig["query_ms"], fig["query_ratio"]
+            row: dict[str, Any] = {
                 "backends": got,
                 "probe_ms": probe,
                 "floor_ms": floor,
@@ -183,6 +289,29 @@ def run(server: Server, *, repeats: int, quick: bool) -> dict[str, Any]:
                 f"(target <= 1.5x at 1,000); the probe's query without decoding "
                 f"{query.show('{:.2f}', ' ms')} ({query_ratio.show('{:.2f}', 'x')})"
             )
+            if "statements_ms" in fig:
+                row |= {
+                    "statements_asked": timings.asked,
+                    "statements_found": timings.found,
+                    "statements_shown": timings.shown,
+                    "statement_chars": timings.chars,
+                    "statements_ms": fig["statements_ms"],
+                    "statements_ratio": fig["statements_ratio"],
+                    "statements_query_ms": fig["statements_query_ms"],
+                    "with_statements_ms": fig["with_statements_ms"],
+                    "with_statements_ratio": fig["with_statements_ratio"],
+                }
+                say(
+                    f"  a poll with a new leak: Monitor.statements() for {timings.asked} idle "
+                    f"backends ({timings.found} found, {timings.shown} shown, raw statements of "
+                    f"{timings.chars:.0f} chars) + statement_of() "
+                    f"{fig['statements_ms'].show('{:.2f}', ' ms')} "
+                    f"({fig['statements_ratio'].show('{:.2f}', 'x')} the floor; its query "
+                    f"alone {fig['statements_query_ms'].show('{:.2f}', ' ms')}); probe + "
+                    f"statements {fig['with_statements_ms'].show('{:.2f}', ' ms')} "
+                    f"({fig['with_statements_ratio'].show('{:.2f}', 'x')} the floor)"
+                )
+            out[f"backends{n}"] = row
         for c in held:
             c.close()
         held = []

@@ -440,14 +440,22 @@ def _latency(lat: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[s
 
 
 def _probe(p: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[str]:
+    big = p.get("backends1000")
+    st = big if big and "statements_ms" in big else None
     out = [
         "## 3. Probe cost against its floor",
         "",
         "The operator's per-poll database call (`Monitor.sample()`: its one grouped query over "
         "`pg_stat_activity`, decoded into typed samples) against `SELECT count(*) FROM "
         "pg_stat_activity` on a connection opened the same way, same server, interleaved call by "
-        "call, 100 calls of each per repeat. Client backends are idle connections spread over "
-        "100 application names, as 100 pods would hold them.",
+        f"call, {p.get('iterations', 100)} calls of each per repeat. Client backends are idle "
+        "connections spread over 100 application names, as 100 pods would hold them"
+        + (
+            f", each of which last ran a statement with literals ({_n(st['statement_chars'])} "
+            "characters, a lookup of a user by id) before going idle."
+            if st
+            else "."
+        ),
         "",
         "| client backends | probe | floor | ratio (probe / floor) | the probe's query alone "
         "(no decoding) |",
@@ -461,7 +469,6 @@ def _probe(p: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[str]:
             f"{row['floor_ms'].show('{:.2f}', ' ms')} | {row['ratio'].show('{:.2f}', 'x')} | "
             f"{row['query_ms'].show('{:.2f}', ' ms')} ({row['query_ratio'].show('{:.2f}', 'x')}) |"
         )
-    big = p.get("backends1000")
     if big:
         met = big["ratio"].median <= 1.5
         targets.append(
@@ -491,6 +498,28 @@ def _probe(p: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[str]:
                 "limit the candidates per group to `maxPerCycle`. Within a budget the probe "
                 "would then cost about what a grouped count costs.",
             ]
+    if st:
+        out += [
+            "",
+            "**What naming a leak's statement adds.** While a workload leaks, a poll that finds "
+            "connections of it not asked about before also fetches their last statements "
+            f"(`Monitor.statements()`, at most {st['statements_asked']} per poll; each "
+            "connection is asked about once in its life, since an abandoned connection's last "
+            "statement no longer changes) and normalises each (`statement_of()`, literals "
+            f"stripped). At {st['backends']} backends, fetching the statements of "
+            f"{st['statements_asked']} idle connections ({st['statements_found']} found, "
+            f"{st['statements_shown']} with a shape to show) and normalising them took "
+            f"{st['statements_ms'].show('{:.2f}', ' ms')} "
+            f"({st['statements_ratio'].show('{:.2f}', 'x')} the floor), interleaved with the "
+            "calls above; its query alone, without decoding or normalising, took "
+            f"{st['statements_query_ms'].show('{:.2f}', ' ms')}. A poll that does both, the "
+            "probe and then the statements, took "
+            f"{st['with_statements_ms'].show('{:.2f}', ' ms')}: "
+            f"{st['with_statements_ratio'].show('{:.2f}', 'x')} the floor, against "
+            f"{st['ratio'].show('{:.2f}', 'x')} for the probe alone. That is the worst case: a "
+            "poll asks about fewer connections when fewer new ones leaked since the last, and "
+            "about none while no workload leaks.",
+        ]
     pb = p.get("pgbouncer")
     if pb:
         out += [
