@@ -88,6 +88,8 @@ def test_every_probe_statement_runs_as_the_monitoring_role(pg: VersionServer) ->
         assert m.execute(queries.COUNT_FLOOR).fetchone() is not None
         nothing = m.execute(queries.TERMINATE_IDLE, {"pids": [], "starts": [], "min_idle": 0.0})
         assert nothing.fetchall() == []
+        none = m.execute(queries.STATEMENTS, {"pids": [], "starts": []}).fetchone()
+        assert none == ([],)
 
 
 def test_the_sample_counts_every_state_and_the_reserved_slots(pg: VersionServer) -> None:
@@ -120,6 +122,47 @@ def test_the_sample_counts_every_state_and_the_reserved_slots(pg: VersionServer)
     assert {g.client_addr for g in s.groups if g.application_name == APP} == {"127.0.0.1"}
     assert {g.user for g in s.groups if g.application_name == APP} == {"app"}
     assert not [g for g in s.groups if g.application_name == "connbudget-probe"]
+
+
+def test_the_last_statements_of_asked_backends_are_read_as_the_monitoring_role(
+    pg: VersionServer,
+) -> None:
+    # What a leaking workload's abandoned connections last ran (policy.culprits), with the
+    # query_id PostgreSQL computes when told to (compute_query_id; off by default without
+    # pg_stat_statements).
+    db = pg.db
+    secret = "planted-S3cret-literal"
+    with psycopg.connect(db.superuser_dsn, autocommit=True) as su:
+        su.execute("ALTER ROLE app SET compute_query_id = on")  # set only by a superuser
+        try:
+            first = psycopg.connect(db.app_dsn, autocommit=True, application_name=APP)
+        finally:
+            su.execute("ALTER ROLE app RESET compute_query_id")
+    first_pid = first.info.backend_pid
+    with first, connections(db.app_dsn, 2) as others:
+        conns = [first, *others]
+        for c in conns:
+            c.execute(f"SELECT count(*) FROM pg_class WHERE relname <> '{secret}'")  # type: ignore[arg-type]
+        s = sample(db.monitor_dsn)
+        idle = next(g for g in s.groups if g.application_name == APP and g.state == "idle")
+        asked = [(pid, start) for pid, _, start in idle.backends]
+        gone = (999_999, 0.0)  # no such backend: left out, not an error
+
+        async def main() -> list[Any]:
+            m = Monitor(db.monitor_dsn)
+            try:
+                return await m.statements([*asked, gone])
+            finally:
+                await m.close()
+
+        found = asyncio.run(main())
+    assert sorted((r.pid, r.backend_start) for r in found) == sorted(asked)
+    assert {r.query for r in found} == {
+        f"SELECT count(*) FROM pg_class WHERE relname <> '{secret}'"
+    }
+    with_id = [r for r in found if r.pid == first_pid]
+    assert with_id[0].query_id is not None
+    assert len([r for r in found if r.query_id is None]) == 2
 
 
 def test_the_monitoring_role_has_only_what_the_probe_needs(pg: VersionServer) -> None:

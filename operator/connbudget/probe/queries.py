@@ -62,7 +62,8 @@ WHERE a.backend_type = 'client backend'
 # backend. ``query_id`` (PostgreSQL 14+ with compute_query_id) is read through to_jsonb so the
 # same text runs where the column is missing. Without pg_read_all_stats, ``query`` of another
 # role's backend reads ``<insufficient privilege>``. The text never leaves the operator as it is:
-# policy.fingerprint strips its literals.
+# policy.fingerprint strips its literals. pg_stat_get_activity(pid) (what the pg_stat_activity view
+# reads) looks up each asked backend alone instead of reading every one and keeping the few.
 STATEMENTS: Final[LiteralString] = """
 SELECT coalesce(json_agg(json_build_array(
            a.pid,
@@ -70,9 +71,8 @@ SELECT coalesce(json_agg(json_build_array(
            to_jsonb(a) ->> 'query_id',
            a.query)), '[]'::json)
 FROM unnest(%(pids)s::int[], %(starts)s::float8[]) AS t(pid, started)
-JOIN pg_stat_activity a
-  ON a.pid = t.pid
- AND abs(extract(epoch FROM a.backend_start) - t.started) < 0.001
+CROSS JOIN LATERAL pg_stat_get_activity(t.pid) AS a
+WHERE abs(extract(epoch FROM a.backend_start) - t.started) < 0.001
 """
 
 # The cheapest look at the same data: the floor the probe's cost is compared to (benchmarks).
