@@ -131,7 +131,7 @@ def test_the_last_statements_of_asked_backends_are_read_as_the_monitoring_role(
     # query_id PostgreSQL computes when told to (compute_query_id; off by default without
     # pg_stat_statements).
     db = pg.db
-    secret = "planted-S3cret-literal"
+    statement = "SELECT count(*) FROM pg_class WHERE relname <> 'planted-S3cret-literal'"
     with psycopg.connect(db.superuser_dsn, autocommit=True) as su:
         su.execute("ALTER ROLE app SET compute_query_id = on")  # set only by a superuser
         try:
@@ -142,7 +142,7 @@ def test_the_last_statements_of_asked_backends_are_read_as_the_monitoring_role(
     with first, connections(db.app_dsn, 2) as others:
         conns = [first, *others]
         for c in conns:
-            c.execute(f"SELECT count(*) FROM pg_class WHERE relname <> '{secret}'")  # type: ignore[arg-type]
+            c.execute(statement)  # type: ignore[arg-type]
         s = sample(db.monitor_dsn)
         idle = next(g for g in s.groups if g.application_name == APP and g.state == "idle")
         asked = [(pid, start) for pid, _, start in idle.backends]
