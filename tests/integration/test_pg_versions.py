@@ -142,7 +142,7 @@ def test_the_last_statements_of_asked_backends_are_read_as_the_monitoring_role(
     with first, connections(db.app_dsn, 2) as others:
         conns = [first, *others]
         for c in conns:
-            c.execute(statement)  # type: ignore[arg-type]
+            c.execute(statement)
         s = sample(db.monitor_dsn)
         idle = next(g for g in s.groups if g.application_name == APP and g.state == "idle")
         asked = [(pid, start) for pid, _, start in idle.backends]

@@ -1,10 +1,13 @@
 """Real applications for the sandbox's pods, installed from pinned requirements (see ``envs``).
 
 - ``django_site``: one Django project run two ways: Django 5.0.1 under uvicorn (ASGI), which leaks
-  a connection whenever a client disconnects mid-request (ticket #35059), and Django 5.0.2 under
-  gunicorn's sync workers with persistent connections (``CONN_MAX_AGE``) and no health checks;
+  a connection whenever a client disconnects mid-request (ticket #35059) and, with
+  ``SQLCOMMENTER=1``, tags every query with Google's sqlcommenter (installed in its environment
+  only), and Django 5.0.2 under gunicorn's sync workers with persistent connections
+  (``CONN_MAX_AGE``) and no health checks;
 - ``pools``: a WSGI app over a psycopg_pool ``ConnectionPool`` (``check=None``) or a SQLAlchemy
-  ``QueuePool`` (``pool_pre_ping=False``);
+  ``QueuePool`` (``pool_pre_ping=False``), or without a pool, leaking a connection per request
+  whose statement carries a planted secret (``planted``);
 - ``deploy``: a Deployment of one of them with the HTTP driver (``sandbox.workloads.driver``) as a
   second container of the same pod.
 """

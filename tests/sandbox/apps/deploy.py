@@ -5,10 +5,14 @@
 network namespace). Both get ``DATABASE_URL`` from a Secret and ``PGAPPNAME`` (the pod's name)
 like ``Workloads.deploy``'s pods; the driver ignores them.
 
-The three kinds, with the settings they were measured with:
+The kinds, with the settings they were measured with:
 
 - ``leak``: ``sandbox.local/django-asgi-leak`` driven at ``LEAK_RATE`` abandoned requests per second
-  (each leaks one connection under Django 5.0.1's ASGI handler);
+  (each leaks one connection under Django 5.0.1's ASGI handler); with ``app_env=SQLCOMMENTER`` each
+  query carries sqlcommenter's tags (``sandbox.apps.django_site.sqlcommenter``);
+- ``psycopg-leak``: the psycopg app without its pool (``POOL_KIND=leak``), driven at ``DRIVE_RATE``
+  requests per second (``rate_settings``), each leaking one connection whose last statement is
+  ``sandbox.apps.planted.SECRET_LOOKUP``, untagged;
 - ``django``: ``sandbox.local/django-wsgi-pool`` (gunicorn, ``WEB_CONCURRENCY`` workers with a
   persistent connection each) driven by as many lanes;
 - ``psycopg`` / ``sqlalchemy``: the pool apps (``POOL_SIZE`` connections) driven by as many lanes.
@@ -30,14 +34,24 @@ APP_IMAGES = {
     "leak": "sandbox.local/django-asgi-leak:5.0.1",
     "django": "sandbox.local/django-wsgi-pool:5.0.2",
     "psycopg": "sandbox.local/psycopg-pool-app:3.2.1",
+    "psycopg-leak": "sandbox.local/psycopg-pool-app:3.2.1",
     "sqlalchemy": "sandbox.local/sqlalchemy-app:2.0.25",
 }
+# What makes a kind of an image shared with another (the container's env overrides the image's).
+KIND_ENV = {"psycopg-leak": {"POOL_KIND": "leak"}}
 DRIVER_IMAGE = "sandbox.local/http-driver:dev"
+# ``app_env`` of a ``leak`` app whose queries carry sqlcommenter's tags.
+SQLCOMMENTER = {"SQLCOMMENTER": "1"}
 
 
 def leak_settings(rate: float, seconds: float, **extra: str) -> dict[str, str]:
     """Driver settings for ``rate`` leaked connections per second during ``seconds``."""
     return {"LEAK_RATE": str(rate), "DRIVE_SECONDS": str(seconds), **extra}
+
+
+def rate_settings(rate: float, seconds: float, **extra: str) -> dict[str, str]:
+    """Driver settings for ``rate`` requests per second (open loop) during ``seconds``."""
+    return {"DRIVE_RATE": str(rate), "DRIVE_SECONDS": str(seconds), **extra}
 
 
 def pool_settings(
@@ -88,7 +102,7 @@ def deploy_app(
     def env(extra: dict[str, str]) -> list[dict[str, Any]]:
         return common + [{"name": k, "value": v} for k, v in extra.items()]
 
-    app_vars = {"APP_PORT": port, **(app_env or {})}
+    app_vars = {"APP_PORT": port, **KIND_ENV.get(kind, {}), **(app_env or {})}
     driver_vars = {"TARGET_PORT": port, **driver_env}
     if kind in ("django", "psycopg", "sqlalchemy") and "DRIVE_LANES" in driver_vars:
         # One lane per connection: gunicorn workers or pool size follow the lanes.

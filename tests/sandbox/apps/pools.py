@@ -6,6 +6,11 @@ opened at start for psycopg_pool and on first use for SQLAlchemy, ``application_
 ``PGAPPNAME``. Run by gunicorn with one ``gthread`` worker (one pool per pod):
 ``gunicorn --worker-class gthread --threads N sandbox.apps.pools:application``.
 
+``POOL_KIND=leak`` is the same app without a pool, and with a leak: each request opens a psycopg
+connection and never closes it (it stays referenced, as one kept in a cache or a global does), so
+each request leaves one connection idle, never used again. Its statement differs from the pools'
+and carries no tags: ``sandbox.apps.planted.SECRET_LOOKUP``, with a planted password-like literal.
+
 ``/work?idle=S`` runs a query, and with ``idle`` > 0 waits ``S`` seconds holding the connection and
 runs a second; one JSON log line per request, errors classified by ``sandbox.workloads.outcomes``.
 """
@@ -20,6 +25,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 from urllib.parse import parse_qs
 
+from sandbox.apps.planted import SECRET_LOOKUP
 from sandbox.workloads.common import log
 from sandbox.workloads.outcomes import classify_exception
 
@@ -80,7 +86,32 @@ def _sqlalchemy_pool() -> Callable[[], AbstractContextManager[Execute]]:
     return lend
 
 
-LEND = _sqlalchemy_pool() if KIND == "sqlalchemy" else _psycopg_pool()
+def _leaking_connections() -> Callable[[], AbstractContextManager[Execute]]:
+    from contextlib import contextmanager
+
+    import psycopg
+
+    leaked: list[psycopg.Connection[Any]] = []
+
+    @contextmanager
+    def lend() -> Iterator[Execute]:
+        conn = psycopg.connect(
+            os.environ["DATABASE_URL"], application_name=APPNAME, autocommit=True
+        )
+        # The leak: kept, never closed, never lent again.
+        leaked.append(conn)
+
+        def execute(sql: str) -> None:
+            conn.execute(sql).fetchall()
+
+        yield execute
+
+    return lend
+
+
+LENDERS = {"sqlalchemy": _sqlalchemy_pool, "leak": _leaking_connections}
+LEND = LENDERS.get(KIND, _psycopg_pool)()
+FIRST, SECOND = (SECRET_LOOKUP, SECRET_LOOKUP) if KIND == "leak" else (QUERY_1, QUERY_2)
 log("pool_ready", kind=KIND, size=SIZE, pid=os.getpid())
 
 
@@ -108,11 +139,11 @@ def application(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     fields: dict[str, object] = {}
     try:
         with LEND() as execute:
-            execute(QUERY_1)
+            execute(FIRST)
             in_flight = True
             if idle:
                 time.sleep(idle)
-                execute(QUERY_2)
+                execute(SECOND)
         outcome = "ok"
     except Exception as e:  # every driver's error class, classified by its message
         outcome, reason = classify_exception(e, in_flight=in_flight)

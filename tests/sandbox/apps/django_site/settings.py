@@ -4,7 +4,10 @@
 - ``PGAPPNAME``: the ``application_name`` of every connection (the pod's name);
 - ``CONN_MAX_AGE``: seconds a connection is kept between requests (default 0: closed at the end of
   each request, as Django's documentation asks under ASGI); ``CONN_HEALTH_CHECKS``: ``0`` (default)
-  or ``1``.
+  or ``1``;
+- ``SQLCOMMENTER``: ``1`` tags every query of a request with Google's sqlcommenter comment
+  (``controller``, ``framework``, ``route``; see ``sqlcommenter``); ``0`` (default) leaves the SQL
+  as Django writes it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ ALLOWED_HOSTS = ["*"]
 USE_TZ = True
 ROOT_URLCONF = "sandbox.apps.django_site.urls"
 INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth"]
-MIDDLEWARE: list[str] = []
+MIDDLEWARE: list[str] = (
+    ["sandbox.apps.django_site.sqlcommenter.middleware"]
+    if os.environ.get("SQLCOMMENTER", "0") == "1"
+    else []
+)
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 DATABASES = {
     "default": {
