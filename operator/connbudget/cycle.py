@@ -488,6 +488,7 @@ async def run_cycle(
         leaks=shapes,
         hints=owner_hints,
         statements_visible=runtime.culprits.visible,
+        hidden_backends=sample.hidden,
     )
     await _record_intent(decision, old_status, outcome, deps, now)
     done = await _carry_out(decision, spec, namespace, name, monitor, deps, runtime, now)

@@ -84,7 +84,7 @@ def test_every_probe_statement_runs_as_the_monitoring_role(pg: VersionServer) ->
     with psycopg.connect(pg.db.monitor_dsn, autocommit=True) as m:
         row = m.execute(queries.BACKENDS).fetchone()
         assert row is not None
-        assert len(row) == 5
+        assert len(row) == 6
         assert m.execute(queries.COUNT_FLOOR).fetchone() is not None
         nothing = m.execute(queries.TERMINATE_IDLE, {"pids": [], "starts": [], "min_idle": 0.0})
         assert nothing.fetchall() == []
@@ -161,6 +161,30 @@ def test_the_last_statements_of_asked_backends_are_read_as_the_monitoring_role(
     with_id = [r for r in found if r.pid == first_pid]
     assert with_id[0].query_id is not None
     assert len([r for r in found if r.query_id is None]) == 2
+
+
+def test_a_role_without_pg_read_all_stats_still_counts_and_says_what_it_cannot_see(
+    pg: VersionServer,
+) -> None:
+    # Without pg_read_all_stats, other roles' backends show no backend_type, state, address or
+    # statement. Before, the probe's filter on backend_type left them out: a budget of 0.
+    db = pg.db
+    weak = psycopg.conninfo.make_conninfo(db.monitor_dsn, user="weak_probe", password="weak-pw")
+    with psycopg.connect(db.superuser_dsn, autocommit=True) as su:
+        su.execute("DROP ROLE IF EXISTS weak_probe")
+        su.execute("CREATE ROLE weak_probe LOGIN PASSWORD 'weak-pw'")
+        try:
+            with connections(db.app_dsn, 3):
+                blind, seeing = sample(weak), sample(db.monitor_dsn)
+        finally:
+            su.execute("DROP ROLE weak_probe")
+    mine = [g for g in blind.groups if g.application_name == APP]
+    assert [(g.state, g.count, g.client_addr, g.database, g.user) for g in mine] == [
+        (None, 3, None, "app", "app")
+    ]
+    assert blind.hidden >= 3
+    assert seeing.hidden == 0
+    assert sum(g.count for g in seeing.groups if g.application_name == APP) == 3
 
 
 def test_the_monitoring_role_has_only_what_the_probe_needs(pg: VersionServer) -> None:

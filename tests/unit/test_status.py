@@ -249,3 +249,13 @@ def test_where_a_leak_is_shows_per_owner_with_its_hint_and_the_privilege_conditi
     assert "pg_read_all_stats" in hidden["StatementsVisible"]["message"]
     # Before any leak was seen, nothing is said of statements.
     assert "StatementsVisible" not in {c["type"] for c in render(None)["conditions"]}
+
+
+def test_backends_hidden_from_the_monitoring_role_are_said_whether_or_not_anything_leaks() -> None:
+    out = status.render_status(
+        {}, status.Outcome(generation=1, now=NOW, database_reachable=True, hidden_backends=4)
+    )
+    cond = next(c for c in out["conditions"] if c["type"] == "StatementsVisible")
+    assert (cond["status"], cond["reason"]) == ("False", "InsufficientPrivilege")
+    assert cond["message"].startswith("4 backends of other roles hide their state")
+    assert "pg_read_all_stats" in cond["message"]

@@ -48,6 +48,9 @@ class ServerSample:
     max_connections: int
     reserved: int  # superuser_reserved_connections (+ reserved_connections on PostgreSQL 16+)
     groups: tuple[BackendGroup, ...]
+    # Backends of other roles whose state, address and statement the monitoring role may not read
+    # (no pg_read_all_stats): counted, in groups of state None, never terminable.
+    hidden: int = 0
 
     @property
     def total(self) -> int:

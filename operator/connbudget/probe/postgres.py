@@ -323,13 +323,14 @@ class Monitor:
 
     async def _sample_locked(self) -> ServerSample:
         (row,) = await self._run_locked(queries.BACKENDS)
-        now, database, max_conn, reserved, groups = row
+        now, database, max_conn, reserved, groups, hidden = row
         return ServerSample(
             sampled_at=float(now),
             database=str(database),
             max_connections=int(max_conn),
             reserved=int(reserved),
             groups=tuple(_group(g) for g in groups),
+            hidden=int(hidden),
         )
 
     async def terminate(

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from typing import Final, LiteralString
 
+# A role without pg_read_all_stats (part of pg_monitor) sees other roles' backends with their
+# database, user and application_name but no backend_type, state, address, times or statement:
+# those are counted (a backend of a role, with a database, is a client or one of its parallel
+# workers), in a group of state NULL that is never terminable, and told apart by ``hidden``.
 # One round trip per poll: the server's clock, its limits, and client backends grouped by
 # database, user, application, address and state. Every group carries its backends (pid, seconds
 # since state_change, start), longest in its state first: idle ones are termination candidates,
@@ -21,10 +25,14 @@ WITH b AS (
            coalesce(application_name, '') AS app,
            host(client_addr) AS addr,
            state,
-           extract(epoch FROM now() - coalesce(state_change, backend_start))::float8 AS in_state_s,
-           extract(epoch FROM backend_start)::float8 AS started
+           coalesce(extract(epoch FROM now() - coalesce(state_change, backend_start)), 0)::float8
+               AS in_state_s,
+           coalesce(extract(epoch FROM backend_start), extract(epoch FROM now()))::float8
+               AS started,
+           backend_type IS NULL AS hidden
     FROM pg_stat_activity
-    WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+    WHERE (backend_type = 'client backend' OR (backend_type IS NULL AND usesysid IS NOT NULL))
+      AND pid <> pg_backend_pid()
 ), g AS (
     SELECT datname, usename, app, addr, state,
            count(*)::int AS n,
@@ -41,7 +49,8 @@ SELECT extract(epoch FROM now())::float8,
        current_setting('superuser_reserved_connections')::int
            + coalesce(current_setting('reserved_connections', true)::int, 0),
        coalesce((SELECT json_agg(json_build_array(datname, usename, app, addr, state, n,
-                                                  max_idle, oldest, backends)) FROM g), '[]'::json)
+                                                  max_idle, oldest, backends)) FROM g), '[]'::json),
+       (SELECT count(*) FROM b WHERE hidden)::int
 """
 
 # Terminate backends only if they are still the same backends (pid and start time) and still idle

@@ -46,6 +46,7 @@ class Outcome:
     leaks: Mapping[str, Sequence[LeakShape]] = field(default_factory=dict)  # owner → top shapes
     hints: Mapping[str, str] = field(default_factory=dict)  # owner → one actionable line
     statements_visible: bool | None = None  # None: no leaked statement asked for yet
+    hidden_backends: int = 0  # backends whose state and statement the monitoring role cannot read
 
 
 def rfc3339(t: float) -> str:
@@ -245,8 +246,8 @@ def _conditions(o: Outcome) -> list[Condition]:
                     message=why or "nothing to do",
                 )
             )
-    if o.statements_visible is not None:
-        conds.append(statements_visible(o.statements_visible))
+    if o.hidden_backends or o.statements_visible is not None:
+        conds.append(statements_visible(bool(o.statements_visible), hidden=o.hidden_backends))
     conds.append(
         Condition(
             type=ConditionType.PAUSED,
@@ -258,9 +259,22 @@ def _conditions(o: Outcome) -> list[Condition]:
     return conds
 
 
-def statements_visible(visible: bool) -> Condition:
+def statements_visible(visible: bool, *, hidden: int = 0) -> Condition:
     """Whether leaked connections' last statements could be read: without pg_read_all_stats
-    PostgreSQL hides other roles' statements, and the leak is counted but not located."""
+    PostgreSQL hides other roles' statements, and the leak is counted but not located. ``hidden``
+    backends (of other roles) showed not even their state: counted, never terminated."""
+    if hidden:
+        return Condition(
+            type=ConditionType.STATEMENTS_VISIBLE,
+            status=False,
+            reason=Reason.INSUFFICIENT_PRIVILEGE,
+            message=(
+                f"{hidden} backends of other roles hide their state, address and statement from "
+                "the monitoring role: they are counted (by database, user and application_name) "
+                "but never terminated, and a leak among them is not located; GRANT "
+                "pg_read_all_stats (part of pg_monitor) to it"
+            ),
+        )
     if visible:
         return Condition(
             type=ConditionType.STATEMENTS_VISIBLE,
