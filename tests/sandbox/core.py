@@ -253,6 +253,8 @@ class Sandbox:
         """Environment variables that point tools at this sandbox."""
         return {
             "KUBECONFIG": self.kubeconfig,
+            # What ``connbudget probe`` reads (CONNBUDGET_PG_DSN: the same, by its older name).
+            "CONNBUDGET_DSN": self.db.monitor_dsn,
             "CONNBUDGET_PG_DSN": self.db.monitor_dsn,
             "CONNBUDGET_PGBOUNCER_DSN": self.db.bouncer_admin_dsn,
             "CONNBUDGET_APP_DSN": self.db.app_dsn,
