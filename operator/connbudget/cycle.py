@@ -682,7 +682,8 @@ async def _where_leaks(
         else:
             runtime.culprits.record(at=at, ask=ask, found=found)
     leaking = [o for o, ev in owners.items() if ev.cls is evidence.OwnerClass.LEAKING]
-    return runtime.culprits.shapes(at=at, leaking=leaking)
+    shapes = runtime.culprits.shapes(at=at, leaking=leaking)
+    return culprits.with_rollouts(shapes, index.by_name.values()) if shapes else shapes
 
 
 async def _post_leaks(

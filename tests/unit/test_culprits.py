@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
 
@@ -12,9 +13,11 @@ from connbudget.policy.culprits import (
     Culprits,
     LeakShape,
     revision_of,
+    with_rollouts,
 )
 from connbudget.policy.evidence import Evidence, OwnerEvidence
 from connbudget.policy.fingerprint import HIDDEN
+from connbudget.report.events import where_text
 from unit.test_evidence import FLOOR, IDLE_SECONDS, T0, Conn, leak, pool
 
 SECRET = "planted-S3cret-literal"
@@ -175,3 +178,21 @@ def test_ended_connections_count_for_the_window_and_first_seen_is_kept_while_it_
     # The open ones and those ended within the last minute count, not the ones before.
     assert 2.0 * 60 <= lt.count <= 2.0 * 70 + 5
     assert len(server.asked) == len(set(server.asked))
+
+
+def test_a_leak_only_the_new_revision_has_came_with_a_rollout() -> None:
+    web = leak(2.0, seconds=30)
+    server = Server({c.pid: COUNT for c in web})
+    _, _, shapes = run(web, server, until=T0 + 30, pods=pods_of(web, revision="new"))
+    old = pods_of([Conn(pid=1, start=T0, pod="web-old")], revision="old")["web-old"]
+    new = pods_of(web, revision="new")["web-1"]
+    (during,) = with_rollouts(shapes, [old, new])["Deployment/web"]
+    assert during.rollout
+    assert during.revision == "web-new"
+    assert "on revision web-new only: it came with a rollout" in where_text(during)
+    # Once the rollout is done (no pod of another revision), or before it: no rollout to blame.
+    (after,) = with_rollouts(shapes, [new])["Deployment/web"]
+    assert not after.rollout
+    gone = dataclasses.replace(old, terminating=True)
+    (ending,) = with_rollouts(shapes, [gone, new])["Deployment/web"]
+    assert not ending.rollout

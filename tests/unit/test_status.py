@@ -239,6 +239,7 @@ def test_where_a_leak_is_shows_per_owner_with_its_hint_and_the_privilege_conditi
             "share": 0.96,
             "firstSeen": status.rfc3339(NOW - 30),
             "revision": "web-7457d5dc96",
+            "rollout": False,
         }
     ]
     assert owner["hint"] == "set PGAPPNAME"

@@ -15,7 +15,7 @@ is kept; the raw text is read once and dropped.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from connbudget.model.observations import LastStatement, PodInfo
 from connbudget.policy.evidence import LEAK_WINDOW_SECONDS, OwnerClass, OwnerEvidence
@@ -44,6 +44,8 @@ class LeakShape:
     first_seen: float  # epoch seconds (the server's clock)
     revision: str  # the pod template revision most of them came from ("" unknown)
     revisions: int = 1  # how many revisions of the owner's pods leak it
+    # The owner runs pods of other revisions that do not leak it: it came with a rollout.
+    rollout: bool = False
 
 
 def revision_of(pod: PodInfo) -> str:
@@ -179,3 +181,23 @@ def _shape(ks: Sequence[_Known], *, total: int, first: float) -> LeakShape:
         revision=revision,
         revisions=len([r for r in by_revision if r]) or 1,
     )
+
+
+def with_rollouts(
+    shapes: Mapping[str, Sequence[LeakShape]], pods: Iterable[PodInfo]
+) -> dict[str, tuple[LeakShape, ...]]:
+    """Mark the shapes that only pods of one revision leak while the owner also runs pods of
+    another: a leak that came with a rollout (the older pods run the same traffic and do not)."""
+    running: dict[str, set[str]] = {}
+    for p in pods:
+        if not p.terminating and (rev := revision_of(p)):
+            running.setdefault(p.owner, set()).add(rev)
+    return {
+        owner: tuple(
+            replace(s, rollout=True)
+            if s.revisions == 1 and s.revision and len(running.get(owner, set()) - {s.revision})
+            else s
+            for s in ranked
+        )
+        for owner, ranked in shapes.items()
+    }

@@ -56,7 +56,16 @@ def where_text(shape: LeakShape) -> str:
     return (
         f"{shape.share:.0%} after `{shape.statement}`"
         + (f" ({tags})" if tags else "")
-        + (f" on revision {shape.revision}" if shape.revision else "")
+        + (
+            f" on revision {shape.revision}"
+            + (
+                " only: it came with a rollout (pods of other revisions do not leak it)"
+                if shape.rollout
+                else ""
+            )
+            if shape.revision
+            else ""
+        )
     )
 
 

@@ -304,6 +304,7 @@ def leak_shapes(shapes: Sequence[LeakShape]) -> list[dict[str, Any]]:
             "share": round(s.share, 2),
             "firstSeen": rfc3339(s.first_seen),
             "revision": s.revision,
+            "rollout": s.rollout,
         }
         for s in shapes
     ]
