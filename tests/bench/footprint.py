@@ -8,6 +8,8 @@ connection per database, however many budgets). Budgets keep the default poll (1
 - Footprint: for 1, 100 and 500 budgets, a fresh operator; once every budget has been probed and
   a settling time has passed, its resident memory and CPU over a window, whether every budget
   kept its cadence, and the database connections it holds.
+- Import memory: a fresh interpreter's resident memory once it has imported the operator, or
+  one of its main dependencies, or nothing: the fixed cost every operator process starts with.
 - Load and soak: 200 budgets, 500 pods, 1,000 client backends (two per pod, named after it, each
   running a query about once a minute), for ``minutes`` minutes: resident memory and CPU every
   10 s, every budget's probes each minute, and every warning or error the operator logged or
@@ -21,8 +23,10 @@ from __future__ import annotations
 
 import math
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +61,81 @@ LOAD_BUDGETS = 200
 LOAD_BACKENDS = 1000
 SOAK_SAMPLE_SECONDS = 10.0
 FLAT_MB = 10.0  # memory counts as flat if it grows less than this over the soak
+# Issue 7's footprint targets, met or missed at TARGET_BUDGETS budgets.
+TARGET_BUDGETS = 500
+RSS_TARGET_MB = 150.0  # resident memory, MB
+CPU_TARGET_PERCENT = 5.0  # CPU, % of one core
+# What each fresh interpreter imports before it reads its resident memory. "operator" is what
+# `connbudget run` imports before kopf starts: connbudget.cli alone imports neither kopf nor the
+# Kubernetes client, since it imports the handlers only when it runs them.
+IMPORTS: dict[str, tuple[str, ...]] = {
+    "interpreter": (),
+    "operator": ("connbudget.cli", "connbudget.handlers"),
+    "kopf": ("kopf",),
+    "kubernetes": ("kubernetes",),
+    "psycopg": ("psycopg",),
+    "prometheus_client": ("prometheus_client",),
+}
+IMPORT_REPEATS = 3  # fresh interpreters per entry; the median is kept
+IMPORT_TIMEOUT_SECONDS = 60.0  # one interpreter's imports; a few seconds on a loaded machine
+# Run in each fresh interpreter after its imports: print its own VmRSS (kB).
+_PRINT_VMRSS = (
+    "print(next(line.split()[1] for line in open('/proc/self/status') "
+    "if line.startswith('VmRSS:')))"
+)
+
+
+def footprint_setup(*, namespaces: int = NAMESPACES, pods: int = PODS) -> dict[str, Any]:
+    """The fleet, poll and targets of the footprint benchmark, as results.json records them."""
+    return {
+        "namespaces": namespaces,
+        "pods": pods,
+        "databases": len(DATABASES),
+        "poll_seconds": POLL,
+        "settle_seconds": SETTLE_SECONDS,
+        "target_budgets": TARGET_BUDGETS,
+        "rss_target_mb": RSS_TARGET_MB,
+        "cpu_target_percent": CPU_TARGET_PERCENT,
+    }
+
+
+def import_rss_mb(
+    imports: Mapping[str, Sequence[str]] = IMPORTS, repeats: int = IMPORT_REPEATS
+) -> dict[str, float]:
+    """Measure the resident memory (MB) of a fresh interpreter once it has imported each entry.
+
+    Each entry runs ``repeats`` times, each in a new ``sys.executable -c`` process (the operator's
+    interpreter and environment) that imports the entry's modules and then reads its own VmRSS;
+    the median is kept. Every figure includes the bare interpreter's, and the entries overlap
+    (kopf imports the Kubernetes client itself whenever it is installed).
+
+    Args:
+        imports: each entry's name and the modules it imports (none: the bare interpreter).
+        repeats: fresh interpreters per entry.
+
+    Returns:
+        Each entry's median resident memory in MB, in the order of ``imports``.
+
+    Raises:
+        subprocess.CalledProcessError: an interpreter failed (a module is not installed).
+    """
+    out: dict[str, float] = {}
+    for name, modules in imports.items():
+        code = (f"import {', '.join(modules)}\n" if modules else "") + _PRINT_VMRSS
+        kb = [
+            int(
+                subprocess.run(
+                    [sys.executable, "-c", code],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    timeout=IMPORT_TIMEOUT_SECONDS,
+                ).stdout
+            )
+            for _ in range(repeats)
+        ]
+        out[name] = statistics.median(kb) / 1024
+    return out
 
 
 def expected_probes(window: float, poll: int = POLL) -> int:
@@ -292,7 +371,11 @@ def measure_footprint(
         f"  marginal cost per budget: {marginal['rss_kb_per_budget']:.0f} KB resident, "
         f"{marginal['cpu_percent_per_100_budgets']:.2f}% of a core per 100 budgets"
     )
-    return {"rows": rows, "marginal": marginal}
+    return {
+        "setup": footprint_setup(namespaces=fleet.namespaces, pods=fleet.pods),
+        "rows": rows,
+        "marginal": marginal,
+    }
 
 
 def load_soak(
@@ -446,6 +529,14 @@ def run(
     try:
         if footprint:
             out["footprint"] = measure_footprint(sb, kube, fleet, counts, window, out_dir)
+            imported = import_rss_mb()
+            out["footprint"]["import_rss_mb"] = imported
+            out["footprint"]["import_rss_repeats"] = IMPORT_REPEATS
+            say(
+                f"  resident memory of a fresh interpreter after its imports (median of "
+                f"{IMPORT_REPEATS}): "
+                + ", ".join(f"{name} {mb:.1f} MB" for name, mb in imported.items())
+            )
         if soak_minutes:
             out["load"] = load_soak(sb, kube, fleet, minutes=soak_minutes, out_dir=out_dir)
     finally:
@@ -465,17 +556,24 @@ def _charts(out: dict[str, Any], charts: Path) -> None:
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
         xs = [r["budgets"] for r in rows]
         ax.plot(xs, [r["rss_mb"] for r in rows], marker="o", label="resident memory (MB)")
-        ax.axhline(150, color="#d62728", linestyle="--", label="target: 150 MB")
+        ax.axhline(
+            RSS_TARGET_MB, color="#d62728", linestyle="--", label=f"target: {RSS_TARGET_MB:g} MB"
+        )
         ax.set_xlabel("ConnectionBudgets")
         ax.set_ylabel("MB")
         ax2 = ax.twinx()
         ax2.plot(xs, [r["cpu_percent"] for r in rows], marker="s", color="#ff7f0e", label="CPU")
-        ax2.axhline(5, color="#ff7f0e", linestyle=":", label="target: 5% of a core")
+        ax2.axhline(
+            CPU_TARGET_PERCENT,
+            color="#ff7f0e",
+            linestyle=":",
+            label=f"target: {CPU_TARGET_PERCENT:g}% of a core",
+        )
         ax2.set_ylabel("% of one core")
         lines = ax.get_legend_handles_labels()
         lines2 = ax2.get_legend_handles_labels()
         ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", fontsize=8)
-        ax.set_title("Operator footprint by number of budgets (poll 10 s)")
+        ax.set_title(f"Operator footprint by number of budgets (poll {POLL} s)")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(charts / "footprint.png")

@@ -717,3 +717,152 @@ def test_a_recovery_needs_no_probe_newer_than_the_fault_only_newer_than_its_fail
         status(26, "True:ProbeSucceeded", T0 + 26),
     ]
     assert checks.recovered_at(fault, failed, "leaky") == T0 + 26
+
+
+# The footprint section: every figure from the run's data (issue: no figure typed into prose).
+FOOTPRINT_SETUP = {
+    "namespaces": 13,
+    "pods": 777,
+    "databases": 7,
+    "poll_seconds": 17,
+    "settle_seconds": 19,
+    "target_budgets": 777,
+    "rss_target_mb": 222.0,
+    "cpu_target_percent": 3.0,
+}
+IMPORT_RSS = {
+    "interpreter": 9.4,
+    "operator": 96.6,
+    "kopf": 58.4,
+    "kubernetes": 47.3,
+    "psycopg": 36.2,
+    "prometheus_client": 25.1,
+}
+
+
+def _fp_row(budgets: int, rss: float, cpu: float, probes: list[float], **extra: Any) -> Any:
+    return {
+        "budgets": budgets,
+        "rss_mb": rss,
+        "cpu_percent": cpu,
+        "probes_per_budget": Spread.of(probes),
+        "window_seconds": 41.0,
+        "expected_probes_min": 2,
+        "cadence_kept": True,
+        "db_connections": extra.get("db", 1),
+        "databases": extra.get("db", 1),
+        "probe_ms_mean": extra.get("ms", 2.5),
+        "warnings_no_pods_selected": 0,
+    }
+
+
+def _fp_run(top: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "rows": {
+            "1": _fp_row(1, 131.3, 0.11, [3.0]),
+            str(top): _fp_row(top, 333.3, 4.44, [2.0, 3.0, 3.0], db=7, ms=6.6),
+        },
+        "marginal": {"rss_kb_per_budget": 265.0, "cpu_percent_per_100_budgets": 0.55},
+        **extra,
+    }
+
+
+def test_the_footprint_section_renders_every_figure_from_the_run() -> None:
+    import re
+
+    from bench.report import _footprint
+
+    targets: list[tuple[str, str, str]] = []
+    run = _fp_run(777, setup=FOOTPRINT_SETUP, import_rss_mb=IMPORT_RSS, import_rss_repeats=5)
+    text = "\n".join(_footprint(run, targets))
+    assert "the median of 5 interpreters each. The operator 97 MB; kopf 58 MB" in text
+    assert "the Kubernetes client 47 MB, psycopg 36 MB, prometheus_client 25 MB" in text
+    assert "the bare interpreter's 9 MB" in text
+    assert "importing the operator takes 97 MB of it (above)" in text
+    assert "add the rest, about 35 MB" in text  # 131.3 MB with one budget, less the imports
+    assert "stays within 222 MB up to about 350 budgets" in text  # (222 - 131.3) * 1024 / 265
+    assert "poll costs about 1.0 ms of CPU" in text  # 4.44 % of a core * 17 s / 777 budgets
+    assert "(17 s) spread over 13 namespaces and 7 databases" in text
+    assert [t for t, _, _ in targets[:2]] == [
+        "at most 222 MB resident at 777 budgets",
+        "at most 3 % of one core at 777 budgets",
+    ]
+    # Every number in the section: the data's, the setup's, or computed from them.
+    allowed = {
+        *("4", "17", "13", "7", "777", "19"),  # heading, setup
+        *("1", "131.3", "0.11", "3", "41", "2", "2.5"),  # one budget's row
+        *("333.3", "4.44", "6.6"),  # the top row
+        *("265", "0.55", "100"),  # marginal cost (per 100 budgets)
+        *("5", "97", "58", "47", "36", "25", "9"),  # import memory
+        *("131", "35", "222", "350", "1.0"),  # why: derived from the above
+    }
+    assert set(re.findall(r"\d+(?:\.\d+)?", text)) <= allowed
+
+
+def test_the_footprint_section_leaves_import_memory_out_for_a_run_that_did_not_measure_it() -> None:
+    from bench.footprint import CPU_TARGET_PERCENT, RSS_TARGET_MB, TARGET_BUDGETS
+    from bench.report import _footprint
+
+    targets: list[tuple[str, str, str]] = []
+    # An older results.json: no import figures and no recorded setup (today's constants).
+    text = "\n".join(_footprint(_fp_run(TARGET_BUDGETS), targets))
+    assert "Import memory" not in text
+    assert "a fixed cost: the operator's imports, the client's worker threads" in text
+    assert "importing the operator takes" not in text
+    assert [t for t, _, _ in targets[:2]] == [
+        f"at most {RSS_TARGET_MB:g} MB resident at {TARGET_BUDGETS} budgets",
+        f"at most {CPU_TARGET_PERCENT:g} % of one core at {TARGET_BUDGETS} budgets",
+    ]
+
+
+def test_the_footprint_section_types_no_figure_into_its_prose() -> None:
+    import ast
+    import inspect
+    import re
+
+    from bench import report
+
+    tree = ast.parse(inspect.getsource(report))
+    funcs = [
+        f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name.startswith("_footprint")
+    ]
+    assert {f.name for f in funcs} >= {"_footprint", "_footprint_imports"}
+    specs = {
+        id(c)
+        for f in funcs
+        for v in ast.walk(f)
+        if isinstance(v, ast.FormattedValue) and v.format_spec
+        for c in ast.walk(v.format_spec)
+    }
+    # Prose has spaces; keys ("cpu_percent_per_100_budgets") and format strings have none.
+    prose = [
+        c.value
+        for f in funcs
+        for c in ast.walk(f)
+        if isinstance(c, ast.Constant)
+        and isinstance(c.value, str)
+        and " " in c.value
+        and id(c) not in specs
+    ]
+    # The section's number and a unit ("% of a core per 100 budgets") are not figures.
+    typed = [
+        p for p in prose if re.search(r"\d", p.replace("## 4. ", "").replace("per 100 budgets", ""))
+    ]
+    assert typed == []
+    # Numbers in the code are unit conversions only (%, ms, KB); targets come from the setup.
+    numbers = {
+        c.value
+        for f in funcs
+        for c in ast.walk(f)
+        if isinstance(c, ast.Constant) and type(c.value) in (int, float)
+    }
+    assert numbers <= {0, 1, 100, 1000, 1024}
+
+
+def test_import_rss_reads_a_fresh_interpreters_resident_memory_per_entry() -> None:
+    from bench.footprint import IMPORTS, import_rss_mb
+
+    got = import_rss_mb({"interpreter": (), "decimal": ("decimal", "json")}, repeats=1)
+    assert list(got) == ["interpreter", "decimal"]
+    assert all(mb > 1 for mb in got.values())
+    assert list(IMPORTS)[:2] == ["interpreter", "operator"]
