@@ -68,6 +68,7 @@ USABLE = MAX_CONNECTIONS - 3  # superuser_reserved_connections
 BUDGET = 80
 RATES = (1.0, 7.0, 20.0)  # leaked connections per second
 LEAK_POD_RATE = 10.0  # at most this many per leaking pod (one uvicorn process each)
+SATURATED = 0.95  # a second with the machine's cores at least this busy is saturated
 PROBE_INTERVAL = 0.25  # the probe client tries a fresh connection 4 times a second
 SAMPLE_INTERVAL = 0.25
 STATUS_INTERVAL = 1.0  # the ConnectionBudget's status is read once a second
@@ -557,7 +558,7 @@ def play_rate(
             "rate": rate,
             "leak_pods": leak_pods(rate),
             "cpu_busy": round(busy, 3),
-            "cpu_saturated_seconds": sum(1 for c in cpu if c >= 0.95),
+            "cpu_saturated_seconds": sum(1 for c in cpu if c >= SATURATED),
             "cpu_seconds": len(cpu),
             "lanes": lanes_out,
         }

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Spread
+from bench.exhaustion import SATURATED
 from bench.footprint import footprint_setup
 
 CHARTS = "tests/bench/charts"
@@ -183,8 +184,8 @@ def _exhaustion(ex: dict[str, Any], targets: list[tuple[str, str, str]]) -> list
                 f"{_f(ln['leak_sent_per_second'], '{:.2f}')}/s ({labels[k]})"
                 for k, ln in lanes.items()
             )
-            + f". The machine's two cores were {_f(res['cpu_busy'] * 100, '{:.0f}')} % busy over "
-            f"the window, saturated (at least 95 %) {res['cpu_saturated_seconds']} of "
+            + f". The machine's cores were {_f(res['cpu_busy'] * 100, '{:.0f}')} % busy over "
+            f"the window, saturated (at least {SATURATED:.0%}) {res['cpu_saturated_seconds']} of "
             f"{res['cpu_seconds']} seconds.",
             "",
             "| strategy | refused (probe + apps) | healthy failed (of requests), why | in-flight "
