@@ -348,8 +348,14 @@ class Kube:
         }
         created = await self.call(self.core.create_namespaced_event, ref.namespace, body)
         if series is not None:
-            # Series of other episodes of this budget are finished: forget them.
-            for k in [k for k in self._event_series if k[:3] == key[:3] and k[5] != key[5]]:
+            # This reason's series of other episodes of this budget are finished: forget them
+            # (not other reasons': a LeakDetected Event, whose series is the workload, must not
+            # end the episode's IdleConnectionsTerminated one). At most one per reason is kept.
+            for k in [
+                k
+                for k in self._event_series
+                if k[:3] == key[:3] and k[4] == key[4] and k[5] != key[5]
+            ]:
                 del self._event_series[k]
             self._event_series[key] = (str(created.metadata.name), 1)
 
