@@ -41,7 +41,7 @@ def post(kube: Kube, reason: str, series: str) -> None:
 def test_another_reasons_series_does_not_end_an_episodes_event() -> None:
     kube = Kube(kubernetes.client.ApiClient())
     core = FakeCore()
-    kube.core = core  # type: ignore[assignment]
+    kube.core = core
     post(kube, "IdleConnectionsTerminated", "episode-1")
     post(kube, "LeakDetected", "Deployment/web")
     post(kube, "IdleConnectionsTerminated", "episode-1")
