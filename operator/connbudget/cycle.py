@@ -392,7 +392,10 @@ async def run_cycle(
                         # A pooler pod that does not answer hides its clients and its server
                         # connections: acting on the rest would be acting on half the picture.
                         raise ProbeError(
-                            ProbeFailure.DATABASE_UNREACHABLE, "; ".join(pooler_sample.errors)
+                            ProbeFailure(pooler_sample.failure)
+                            if pooler_sample.failure
+                            else ProbeFailure.DATABASE_UNREACHABLE,
+                            "; ".join(pooler_sample.errors),
                         )
                 except (SecretProblem, ProbeError) as e:
                     # A malformed admin DSN or a wrong password waits for the user (Stalled); a

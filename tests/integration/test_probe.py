@@ -222,3 +222,13 @@ def test_an_unreachable_pooler_pod_is_an_error_not_a_crash(sandbox: Sandbox) -> 
     s = asyncio.run(sample_poolers(db.bouncer_admin_dsn, ["127.0.0.2"], replicas=1))
     assert len(s.errors) == 1
     assert db.bouncer_admin_password not in s.errors[0]
+    assert s.failure is None  # waiting may cure it
+
+
+def test_a_wrong_admin_password_is_a_failure_for_the_user(sandbox: Sandbox) -> None:
+    db = sandbox.db
+    wrong = psycopg.conninfo.make_conninfo(db.bouncer_admin_dsn, password="not-the-password")
+    s = asyncio.run(sample_poolers(wrong, [db.host], replicas=1))
+    assert len(s.errors) == 1
+    assert s.failure == "AuthenticationFailed"
+    assert "not-the-password" not in s.errors[0]

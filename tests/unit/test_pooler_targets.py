@@ -152,6 +152,33 @@ def test_a_malformed_admin_dsn_waits_for_the_user() -> None:
     assert (stalled["status"], stalled["reason"]) == ("True", "DsnInvalid")
 
 
+def test_a_wrong_admin_password_on_a_pooler_pod_waits_for_the_user() -> None:
+    # Found by the reasons-table review: a pod's login failure came back as one of the sample's
+    # errors and was reported as DatabaseUnreachable (not stalled: "waiting may cure it").
+    kube, monitor = FakeKube(), FakeMonitor(leaking())
+    deps, _ = make_deps(kube, monitor, [WEB1, WEB2])
+
+    async def refused(template: str, hosts: Sequence[str], replicas: int) -> PoolerSample:
+        return PoolerSample(
+            replicas=replicas,
+            errors=("10.0.0.9: password authentication failed",),
+            failure="AuthenticationFailed",
+        )
+
+    deps = dataclasses.replace(deps, sample_poolers=refused)
+    spec = {
+        **SPEC,
+        "pooler": {
+            "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "pgbouncer"},
+            "adminSecretRef": {"name": "pgbouncer-admin"},
+        },
+    }
+    out = run_cycle(deps, spec=spec, old_status=OVER_STATUS)
+    stalled = next(c for c in out["conditions"] if c["type"] == "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "AuthenticationFailed")
+    assert kube.calls == []
+
+
 def test_a_gitops_tool_that_applies_the_replicas_owns_them() -> None:
     from connbudget.kube.api import replica_managers
 

@@ -90,6 +90,9 @@ class PoolerSample:
     clients_waiting: int = 0
     server_connections: int = 0
     errors: tuple[str, ...] = ()
+    # What kind of failure the errors are, when one needs the user (a wrong admin password, a
+    # malformed admin DSN: probe.errors.ProbeFailure values); None: waiting may cure them.
+    failure: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,7 +19,7 @@ from psycopg import conninfo
 
 from connbudget.model.observations import PROBE_APPLICATION_NAME, PoolerClient, PoolerSample
 from connbudget.probe import queries
-from connbudget.probe.errors import ProbeError
+from connbudget.probe.errors import ProbeError, ProbeFailure
 from connbudget.probe.postgres import (
     ANSWER_TIMEOUT_SECONDS,
     CONNECT_TIMEOUT_SECONDS,
@@ -120,6 +120,10 @@ def summarise(
     return waiting, servers, out
 
 
+# Failures only a change by the user can cure (the Secret's DSN or password).
+USER_FAILURES = frozenset({ProbeFailure.AUTHENTICATION_FAILED, ProbeFailure.DSN_INVALID})
+
+
 async def sample_poolers(template: str, hosts: Iterable[str], *, replicas: int) -> PoolerSample:
     """Query every pooler pod at ``hosts``; pods that fail are named in ``errors``.
 
@@ -139,10 +143,13 @@ async def sample_poolers(template: str, hosts: Iterable[str], *, replicas: int) 
     waiting = servers = 0
     clients: list[PoolerClient] = []
     errors: list[str] = []
+    failure: str | None = None
     for host, result in zip(hosts, results, strict=True):
         if isinstance(result, BaseException):
             err = result if isinstance(result, ProbeError) else classify(result, template)
             errors.append(f"{host}: {err}")
+            if err.failure in USER_FAILURES:
+                failure = err.failure.value
             continue
         w, s, c = summarise(*result, now=time.time())
         waiting += w
@@ -154,4 +161,5 @@ async def sample_poolers(template: str, hosts: Iterable[str], *, replicas: int) 
         clients_waiting=waiting,
         server_connections=servers,
         errors=tuple(errors),
+        failure=failure,
     )
