@@ -502,6 +502,17 @@ async def run_cycle(
         # which the forecast must not read as a slowing leak. Start its series afresh.
         runtime.history.clear()
     runtime.termination_denied = done.termination_denied
+    cooldown = decision.memory.cooldown_until
+    if done.restarted and cooldown is not None:
+        # The cooldown counts from when the restart was done, not from the cycle's start: a
+        # probe that waited on a stalled server took seconds off it (found by the fault run: two
+        # evictions 28.8 s apart under a 30 s cooldown).
+        after = deps.now() + spec.remediation.cooldown_seconds
+        if after > cooldown:
+            decision = dataclasses.replace(
+                decision, memory=dataclasses.replace(decision.memory, cooldown_until=after)
+            )
+            outcome = dataclasses.replace(outcome, decision=decision)
     if (
         done.gone
         and not done.restarted

@@ -17,6 +17,7 @@ from connbudget.model.observations import LastStatement, PodInfo, PoolerSample, 
 from connbudget.model.spec import ObjectRef, SecretRef, parse_spec
 from connbudget.probe.errors import ProbeError, ProbeFailure
 from connbudget.report.metrics import Metrics
+from connbudget.report.status import parse_time as status_time
 from unit.builders import NOW, leak_group, pod, sample
 
 PASSWORD = "pa55-Word-Zz"
@@ -222,6 +223,21 @@ def test_a_breach_terminates_and_evicts_and_reports_it() -> None:
     assert {r for _, r, _ in events} >= {"IdleConnectionsTerminated", "PodEvicted"}
     assert out["lastAction"]["type"] == "RestartPods"
     assert out["cooldownUntil"]
+
+
+def test_the_cooldown_counts_from_the_restart_not_from_the_cycles_start() -> None:
+    # Found by the fault run: the probe of a cycle waited 1-2 s on a stalled server, the pod was
+    # evicted after it, and a cooldown counted from the cycle's start let the next eviction come
+    # 28.8 s after it under a 30 s cooldown.
+    kube, monitor = FakeKube(), FakeMonitor(leaking())
+    deps, _ = make_deps(kube, monitor, [WEB1, WEB2])
+    clock = iter([NOW, NOW + 2.0, NOW + 2.5, NOW + 3.0, NOW + 3.5, NOW + 4.0])
+    deps = dataclasses.replace(deps, now=lambda: next(clock, NOW + 5.0))
+    out = run_cycle(deps, old_status=OVER_STATUS)
+    assert kube.calls == [("evict", "web-1")]
+    until = status_time(out["cooldownUntil"])
+    assert until is not None
+    assert until >= NOW + 2.0 + 60  # the default cooldownSeconds, from the eviction
 
 
 @pytest.mark.parametrize("how", ["dry-run", "paused"])
