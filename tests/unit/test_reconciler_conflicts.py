@@ -143,3 +143,72 @@ def test_stepping_down_is_never_held_by_a_worker_that_lost_its_cancellation() ->
     stepped_down = asyncio.run(play())
     assert stepped_down < 6
     assert len(turns) == 1
+
+
+def test_stepping_down_is_never_held_by_a_pod_resync_that_lost_its_cancellation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Found by the 30-minute fault run: follow() awaited the pod resync without a limit; one that
+    # lost its cancellation (Python 3.11's wait_for) held it forever, so the replica kept its
+    # workers, wrote statuses from what it had written itself (erasing the new leader's
+    # cooldown: two evictions 8 s apart under a 30 s cooldown) and never tried for the Lease.
+    from connbudget.handlers import reconciler as rec
+
+    monkeypatch.setattr(rec, "POD_RESYNC_SECONDS", 0.05)
+    monkeypatch.setattr(rec, "STOP_WAIT_SECONDS", 0.5)
+    kube = VersionedKube()
+    reconciler = Reconciler(kube=kube, monitors=MonitorPool(), metrics=Metrics())  # type: ignore[arg-type]
+    resyncs: list[float] = []
+
+    async def deaf_resync() -> None:
+        resyncs.append(asyncio.get_running_loop().time())
+        with contextlib.suppress(asyncio.CancelledError):  # the lost cancellation
+            await asyncio.sleep(0.3)
+
+    reconciler.resync_pods = deaf_resync  # type: ignore[method-assign,assignment]
+    body = kube.body()
+    body["spec"] = {"pollSeconds": 1}
+
+    async def once(key: object, b: object, runtime: object) -> None:
+        await asyncio.sleep(0.05)
+
+    reconciler._once = once  # type: ignore[method-assign]
+
+    async def play() -> float:
+        await reconciler.on_budget(None, body)
+        reconciler.lead()
+        await asyncio.sleep(0.1)  # the resync is inside resync_pods
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(reconciler.follow(), timeout=5)
+        took = loop.time() - started
+        assert not reconciler.workers
+        assert reconciler.standby
+        count = len(resyncs)
+        await asyncio.sleep(0.5)  # a resync still running would take more turns
+        assert len(resyncs) == count
+        await reconciler.close()
+        return took
+
+    assert asyncio.run(play()) < 2
+
+
+def test_a_replica_that_no_longer_leads_writes_no_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    from connbudget import cycle
+
+    kube = VersionedKube()
+    reconciler = Reconciler(kube=kube, monitors=MonitorPool(), metrics=Metrics())  # type: ignore[arg-type]
+
+    async def decided(**_: object) -> dict[str, Any]:
+        return {"phase": "OverBudget", "cooldownUntil": None}
+
+    monkeypatch.setattr(cycle, "run_cycle", decided)
+
+    async def play() -> None:
+        await reconciler.on_budget(None, kube.body())
+        b = reconciler.budgets[("shop", "web")]
+        await reconciler._once(("shop", "web"), b, cycle.Runtime())  # not leading, no worker
+
+    asyncio.run(play())
+    assert kube.writes == 0
+    assert kube.status == THEIRS  # the leader's cooldown stays

@@ -76,8 +76,13 @@ def run_cycles(
     r.budgets[KEY] = b
 
     async def main() -> None:
+        r.leading = True  # as the leader's worker for the budget: only it writes
+        task = asyncio.current_task()
+        assert task is not None
+        r.workers[KEY] = task
         for _ in statuses:
             await r._once(KEY, b, cycle.Runtime())
+        r.workers.clear()
 
     asyncio.run(main())
     return r, kube

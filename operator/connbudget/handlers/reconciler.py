@@ -152,8 +152,12 @@ class Reconciler:
         return dropped
 
     async def _resync_forever(self) -> None:
-        while True:
+        me = asyncio.current_task()
+        # Registered, or stopped (even if the cancellation was lost: see ``_stop``).
+        while self.resync is me:
             await asyncio.sleep(POD_RESYNC_SECONDS)
+            if self.resync is not me:
+                return
             try:
                 await self.resync_pods()
             except KubeError as e:
@@ -226,15 +230,23 @@ class Reconciler:
                 self._start_worker(key)
 
     async def follow(self) -> None:
-        """Stop acting (another replica leads)."""
+        """Stop acting (another replica leads).
+
+        Bounded: the leader election awaits it before it tries for the Lease again, so nothing
+        here may wait on a task without a limit (found by the fault run: a pod resync that lost
+        its cancellation held it forever; the replica kept its workers writing statuses from what
+        it wrote itself, erasing the new leader's cooldown, and never tried for the Lease again).
+        """
         if self.leading:
             log.warning("no longer leading: stopping workers")
         self.leading = False
+        # Another replica writes the status now: what this one wrote last is no longer the truth
+        # (its cooldowns and episodes would be lost if this replica led again and read it back).
+        self.written.clear()
+        self.written_at.clear()
         await self._stop_resync()
         for key in list(self.workers):
             await self._stop_worker(key)
-        # Another replica writes the status now: what this one wrote last is no longer the truth
-        # (its cooldowns and episodes would be lost if this replica led again and read it back).
         self.written.clear()
         self.written_at.clear()
         for key in self.budgets:
@@ -381,6 +393,8 @@ class Reconciler:
         )
         if new_status is None:
             return
+        if not self.leading or self.workers.get(key) is not asyncio.current_task():
+            return  # stepped down meanwhile: the leader writes the status now
         self.metrics.db_connections.set(self.monitors.open_connections)
         last = self.written_at.get(key)
         if not status.worth_writing(
@@ -438,10 +452,13 @@ class Reconciler:
 
     async def _stop_resync(self) -> None:
         task, self.resync = self.resync, None
-        if task is not None:
+        if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            if task.get_loop() is not asyncio.get_running_loop():
+                return  # a task of a loop that has ended (tests run several): nothing to await
+            done, _ = await asyncio.wait({task}, timeout=STOP_WAIT_SECONDS)
+            if not done:
+                log.warning("the pod resync is still finishing")
 
     async def close(self) -> None:
         self.leading = False
