@@ -158,6 +158,8 @@ def classify(error: BaseException, dsn: str) -> ProbeError:
     lowered = text.lower()
     if (
         "password authentication failed" in lowered
+        # PgBouncer's answer to a wrong SCRAM password.
+        or "sasl authentication failed" in lowered
         or "no pg_hba.conf entry" in lowered
         or ("role" in lowered and "does not exist" in lowered)
     ):
