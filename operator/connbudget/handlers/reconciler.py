@@ -247,8 +247,6 @@ class Reconciler:
         await self._stop_resync()
         for key in list(self.workers):
             await self._stop_worker(key)
-        self.written.clear()
-        self.written_at.clear()
         for key in self.budgets:
             if key not in self.standby:
                 self._start_standby(key)
@@ -287,14 +285,7 @@ class Reconciler:
         its loop at the next turn; the caller (the leader election, stepping down) never waits
         on it longer than ``STOP_WAIT_SECONDS``.
         """
-        task = tasks.pop(key, None)
-        if task is not None and not task.done():
-            task.cancel()
-            if task.get_loop() is not asyncio.get_running_loop():
-                return  # a task of a loop that has ended (tests run several): nothing to await
-            done, _ = await asyncio.wait({task}, timeout=STOP_WAIT_SECONDS)
-            if not done:
-                log.warning("a stopped worker is still finishing", extra={"task": task.get_name()})
+        await _cancel_bounded(tasks.pop(key, None))
 
     def _deps(self, ref: BudgetRef) -> cycle.Deps:
         async def post_event(type_: str, reason: str, message: str, series: str | None) -> None:
@@ -452,13 +443,7 @@ class Reconciler:
 
     async def _stop_resync(self) -> None:
         task, self.resync = self.resync, None
-        if task is not None and not task.done():
-            task.cancel()
-            if task.get_loop() is not asyncio.get_running_loop():
-                return  # a task of a loop that has ended (tests run several): nothing to await
-            done, _ = await asyncio.wait({task}, timeout=STOP_WAIT_SECONDS)
-            if not done:
-                log.warning("the pod resync is still finishing")
+        await _cancel_bounded(task)  # it leaves its loop once no longer registered
 
     async def close(self) -> None:
         self.leading = False
@@ -467,3 +452,16 @@ class Reconciler:
             for key in list(tasks):
                 await self._stop(tasks, key)
         await self.monitors.close()
+
+
+async def _cancel_bounded(task: asyncio.Task[None] | None) -> None:
+    """Cancel ``task`` and wait for it at most ``STOP_WAIT_SECONDS`` (it may have lost its
+    cancellation: the loop it runs leaves once the task is no longer registered)."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    if task.get_loop() is not asyncio.get_running_loop():
+        return  # a task of a loop that has ended (tests run several): nothing to await
+    done, _ = await asyncio.wait({task}, timeout=STOP_WAIT_SECONDS)
+    if not done:
+        log.warning("a stopped task is still finishing", extra={"task": task.get_name()})
