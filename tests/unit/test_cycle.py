@@ -8,6 +8,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
 from connbudget import cycle
@@ -85,8 +87,10 @@ class FakeMonitor:
         self.terminated: list[int] = []
         self.query = query  # what every backend last ran
         self.asked: list[int] = []
+        self.not_before: list[float | None] = []  # what each sample() was asked for
 
-    async def sample(self) -> ServerSample:
+    async def sample(self, *, not_before: float | None = None) -> ServerSample:
+        self.not_before.append(not_before)
         if isinstance(self.result, ProbeError):
             raise self.result
         return self.result
@@ -377,9 +381,51 @@ def test_the_same_problem_is_announced_once_not_every_poll() -> None:
 
 
 def test_polling_follows_poll_seconds() -> None:
-    assert cycle.is_probe_due(last_probe_at=None, poll_seconds=10, now=NOW)
-    assert not cycle.is_probe_due(last_probe_at=NOW - 5, poll_seconds=10, now=NOW)
-    assert cycle.is_probe_due(last_probe_at=NOW - 9.98, poll_seconds=10, now=NOW)
+    t = 1_800_000_000.0  # a slot of the 10 s grid
+    assert cycle.is_probe_due(last_probe_at=None, poll_seconds=10, now=t)
+    assert not cycle.is_probe_due(last_probe_at=t - 5, poll_seconds=10, now=t - 0.1)
+    assert cycle.is_probe_due(last_probe_at=t - 10, poll_seconds=10, now=t)
+    assert cycle.is_probe_due(last_probe_at=t - 10, poll_seconds=10, now=t - 0.02)
+    assert not cycle.is_probe_due(last_probe_at=t, poll_seconds=10, now=t + 9.9)
+
+
+@given(
+    last=st.floats(min_value=1.6e9, max_value=2.0e9, allow_nan=False),
+    poll=st.sampled_from([1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 300.0]),
+)
+def test_slots_are_a_grid_a_poll_apart(last: float, poll: float) -> None:
+    nxt = cycle.next_slot(last, poll)
+    assert last < nxt <= last + poll + 1e-6
+    assert nxt / poll == pytest.approx(round(nxt / poll), abs=1e-6)  # on the grid
+    # From a slot, the next one is exactly a poll later.
+    assert cycle.next_slot(nxt, poll) == pytest.approx(nxt + poll)
+    # A probe due at the slot (or a hair before, or late) belongs to that slot.
+    assert cycle.slot_at(nxt, poll) == pytest.approx(nxt)
+    assert cycle.slot_at(nxt - cycle.PACING_SLACK_SECONDS / 2, poll) == pytest.approx(nxt)
+    assert cycle.slot_at(nxt + poll * 0.9, poll) == pytest.approx(nxt)
+
+
+def test_budgets_created_apart_probe_at_the_same_slots_and_share_them() -> None:
+    """Two budgets of one database, created 3.7 s apart: after each one's first probe (made at
+    once), both are due at the same slots, and each asks the monitor for a sample of that slot."""
+    t0 = 1_800_000_003.3
+    runtimes = [cycle.Runtime(), cycle.Runtime()]
+    spec = parse_spec({**SPEC, "pollSeconds": 10})
+    for rt in runtimes:
+        rt.parsed = ({}, spec)
+    runtimes[0].last_probe_at = t0
+    runtimes[1].last_probe_at = t0 + 3.7
+    wakes = [t0 + 5 + cycle.seconds_to_next_cycle(rt, t0 + 5, tick=1.0) for rt in runtimes]
+    assert wakes[0] == pytest.approx(wakes[1])
+    assert wakes[0] == pytest.approx(1_800_000_010.0 + cycle.WAKE_MARGIN_SECONDS)
+
+    kube, monitor = FakeKube(), FakeMonitor(leaking())
+    deps, _ = make_deps(kube, monitor, [WEB1, WEB2])
+    deps.now = lambda: wakes[0] + 0.3  # the event loop was a little late
+    for rt in runtimes:
+        run_cycle(deps, spec={**SPEC, "pollSeconds": 10}, runtime=rt)
+        assert rt.last_probe_at == pytest.approx(1_800_000_010.0)
+    assert monitor.not_before == [pytest.approx(1_800_000_010.0)] * 2
 
 
 def test_a_role_without_pg_signal_backend_is_permission_denied() -> None:
@@ -444,19 +490,23 @@ def test_the_spec_is_parsed_once_and_again_when_it_changes() -> None:
     assert budget_seen() == 60
 
 
-def test_a_worker_sleeps_until_its_probe_is_due_never_less_than_a_poll() -> None:
+def test_a_worker_sleeps_until_its_next_slot() -> None:
     runtime = cycle.Runtime()
-    t0 = 1_800_000_000.0
+    t0 = 1_800_000_000.0  # a slot of the 10 s grid
     # Nothing parsed or probed yet: one tick.
     assert cycle.seconds_to_next_cycle(runtime, t0, tick=1.0) == 1.0
     runtime.parsed = ({}, parse_spec({**SPEC, "pollSeconds": 10}))
-    runtime.last_probe_at = t0 + 0.3
+    runtime.last_probe_at = t0
     wait = cycle.seconds_to_next_cycle(runtime, t0 + 0.4, tick=1.0)
-    assert wait == pytest.approx(9.9 + cycle.WAKE_MARGIN_SECONDS)
-    assert cycle.is_probe_due(last_probe_at=t0 + 0.3, poll_seconds=10, now=t0 + 0.4 + wait)
-    # A whole poll has passed when it wakes: a breach seen at the last probe has lasted a poll.
-    assert t0 + 0.4 + wait - (t0 + 0.3) > 10
+    assert wait == pytest.approx(9.6 + cycle.WAKE_MARGIN_SECONDS)
+    assert cycle.is_probe_due(last_probe_at=t0, poll_seconds=10, now=t0 + 0.4 + wait)
+    # A first probe off the grid: the next slot, less than a poll later.
+    runtime.last_probe_at = t0 + 3.3
+    assert cycle.seconds_to_next_cycle(runtime, t0 + 3.4, tick=1.0) == pytest.approx(
+        6.6 + cycle.WAKE_MARGIN_SECONDS
+    )
     # Past due (the cycle was slow): at once, never a negative sleep.
+    runtime.last_probe_at = t0
     assert cycle.seconds_to_next_cycle(runtime, t0 + 12.5, tick=1.0) == 0.0
 
 
@@ -500,3 +550,32 @@ def test_a_stale_view_never_acts_when_its_intent_write_conflicts() -> None:
     with pytest.raises(StatusConflict):
         run_cycle(deps, old_status=OVER_STATUS)
     assert kube.calls == []  # the eviction was never asked for
+
+
+def test_every_blocker_is_kept_not_only_the_last() -> None:
+    """No pod selected and a pooler target without /scale: the condition names the first and
+    says both, each posts its Event once, and nothing is done."""
+    from connbudget.kube.api import KubeError
+
+    class NoScale(FakeKube):
+        async def read_scale(self, namespace: str, target: ObjectRef) -> Scale:
+            raise KubeError(404, "no resource of kind Pooler in example.com/v1")
+
+    kube, monitor = NoScale(), FakeMonitor(leaking())
+    deps, events = make_deps(kube, monitor, [])
+    spec = {
+        **SPEC,
+        "pooler": {"targetRef": {"apiVersion": "example.com/v1", "kind": "Pooler", "name": "pgb"}},
+    }
+    runtime = cycle.Runtime()
+    out = run_cycle(deps, spec=spec, old_status=OVER_STATUS, runtime=runtime)
+    ready = next(c for c in out["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "NoPodsSelected")
+    assert "matches no pod" in ready["message"]
+    assert "no readable /scale" in ready["message"]
+    assert [r for _, r, _ in events].count("ProbeFailed") == 2
+    assert monitor.terminated == []
+    assert kube.calls == []
+    runtime.last_probe_at = None
+    run_cycle(deps, spec=spec, old_status=OVER_STATUS, runtime=runtime)
+    assert [r for _, r, _ in events].count("ProbeFailed") == 2  # said once, not every poll

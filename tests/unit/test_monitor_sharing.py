@@ -129,3 +129,54 @@ def test_a_cancelled_waiter_does_not_cancel_the_others(monkeypatch: pytest.Monke
 
     assert asyncio.run(main()).sampled_at == 1.0
     assert len(query.started) == 1
+
+
+class Clock:
+    """A settable clock for the monitor (when each query began)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_budgets_due_at_one_slot_share_its_sample_even_one_after_the_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The budgets of a database due at one slot of the poll grid wake one after the other: the
+    first starts the slot's query, the others take it, running or done; none queries alone."""
+    query, clock = CountingQuery(seconds=0.01), Clock(1000.2)
+    m = Monitor("postgresql://mon:secret@db:5432/app", clock=clock)
+    monkeypatch.setattr(m, "_sample_locked", query)
+
+    async def main() -> list[float]:
+        first = asyncio.ensure_future(m.sample(not_before=1000.0))
+        await asyncio.sleep(0.005)  # its query is running
+        during = await m.sample(not_before=1000.0)
+        after = await m.sample(not_before=1000.0)  # done by now: the same sample
+        clock.now = 1010.1
+        next_slot = await m.sample(not_before=1010.0)  # the next slot: a new query
+        return [(await first).sampled_at, during.sampled_at, after.sampled_at, next_slot.sampled_at]
+
+    assert asyncio.run(main()) == [1.0, 1.0, 1.0, 2.0]
+    assert len(query.started) == 2
+
+
+def test_a_sample_begun_before_the_slot_is_not_taken_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    query, clock = CountingQuery(seconds=0.05), Clock(999.9)
+    m = Monitor("postgresql://mon:secret@db:5432/app", clock=clock)
+    monkeypatch.setattr(m, "_sample_locked", query)
+
+    async def main() -> tuple[float, float]:
+        early = asyncio.ensure_future(m.sample(not_before=990.0))
+        await asyncio.sleep(0.01)  # a query begun at 999.9 runs
+        clock.now = 1000.05
+        slot = await m.sample(not_before=1000.0)  # not that one: it began before the slot
+        return (await early).sampled_at, slot.sampled_at
+
+    assert asyncio.run(main()) == (1.0, 2.0)
+    assert query.started[1] >= query.started[0]
+    assert query.most_at_once == 1

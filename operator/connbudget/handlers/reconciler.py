@@ -270,7 +270,11 @@ class Reconciler:
             b = self.budgets[key]
             try:
                 await cycle.keep_connected(
-                    namespace=key[0], name=key[1], spec_raw=b.spec, deps=self._deps(b.ref)
+                    namespace=key[0],
+                    name=key[1],
+                    spec_raw=b.spec,
+                    deps=self._deps(b.ref),
+                    fresh_within=STANDBY_CHECK_SECONDS,
                 )
             except Exception:
                 log.exception("standby check failed", extra={"budget": f"{key[0]}/{key[1]}"})

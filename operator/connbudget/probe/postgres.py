@@ -17,7 +17,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Awaitable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, LiteralString, TypeVar
 
 import psycopg
@@ -221,7 +221,9 @@ def _statement(raw: Sequence[Any]) -> LastStatement:
 class Monitor:
     """The monitoring connection to one database; reconnects with backoff after a failure."""
 
-    def __init__(self, dsn: str, ca_pem: str | None = None) -> None:
+    def __init__(
+        self, dsn: str, ca_pem: str | None = None, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self._dsn = dsn
         self._ca_pem = ca_pem
         self.key = dsn_key(dsn, ca_pem)
@@ -230,8 +232,13 @@ class Monitor:
         self._retry_at = 0.0
         self._backoff = BACKOFF_FIRST_SECONDS
         self._last_error: ProbeError | None = None
+        self._clock = clock
         # The next sample, shared by every budget that asks while another query runs.
         self._next: asyncio.Future[ServerSample] | None = None
+        # The query running now and the last sample, each with when its query began (``clock``):
+        # a budget due at a slot takes either if it began at the slot or after.
+        self._running: tuple[float, asyncio.Future[ServerSample]] | None = None
+        self._latest: tuple[float, ServerSample] | None = None
         self._sampling: set[asyncio.Task[None]] = set()
 
     @property
@@ -297,13 +304,20 @@ class Monitor:
                 raise self._last_error from None  # type: ignore[misc]
             raise err from None
 
-    async def sample(self) -> ServerSample:
-        """Sample the server's client backends: one query, shared by concurrent callers.
+    async def sample(self, *, not_before: float | None = None) -> ServerSample:
+        """Sample the server's client backends: one query, shared by every budget that asks.
 
-        A caller gets a sample whose query started after it asked (never an older one); callers
-        that ask while a query runs share the next one. With many budgets on one database, that
-        is one query for all who ask at once instead of one each, and each result decoded once.
+        ``not_before`` is the earliest time (epoch seconds, this process's clock) the sample's
+        query may have begun: budgets due at one slot of the poll grid pass that slot, and the
+        first to ask starts the query the others take (or they take the last sample, if its
+        query began at the slot or later). Without it, a caller gets a sample whose query began
+        after it asked, never an older one. Either way the result is decoded once, for all.
         """
+        if not_before is not None:
+            if self._latest is not None and self._latest[0] >= not_before:
+                return self._latest[1]
+            if self._running is not None and self._running[0] >= not_before:
+                return await asyncio.shield(self._running[1])
         if self._next is None:
             self._next = asyncio.get_running_loop().create_future()
             task = asyncio.create_task(self._sample_for(self._next))
@@ -314,14 +328,21 @@ class Monitor:
     async def _sample_for(self, shared: asyncio.Future[ServerSample]) -> None:
         async with self._lock:  # the query before this one has ended
             self._next = None  # who asks from now on waits for the next query
+            began = self._clock()
+            self._running = (began, shared)
             try:
-                shared.set_result(await self._sample_locked())
+                result = await self._sample_locked()
             except Exception as e:  # every waiter sees the probe's error
                 shared.set_exception(e)
                 shared.exception()  # retrieved: an error no waiter is left for is no problem
             except BaseException:
                 shared.cancel()
                 raise
+            else:
+                self._latest = (began, result)
+                shared.set_result(result)
+            finally:
+                self._running = None
 
     async def _sample_locked(self) -> ServerSample:
         (row,) = await self._run_locked(queries.BACKENDS)

@@ -1,0 +1,122 @@
+"""What a pass works with: the injected calls (``Deps``) and a budget's memory (``Runtime``).
+
+Everything a pass touches comes in through ``Deps`` (Kubernetes calls, the database monitor, the
+pod index, Events, metrics, the clock), so tests drive it with fakes and the handlers with the real
+thing; ``Runtime`` is what a budget remembers from one pass to the next.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from connbudget.kube.api import EvictionResult, Scale
+from connbudget.model.actions import IdleBackend
+from connbudget.model.observations import LastStatement, PodInfo, PoolerSample, ServerSample
+from connbudget.model.spec import BudgetSpec, ObjectRef, SecretRef
+from connbudget.policy import attribution, culprits, evidence
+from connbudget.report.metrics import Metrics
+
+HISTORY_LENGTH = 64  # samples kept for the growth-rate forecast (it uses the last 30 s of them)
+
+
+class KubeCalls(Protocol):
+    async def read_secret_value(self, namespace: str, ref: SecretRef) -> str: ...
+
+    def forget_secret(self, namespace: str, ref: SecretRef) -> None: ...
+
+    async def evict_pod(
+        self, namespace: str, name: str, uid: str, *, dry_run: bool
+    ) -> EvictionResult: ...
+
+    async def delete_pod(
+        self, namespace: str, name: str, uid: str, *, dry_run: bool
+    ) -> EvictionResult: ...
+
+    async def rollout_restart(
+        self, namespace: str, kind: str, name: str, *, now: float, dry_run: bool
+    ) -> None: ...
+
+    async def read_scale(self, namespace: str, target: ObjectRef) -> Scale: ...
+
+    async def count_pods(self, namespace: str, label_selector: str) -> int: ...
+
+    async def autoscalers_of(self, namespace: str, target: ObjectRef) -> list[str]: ...
+
+    async def replica_managers(self, namespace: str, target: ObjectRef) -> list[str]: ...
+
+    async def patch_scale(
+        self, namespace: str, target: ObjectRef, replicas: int, *, dry_run: bool
+    ) -> None: ...
+
+
+class MonitorLike(Protocol):
+    async def sample(self, *, not_before: float | None = None) -> ServerSample: ...
+
+    async def terminate(
+        self, backends: Iterable[IdleBackend], *, min_idle_seconds: float
+    ) -> list[int]: ...
+
+    async def statements(self, backends: Iterable[tuple[int, float]]) -> list[LastStatement]: ...
+
+
+@dataclass
+class Deps:
+    kube: KubeCalls
+    # (budget id, DSN, PEM CA certificate or None)
+    bind_monitor: Callable[[str, str, str | None], Awaitable[MonitorLike]]
+    sample_poolers: Callable[[str, Sequence[str], int], Awaitable[PoolerSample]]
+    pods: Callable[[str], Sequence[PodInfo]]  # every pod of a namespace, from the watch index
+    # (type, reason, message, series): Events of one series and reason are one Event, counted
+    post_event: Callable[[str, str, str, str | None], Awaitable[None]]
+    metrics: Metrics
+    now: Callable[[], float] = time.time
+    # Writes a status before a restart or a scaling is carried out (None: not recorded ahead).
+    write_status: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+    # Every pod the operator sees, by address, and a namespace's by name (None: only the pods of
+    # the budget's namespace, from ``pods``).
+    pod_index: Callable[[str], attribution.PodIndex] | None = None
+    # Drops a pod the API server says is gone from the watch cache (None: nothing to drop).
+    forget_pod: Callable[[str, str], None] | None = None
+    # Whether this replica may act now (it leads for sure); asked before every action.
+    may_act: Callable[[], bool] = lambda: True
+
+
+@dataclass
+class Runtime:
+    """Per-budget memory that need not survive a restart (kept in kopf's memo)."""
+
+    history: collections.deque[tuple[float, int]] = field(
+        default_factory=lambda: collections.deque(maxlen=HISTORY_LENGTH)
+    )
+    last_probe_at: float | None = None
+    # The cadence the last decision asked for (None: the spec's pollSeconds).
+    next_poll_seconds: float | None = None
+    # Each governed backend followed across polls: who leaks, who pools (policy.evidence).
+    evidence: evidence.Evidence = field(default_factory=evidence.Evidence)
+    # What leaking owners' abandoned connections last ran (policy.culprits).
+    culprits: culprits.Culprits = field(default_factory=culprits.Culprits)
+    # Connections the operator removed itself (terminated), added back into the forecast's
+    # series, so that its own actions never look like a slowing leak.
+    removed: int = 0
+    # The last termination was refused (permission): termination cannot hold the budget.
+    termination_denied: bool = False
+    # Events of one episode (from one recovery to the next) and reason are one Event.
+    episode: int = 0
+    # The owners the evidence said were leaking at the last poll.
+    leaking: set[str] = field(default_factory=set)
+    # Whether the budget fitted the server's usable slots at the last poll (None: not known).
+    budget_fits: bool | None = None
+    # What else sets the pooler's replicas (an HPA), and when that was last asked.
+    pooler_owner: str | None = None
+    pooler_owner_checked: float | None = None
+    # Since when the API server has pods for the selector that the watch index lacks.
+    unwatched_since: float | None = None
+    # The problems last reported (reason and message): each posts an Event when it appears.
+    problems_said: frozenset[str] = frozenset()
+    # The spec as last parsed (a copy of the raw spec, and the result): parsed again only when it
+    # changes, not on every tick.
+    parsed: tuple[dict[str, Any], BudgetSpec] | None = None

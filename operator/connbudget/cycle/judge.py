@@ -1,0 +1,88 @@
+"""Judge: who leaks and who pools, where the leak is, and what the budget counts.
+
+The pure policy does the judging (``policy.evidence``, ``culprits``, ``usage``, ``hints``); this
+step feeds it the observation and the budget's memory, and asks the database for the last
+statement of leaked connections not asked about before (the only I/O here).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from connbudget.cycle.deps import MonitorLike, Runtime
+from connbudget.cycle.observe import Observation
+from connbudget.model.spec import BudgetSpec
+from connbudget.policy import attribution, culprits, evidence, hints, usage
+from connbudget.probe.errors import ProbeError
+
+log = logging.getLogger("connbudget.cycle")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Judgement:
+    """What the evidence says of each owner, where leaks are, and the budget's usage."""
+
+    owners: Mapping[str, evidence.OwnerEvidence]
+    shapes: Mapping[str, tuple[culprits.LeakShape, ...]]
+    usage: usage.Usage
+    hints: Mapping[str, str]
+
+
+async def judge(seen: Observation, spec: BudgetSpec, namespace: str, runtime: Runtime) -> Judgement:
+    """Follow the governed backends one more poll, classify their owners, count the budget."""
+    sample = seen.sample
+    floor = float(spec.remediation.terminate_idle.min_idle_seconds)
+    runtime.evidence.observe(
+        at=sample.sampled_at,
+        seen=evidence.seen_backends(
+            attributed=seen.attributed,
+            sampled_at=sample.sampled_at,
+            governed=frozenset(p.name for p in seen.governed),
+        ),
+        floor=floor,
+    )
+    owners = runtime.evidence.judge(
+        at=sample.sampled_at, floor=floor, idle_seconds=spec.leak_idle_seconds
+    )
+    shapes = await _where_leaks(seen.monitor, runtime, owners, seen.index, at=sample.sampled_at)
+    use = usage.compute_usage(
+        spec=spec,
+        namespace=namespace,
+        sample=sample,
+        attributed=seen.attributed,
+        pooled=seen.pooler_clients,
+        pods=seen.index.by_name,
+        owners=owners,
+    )
+    runtime.history.append((sample.sampled_at, use.server_total + runtime.removed))
+    owner_hints = hints.hints_of(
+        hints.owner_facts(
+            owners=owners, attributed=seen.attributed, shapes=shapes, budget=use.budget
+        )
+    )
+    return Judgement(owners=owners, shapes=shapes, usage=use, hints=owner_hints)
+
+
+async def _where_leaks(
+    monitor: MonitorLike,
+    runtime: Runtime,
+    owners: Mapping[str, evidence.OwnerEvidence],
+    index: attribution.PodIndex,
+    *,
+    at: float,
+) -> dict[str, tuple[culprits.LeakShape, ...]]:
+    """What leaking owners' abandoned connections last ran: asked of the server only for
+    connections not asked about before. A failed ask costs the detail, never the cycle."""
+    ask = runtime.culprits.ask(owners, index.by_name, at=at)
+    if ask.backends:
+        try:
+            found = await monitor.statements(ask.backends)
+        except ProbeError as e:
+            log.warning("reading leaked connections' statements failed", extra={"error": str(e)})
+        else:
+            runtime.culprits.record(at=at, ask=ask, found=found)
+    leaking = [o for o, ev in owners.items() if ev.cls is evidence.OwnerClass.LEAKING]
+    shapes = runtime.culprits.shapes(at=at, leaking=leaking)
+    return culprits.with_rollouts(shapes, index.by_name.values()) if shapes else shapes
