@@ -32,7 +32,7 @@ from psycopg import sql
 from bench.common import Server, Spread, say
 from connbudget.model.observations import PROBE_APPLICATION_NAME, ServerSample
 from connbudget.policy import culprits, fingerprint
-from connbudget.probe import queries
+from connbudget.probe import backends, queries
 from connbudget.probe.pgbouncer import sample_poolers
 from connbudget.probe.postgres import STATEMENT_TIMEOUT_MS, Monitor
 
@@ -46,6 +46,13 @@ APP_PREFIX = "pod-"  # application names of the held client connections: pod-0 .
 LAST_STATEMENT = sql.SQL(
     'SELECT "u"."id", "u"."email" FROM (VALUES ({id}, {email})) AS "u"("id", "email") '
     'WHERE "u"."id" = {id} LIMIT 21'
+)
+
+
+# The reference the issue names for a poll within a budget: a grouped count over the same view.
+GROUPED_COUNT = (
+    "SELECT datname, usename, application_name, client_addr, state, count(*) "
+    "FROM pg_stat_activity GROUP BY 1, 2, 3, 4, 5"
 )
 
 
@@ -82,6 +89,12 @@ def step_figures(medians: Sequence[Mapping[str, float]]) -> dict[str, Spread]:
         "query_ms": Spread.of(m["query"] * 1000 for m in medians),
         "query_ratio": Spread.of(m["query"] / m["floor"] for m in medians),
     }
+    if medians and all({"grouped", "full"} <= set(m) for m in medians):
+        out["grouped_ms"] = Spread.of(m["grouped"] * 1000 for m in medians)
+        out["grouped_ratio"] = Spread.of(m["grouped"] / m["floor"] for m in medians)
+        out["probe_vs_grouped"] = Spread.of(m["probe"] / m["grouped"] for m in medians)
+        out["full_ms"] = Spread.of(m["full"] * 1000 for m in medians)
+        out["full_ratio"] = Spread.of(m["full"] / m["floor"] for m in medians)
     if medians and all({"statements", "statements_query", "poll"} <= set(m) for m in medians):
         out["statements_ms"] = Spread.of(m["statements"] * 1000 for m in medians)
         out["statements_ratio"] = Spread.of(m["statements"] / m["floor"] for m in medians)
@@ -150,16 +163,31 @@ async def _probe_vs_floor(dsn: str, repeats: int, iterations: int, *, ask: int =
         cur = await floor_conn.execute(queries.COUNT_FLOOR)
         return await cur.fetchall()
 
-    async def query_only() -> object:
-        cur = await floor_conn.execute(queries.BACKENDS)
+    async def grouped() -> object:
+        cur = await floor_conn.execute(GROUPED_COUNT)
         return await cur.fetchall()
 
+    async def full_detail() -> object:
+        # A poll in which every backend is new or changed (the first one, or a busy server).
+        cur = await floor_conn.execute(queries.BACKEND_GROUPS, {"since": None})
+        return backends.decode(await cur.fetchall(), {})
+
     try:
+        # The probe's query as the monitor sends it, asking detail for backends changed since
+        # its last sample (the held connections here stay idle: none did).
+        since = {"since": backends.detail_since(await monitor.sample())}
+
+        async def query_only() -> object:
+            cur = await floor_conn.execute(queries.BACKEND_GROUPS, since)
+            return await cur.fetchall()
+
         timings = Timings()
         calls: dict[str, Callable[[], Awaitable[object]]] = {
             "probe": monitor.sample,
             "floor": floor,
             "query": query_only,
+            "grouped": grouped,
+            "full": full_detail,
         }
         if ask:
             asked = idle_backends(await monitor.sample(), ask)
@@ -283,6 +311,17 @@ def run(server: Server, *, repeats: int, quick: bool) -> dict[str, Any]:
                 "query_ratio": query_ratio,
                 "target_ratio": 1.5,
             }
+            if "grouped_ms" in fig:
+                row |= {k: fig[k] for k in ("grouped_ms", "grouped_ratio", "probe_vs_grouped")}
+                row |= {k: fig[k] for k in ("full_ms", "full_ratio")}
+                say(
+                    f"  grouped count {fig['grouped_ms'].show('{:.2f}', ' ms')} "
+                    f"({fig['grouped_ratio'].show('{:.2f}', 'x')} the floor; the probe "
+                    f"{fig['probe_vs_grouped'].show('{:.2f}', 'x')} it); a poll with every "
+                    f"backend in detail (the first, or all changed) "
+                    f"{fig['full_ms'].show('{:.2f}', ' ms')} "
+                    f"({fig['full_ratio'].show('{:.2f}', 'x')})"
+                )
             say(
                 f"  {got} backends: probe {probe.show('{:.2f}', ' ms')}, floor "
                 f"{floor.show('{:.2f}', ' ms')}, ratio {ratio.show('{:.2f}', 'x')} "

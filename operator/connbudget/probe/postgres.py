@@ -28,11 +28,10 @@ from psycopg.adapt import Loader
 from connbudget.model.actions import IdleBackend
 from connbudget.model.observations import (
     PROBE_APPLICATION_NAME,
-    BackendGroup,
     LastStatement,
     ServerSample,
 )
-from connbudget.probe import queries
+from connbudget.probe import backends, queries
 from connbudget.probe.errors import ProbeError, ProbeFailure
 
 CONNECT_TIMEOUT_SECONDS = 5
@@ -195,19 +194,16 @@ class LenientJsonLoader(Loader):
         return json.loads(_UNDECODED.sub(lambda m: f"\\\\x{ord(m[0]) - 0xDC00:02x}", text))
 
 
-def _group(raw: Sequence[Any]) -> BackendGroup:
-    database, user, app, addr, state, n, max_idle, oldest, backends = raw
-    return BackendGroup(
-        database=database,
-        user=user,
-        application_name=app or "",
-        client_addr=addr,
-        state=state,
-        count=int(n),
-        max_idle_seconds=float(max_idle or 0.0),
-        oldest_backend_start=float(oldest),
-        backends=tuple((int(p), float(s), float(t)) for p, s, t in (backends or ())),
-    )
+class LenientTextLoader(Loader):
+    """Text that may hold bytes that are not UTF-8, kept as ``\\xNN`` escapes.
+
+    Role and database names are shared by the whole cluster, and one created from a ``SQL_ASCII``
+    database may hold any bytes; psycopg's own loader would raise ``UnicodeDecodeError`` on the
+    first such name in ``pg_stat_activity``, and the operator would be blind to every backend.
+    """
+
+    def load(self, data: Buffer) -> str:
+        return bytes(data).decode("utf-8", errors="backslashreplace")
 
 
 def _statement(raw: Sequence[Any]) -> LastStatement:
@@ -240,6 +236,10 @@ class Monitor:
         self._running: tuple[float, asyncio.Future[ServerSample]] | None = None
         self._latest: tuple[float, ServerSample] | None = None
         self._sampling: set[asyncio.Task[None]] = set()
+        # The last sample and its backends' times, for the next query to ask only what changed
+        # (forgotten with the connection: a new one may reach another server, a promoted replica).
+        self._detailed: ServerSample | None = None
+        self._held: dict[int, backends.Times] = {}
 
     @property
     def connected(self) -> bool:
@@ -269,6 +269,9 @@ class Monitor:
             self._fail(classify(e, self._dsn))
             raise self._last_error from None  # type: ignore[misc]
         self._conn.adapters.register_loader("json", LenientJsonLoader)
+        for text_type in ("text", "name", "varchar"):
+            self._conn.adapters.register_loader(text_type, LenientTextLoader)
+        self._detailed, self._held = None, {}
         self._backoff = BACKOFF_FIRST_SECONDS
         self._last_error = None
         return self._conn
@@ -345,16 +348,18 @@ class Monitor:
                 self._running = None
 
     async def _sample_locked(self) -> ServerSample:
-        (row,) = await self._run_locked(queries.BACKENDS)
-        now, database, max_conn, reserved, groups, hidden = row
-        return ServerSample(
-            sampled_at=float(now),
-            database=str(database),
-            max_connections=int(max_conn),
-            reserved=int(reserved),
-            groups=tuple(_group(g) for g in groups),
-            hidden=int(hidden),
-        )
+        """One sample: per-backend detail only for what changed since the last one (see
+        ``probe.backends``); every detail again when the last one is not what the server says."""
+        since = backends.detail_since(self._detailed)
+        rows = await self._run_locked(queries.BACKEND_GROUPS, {"since": since})
+        decoded = backends.decode(rows, self._held)
+        if decoded is None:
+            rows = await self._run_locked(queries.BACKEND_GROUPS, {"since": None})
+            decoded = backends.decode(rows, {})
+            if decoded is None:  # every backend had its detail: cannot happen
+                raise ProbeError(ProbeFailure.PROBE_FAILED, "a backend came without its detail")
+        self._detailed, self._held = decoded.sample, decoded.held
+        return decoded.sample
 
     async def terminate(
         self, backends: Iterable[IdleBackend], *, min_idle_seconds: float

@@ -7,50 +7,64 @@ from __future__ import annotations
 
 from typing import Final, LiteralString
 
-# A role without pg_read_all_stats (part of pg_monitor) sees other roles' backends with their
-# database, user and application_name but no backend_type, state, address, times or statement:
-# those are counted (a backend of a role, with a database, is a client or one of its parallel
-# workers), in a group of state NULL that is never terminable, and told apart by ``hidden``.
-# One round trip per poll: the server's clock, its limits, and client backends grouped by
-# database, user, application, address and state. Every group carries its backends (pid, seconds
-# since state_change, start), longest in its state first: idle ones are termination candidates,
-# and their state_change, followed poll after poll, tells a reused connection from an abandoned
-# one (policy.evidence). The probe's own backend is left
-# out by pid; other connbudget probes are left out by application_name in the policy.
-BACKENDS: Final[LiteralString] = """
-WITH b AS (
+# One round trip per poll: the server's clock and limits (``h``, on every row, and on the one row
+# there is when no client backend is open), then client backends grouped by database, user,
+# application, address and state, with their count, the longest idle, the oldest start, and the
+# pids of the group. Per-backend detail (when its state last changed, when it started) comes only
+# for backends new or changed since ``since`` (the last sample's server time, minus a margin; None:
+# every backend): the rest are unchanged, and the monitor still holds them from the last sample.
+# So a poll of a quiet server costs about a grouped count, while ``policy.evidence`` still follows
+# every backend poll after poll (a backend whose state_change moved was used again; one that sits
+# idle is abandoned at last). A role without pg_read_all_stats (part of pg_monitor) sees other
+# roles' backends with their database, user and application_name but no backend_type, state,
+# address, times or statement: those are counted (a backend of a role, with a database, is a
+# client or one of its parallel workers), in a group of state NULL that is never terminable,
+# always in detail, and told apart by ``hidden``. The probe's own backend is left out by pid;
+# other connbudget probes are left out by application_name in the policy.
+BACKEND_GROUPS: Final[LiteralString] = """
+WITH h AS (
+    SELECT date_part('epoch', now()) AS now_s,
+           current_database() AS db,
+           current_setting('max_connections')::int AS max_conn,
+           current_setting('superuser_reserved_connections')::int
+               + coalesce(current_setting('reserved_connections', true)::int, 0) AS reserved
+), b AS (
     SELECT pid,
            datname,
            usename,
            coalesce(application_name, '') AS app,
            host(client_addr) AS addr,
            state,
-           coalesce(extract(epoch FROM now() - coalesce(state_change, backend_start)), 0)::float8
-               AS in_state_s,
-           coalesce(extract(epoch FROM backend_start), extract(epoch FROM now()))::float8
-               AS started,
+           coalesce(state_change, backend_start, now()) AS changed,
+           coalesce(backend_start, now()) AS started,
            backend_type IS NULL AS hidden
     FROM pg_stat_activity
     WHERE (backend_type = 'client backend' OR (backend_type IS NULL AND usesysid IS NOT NULL))
       AND pid <> pg_backend_pid()
+), d AS (
+    SELECT b.*,
+           (%(since)s::float8 IS NULL OR hidden
+            OR changed > to_timestamp(%(since)s::float8)
+            OR started > to_timestamp(%(since)s::float8)) AS detail
+    FROM b
 ), g AS (
     SELECT datname, usename, app, addr, state,
            count(*)::int AS n,
-           CASE WHEN state = 'idle' THEN max(in_state_s) ELSE 0 END AS max_idle,
-           min(started) AS oldest,
-           json_agg(json_build_array(pid, in_state_s, started) ORDER BY in_state_s DESC)
-               AS backends
-    FROM b
+           count(*) FILTER (WHERE hidden)::int AS hidden,
+           CASE WHEN state = 'idle' THEN date_part('epoch', now() - min(changed)) ELSE 0 END
+               AS max_idle,
+           date_part('epoch', min(started)) AS oldest,
+           array_agg(pid) AS pids,
+           array_agg(pid) FILTER (WHERE detail) AS detail_pids,
+           array_agg(date_part('epoch', changed)) FILTER (WHERE detail) AS detail_changed,
+           array_agg(date_part('epoch', started)) FILTER (WHERE detail) AS detail_started
+    FROM d
     GROUP BY datname, usename, app, addr, state
 )
-SELECT extract(epoch FROM now())::float8,
-       current_database(),
-       current_setting('max_connections')::int,
-       current_setting('superuser_reserved_connections')::int
-           + coalesce(current_setting('reserved_connections', true)::int, 0),
-       coalesce((SELECT json_agg(json_build_array(datname, usename, app, addr, state, n,
-                                                  max_idle, oldest, backends)) FROM g), '[]'::json),
-       (SELECT count(*) FROM b WHERE hidden)::int
+SELECT h.now_s, h.db, h.max_conn, h.reserved,
+       g.datname, g.usename, g.app, g.addr, g.state, g.n, g.hidden, g.max_idle, g.oldest,
+       g.pids, g.detail_pids, g.detail_changed, g.detail_started
+FROM h LEFT JOIN g ON true
 """
 
 # Terminate backends only if they are still the same backends (pid and start time) and still idle
