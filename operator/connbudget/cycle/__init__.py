@@ -8,7 +8,12 @@ budget remembers between passes (``Runtime``). The names below are what the hand
 """
 
 from connbudget.cycle.deps import HISTORY_LENGTH, Deps, KubeCalls, MonitorLike, Runtime
-from connbudget.cycle.observe import WATCH_SYNC_GRACE_SECONDS, pooler_pod_labels, transient
+from connbudget.cycle.observe import (
+    WATCH_SYNC_GRACE_SECONDS,
+    Censuses,
+    pooler_pod_labels,
+    transient,
+)
 from connbudget.cycle.run import keep_connected, run_cycle
 from connbudget.cycle.schedule import (
     PACING_SLACK_SECONDS,
@@ -24,6 +29,7 @@ __all__ = [
     "PACING_SLACK_SECONDS",
     "WAKE_MARGIN_SECONDS",
     "WATCH_SYNC_GRACE_SECONDS",
+    "Censuses",
     "Deps",
     "KubeCalls",
     "MonitorLike",

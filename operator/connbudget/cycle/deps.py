@@ -16,8 +16,9 @@ from typing import Any, Protocol
 from connbudget.kube.api import EvictionResult, Scale
 from connbudget.model.actions import IdleBackend
 from connbudget.model.observations import LastStatement, PodInfo, PoolerSample, ServerSample
-from connbudget.model.spec import BudgetSpec, ObjectRef, SecretRef
+from connbudget.model.spec import AttributionMode, BudgetSpec, ObjectRef, SecretRef
 from connbudget.policy import attribution, culprits, evidence
+from connbudget.policy.census import Census
 from connbudget.report.metrics import Metrics
 
 HISTORY_LENGTH = 64  # samples kept for the growth-rate forecast (it uses the last 30 s of them)
@@ -63,6 +64,17 @@ class MonitorLike(Protocol):
     async def statements(self, backends: Iterable[tuple[int, float]]) -> list[LastStatement]: ...
 
 
+class CensusTaker(Protocol):
+    def __call__(
+        self,
+        *,
+        sample: ServerSample,
+        index: attribution.PodIndex,
+        mode: AttributionMode,
+        pooler_ips: frozenset[str] = ...,
+    ) -> Census: ...
+
+
 @dataclass
 class Deps:
     kube: KubeCalls
@@ -81,6 +93,9 @@ class Deps:
     pod_index: Callable[[str], attribution.PodIndex] | None = None
     # Drops a pod the API server says is gone from the watch cache (None: nothing to drop).
     forget_pod: Callable[[str, str], None] | None = None
+    # Attributes and counts a sample against a pod index, shared by the budgets that ask for the
+    # same (None: each budget takes its own census; see ``cycle.observe.Censuses``).
+    census: CensusTaker | None = None
     # Whether this replica may act now (it leads for sure); asked before every action.
     may_act: Callable[[], bool] = lambda: True
 

@@ -37,7 +37,7 @@ async def judge(seen: Observation, spec: BudgetSpec, namespace: str, runtime: Ru
     runtime.evidence.observe(
         at=sample.sampled_at,
         seen=evidence.seen_backends(
-            attributed=seen.attributed,
+            attributed=seen.governed_groups,
             sampled_at=sample.sampled_at,
             governed=frozenset(p.name for p in seen.governed),
         ),
@@ -51,7 +51,8 @@ async def judge(seen: Observation, spec: BudgetSpec, namespace: str, runtime: Ru
         spec=spec,
         namespace=namespace,
         sample=sample,
-        attributed=seen.attributed,
+        census=seen.census,
+        governed=[p.name for p in seen.governed],
         pooled=seen.pooler_clients,
         pods=seen.index.by_name,
         owners=owners,
@@ -59,7 +60,7 @@ async def judge(seen: Observation, spec: BudgetSpec, namespace: str, runtime: Ru
     runtime.history.append((sample.sampled_at, use.server_total + runtime.removed))
     owner_hints = hints.hints_of(
         hints.owner_facts(
-            owners=owners, attributed=seen.attributed, shapes=shapes, budget=use.budget
+            owners=owners, attributed=seen.governed_groups, shapes=shapes, budget=use.budget
         )
     )
     return Judgement(owners=owners, shapes=shapes, usage=use, hints=owner_hints)

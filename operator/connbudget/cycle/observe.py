@@ -20,8 +20,9 @@ from connbudget.cycle.deps import Deps, MonitorLike, Runtime
 from connbudget.kube.api import KubeError, Scale, SecretProblem
 from connbudget.model.conditions import Reason
 from connbudget.model.observations import PodInfo, PoolerClient, PoolerSample, ServerSample
-from connbudget.model.spec import BudgetSpec, ObjectRef, SecretRef, parse_spec
+from connbudget.model.spec import AttributionMode, BudgetSpec, ObjectRef, SecretRef, parse_spec
 from connbudget.policy import attribution, usage
+from connbudget.policy.census import Census, take_census
 from connbudget.probe.errors import ProbeError, ProbeFailure
 from connbudget.report.events import WARNING, EventReason
 
@@ -65,7 +66,10 @@ class Observation:
     sample: ServerSample
     governed: tuple[PodInfo, ...]  # the pods the selector matches
     index: attribution.PodIndex
-    attributed: tuple[attribution.Attributed, ...]
+    census: Census  # the sample attributed and counted once, shared by the namespace's budgets
+    governed_groups: tuple[
+        attribution.Attributed, ...
+    ]  # the direct backend groups of the governed pods
     pooler: PoolerView
     pooler_clients: Mapping[str, Sequence[PoolerClient]]
     # What only the operator can judge: each blocks every action until it is fixed.
@@ -136,9 +140,8 @@ async def observe(
         if deps.pod_index is not None
         else attribution.PodIndex.build(all_pods, namespace=namespace)
     )
-    attributed = attribution.attribute_backends(
-        groups=sample.groups, index=index, mode=spec.attribution, pooler_ips=pooler.ips
-    )
+    take = deps.census or take_census
+    counted = take(sample=sample, index=index, mode=spec.attribution, pooler_ips=pooler.ips)
     pooler_clients = attribution.attribute_pooler_clients(
         clients=pooler.sample.clients if pooler.sample else (), index=index
     )
@@ -147,7 +150,8 @@ async def observe(
         sample=sample,
         governed=governed,
         index=index,
-        attributed=tuple(attributed),
+        census=counted,
+        governed_groups=tuple(counted.slice(p.name for p in governed)),
         pooler=pooler,
         pooler_clients=pooler_clients,
         blockers=tuple(blockers),
@@ -307,3 +311,42 @@ async def read_credentials(deps: Deps, namespace: str, secret: SecretRef) -> tup
 def transient(e: KubeError) -> bool:
     """An API error that waiting may cure (no answer, overloaded, throttled), not a refusal."""
     return e.status >= 500 or e.status in (408, 429)
+
+
+class Censuses:
+    """The censuses of the latest samples, so the budgets of a namespace that share a sample (and
+    an attribution mode and pooler) attribute and count it once between them, not once each.
+
+    Keyed by the sample and the pod index objects themselves (a new sample, or any change of the
+    pods, is a new index object): a census is never reused for another sample or other pods.
+    """
+
+    def __init__(self, *, keep: int = 256) -> None:
+        self._keep = keep
+        self._taken: dict[tuple[int, int, AttributionMode, frozenset[str]], _Taken] = {}
+
+    def take(
+        self,
+        *,
+        sample: ServerSample,
+        index: attribution.PodIndex,
+        mode: AttributionMode,
+        pooler_ips: frozenset[str] = frozenset(),
+    ) -> Census:
+        key = (id(sample), id(index), mode, pooler_ips)
+        found = self._taken.get(key)
+        # The objects are held with their census, so their ids cannot be another's meanwhile.
+        if found is not None and found.sample is sample and found.index is index:
+            return found.census
+        counted = take_census(sample=sample, index=index, mode=mode, pooler_ips=pooler_ips)
+        self._taken[key] = _Taken(sample=sample, index=index, census=counted)
+        while len(self._taken) > self._keep:
+            del self._taken[next(iter(self._taken))]  # the oldest first
+        return counted
+
+
+@dataclass(frozen=True)
+class _Taken:
+    sample: ServerSample
+    index: attribution.PodIndex
+    census: Census

@@ -131,7 +131,7 @@ def _decide(
         namespace=namespace,
         now=now,
         usage=judged.usage,
-        attributed=seen.attributed,
+        attributed=seen.governed_groups,
         pods=seen.governed,
         pooler=seen.pooler.sample,
         pooler_clients=seen.pooler_clients,
@@ -157,9 +157,7 @@ async def _report_judgement(
 ) -> None:
     """Metrics and Events of what was judged and decided (before anything is done)."""
     use = judged.usage
-    deps.metrics.record_usage(
-        namespace, name, use, [a.group for a in seen.attributed], decision.seconds_to_full
-    )
+    deps.metrics.record_usage(namespace, name, use, decision.seconds_to_full)
     deps.metrics.record_owners(namespace, name, judged.owners.values(), judged.shapes)
     await reporting.post_transition(deps, runtime, decision, use)
     await reporting.post_leaks(deps, runtime, judged.owners, judged.shapes, judged.hints)

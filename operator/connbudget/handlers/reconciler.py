@@ -101,6 +101,8 @@ class Reconciler:
         self.written: dict[Key, dict[str, Any]] = {}  # the status we wrote last (ahead of watch)
         self.written_at: dict[Key, float] = {}  # when (monotonic) this process last wrote it
         self.runtimes: dict[Key, cycle.Runtime] = {}
+        # A sample shared by budgets is attributed and counted once for those of one namespace.
+        self.censuses = cycle.Censuses()
         self.workers: dict[Key, asyncio.Task[None]] = {}
         self.standby: dict[Key, asyncio.Task[None]] = {}  # keep connections open, act on nothing
         self.leading = False
@@ -329,6 +331,7 @@ class Reconciler:
             pod_index=self.pod_index,
             forget_pod=self.forget_pod,
             may_act=lambda: self.leading and self.may_act(),
+            census=self.censuses.take,
         )
 
     async def _work(self, key: Key) -> None:

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from connbudget.model.observations import PodInfo, PoolerClient, ServerSample
 from connbudget.model.spec import BudgetSpec, LabelSelector, Scope
-from connbudget.policy.attribution import Attributed, Via
+from connbudget.policy.attribution import Attributed
+from connbudget.policy.census import Census, OwnerCount, Totals, census_of
 from connbudget.policy.evidence import OwnerEvidence, abandon_after
 
 TOP_OWNERS = 10  # status.usage.byOwner keeps the ten biggest owners
@@ -42,6 +43,7 @@ class Usage:
     leaked: int  # abandoned connections of governed pods (see policy.evidence)
     unattributed: int  # counted backends attributed to no pod
     by_owner: tuple[OwnerUsage, ...]
+    by_state: Mapping[str, int] = field(default_factory=dict)  # counted backends, by state
 
     @property
     def percent(self) -> float:
@@ -84,13 +86,20 @@ def is_governed(pod: PodInfo | None, selector: LabelSelector, namespace: str) ->
     return pod is not None and pod.namespace == namespace and selector.matches(pod.labels)
 
 
-def _counts_in_scope(a: Attributed, spec: BudgetSpec, sample: ServerSample, namespace: str) -> bool:
+def _scope_totals(
+    spec: BudgetSpec, sample: ServerSample, found: Census, governed: Sequence[str]
+) -> Totals:
+    """What the budget's scope counts: the whole server, its database, or its pods' backends."""
     scope = spec.budget.scope
     if scope is Scope.SERVER:
-        return True
+        return found.server
     if scope is Scope.DATABASE:
-        return a.group.database == sample.database
-    return a.via is not Via.POOLER and is_governed(a.pod, spec.selector, namespace)
+        return found.by_database.get(sample.database, Totals())
+    by_state: dict[str, int] = {}
+    for a in found.slice(governed):
+        state = a.group.state or "unknown"
+        by_state[state] = by_state.get(state, 0) + a.group.count
+    return Totals(connections=sum(by_state.values()), by_state=by_state)
 
 
 def compute_usage(
@@ -98,63 +107,79 @@ def compute_usage(
     spec: BudgetSpec,
     namespace: str,
     sample: ServerSample,
-    attributed: Sequence[Attributed],
+    attributed: Sequence[Attributed] = (),
+    census: Census | None = None,
+    governed: Sequence[str] | None = None,
     pooled: Mapping[str, Sequence[PoolerClient]] | None = None,
     pods: Mapping[str, PodInfo] | None = None,
     owners: Mapping[str, OwnerEvidence] | None = None,
 ) -> Usage:
     """Count what the budget counts, and who holds it.
 
+    ``census`` is the sample counted once for every budget (``attributed``, counted here, when
+    none is given); ``governed`` names the budget's pods (found in the census when not given).
     ``pooled`` maps pod names to their PgBouncer clients, so a leak through the pooler shows up
     under the pod's own workload, not only under the pooler's. ``owners`` is the evidence of the
     governed owners: their abandoned connections are the leaked ones, and their class and leak
-    rate go with them.
+    rate go with them. The work is the budget's own pods and owners, plus the census's biggest
+    owners: not every backend of the server.
     """
     owners = owners or {}
+    found = census if census is not None else census_of(attributed, namespace=namespace)
+    if governed is None:
+        governed = [
+            name
+            for name, groups in found.by_pod.items()
+            if is_governed(groups[0].pod, spec.selector, namespace)
+        ]
     floor = float(spec.remediation.terminate_idle.min_idle_seconds)
     budget = spec.budget.resolve(
         server_max_connections=sample.max_connections, reserved=sample.reserved
     )
-    counted = [a for a in attributed if _counts_in_scope(a, spec, sample, namespace)]
+    counted = _scope_totals(spec, sample, found, governed)
+    # The biggest owners on the server, and every owner this budget's evidence or pooler clients
+    # concern: nobody else can make the top (a budget only adds to its own owners' figures).
     tallies: dict[str, _OwnerTally] = {}
-    for a in attributed:
-        if a.pod is None:
-            continue
-        # A workload of another namespace is named with it: Deployment/web here is not there.
-        key = a.pod.owner if a.pod.namespace == namespace else f"{a.pod.namespace}/{a.pod.owner}"
-        tally = tallies.setdefault(key, _OwnerTally())
-        tally.pods.add(a.pod.name)
-        tally.connections += a.group.count
-        if a.group.state == "idle":
-            tally.idle += a.group.count
+    for oc in found.owners[:TOP_OWNERS]:
+        tallies[oc.owner] = _tally_of(oc)
     for name, ev in owners.items():
-        tallies.setdefault(name, _OwnerTally()).leaked += ev.abandoned
+        tally = tallies.get(name) or _tally_of(found.owner(name))
+        tallies[name] = tally
+        tally.leaked += ev.abandoned
+    pooled_leaked = 0
     for pod_name, clients in (pooled or {}).items():
         pod = (pods or {}).get(pod_name)
         if pod is None:
             continue
-        tally = tallies.setdefault(pod.owner, _OwnerTally())
+        tally = tallies.get(pod.owner) or _tally_of(found.owner(pod.owner))
+        tallies[pod.owner] = tally
         tally.pods.add(pod.name)
         tally.pooled += len(clients)
         judged = owners.get(pod.owner)
         after = judged.abandon_after if judged is not None else abandon_after(None, floor=floor)
         if is_governed(pod, spec.selector, namespace):
-            tally.pooled_leaked += sum(1 for c in clients if c.idle_seconds >= after)
+            n = sum(1 for c in clients if c.idle_seconds >= after)
+            tally.pooled_leaked += n
+            pooled_leaked += n
     by_owner = sorted(
         (_owner_usage(k, t, owners.get(k)) for k, t in tallies.items()),
         key=lambda u: (-u.leak_rate, -(u.connections + u.pooled), u.owner),
     )[:TOP_OWNERS]
-    leaked = sum(ev.abandoned for ev in owners.values()) + sum(
-        t.pooled_leaked for t in tallies.values()
-    )
     return Usage(
-        connections=sum(a.group.count for a in counted),
+        connections=counted.connections,
         budget=budget,
         warning_line=max(budget * spec.budget.warning_percent // 100, 1),
         server_max_connections=sample.max_connections,
         reserved=sample.reserved,
-        server_total=sum(a.group.count for a in attributed),
-        leaked=leaked,
-        unattributed=sum(a.group.count for a in counted if a.pod is None),
+        server_total=found.server.connections,
+        leaked=sum(ev.abandoned for ev in owners.values()) + pooled_leaked,
+        unattributed=counted.unattributed,
         by_owner=tuple(by_owner),
+        by_state=counted.by_state,
     )
+
+
+def _tally_of(oc: OwnerCount | None) -> _OwnerTally:
+    if oc is None:
+        return _OwnerTally()
+    return _OwnerTally(pods=set(oc.pods), connections=oc.connections, idle=oc.idle)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections import Counter as Tally
 from collections.abc import Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from connbudget.model.observations import BackendGroup
 from connbudget.policy.culprits import LeakShape
 from connbudget.policy.evidence import OwnerEvidence
 from connbudget.policy.usage import Usage
@@ -119,13 +117,10 @@ class Metrics:
         namespace: str,
         budget: str,
         usage: Usage,
-        counted: Iterable[BackendGroup],
         seconds_to_full: float | None,
     ) -> None:
         key = (namespace, budget)
-        by_state = Tally[str]()
-        for g in counted:
-            by_state[g.state or "unknown"] += g.count
+        by_state = usage.by_state
         for state in self._states.get(key, set()) - set(by_state):
             self.connections.labels(namespace, budget, state).set(0)
         for state, n in by_state.items():
