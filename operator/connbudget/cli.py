@@ -32,8 +32,10 @@ from connbudget.config import (
     ENV_LOG_FORMAT,
     ENV_METRICS_PORT,
     ENV_NAMESPACES,
+    ENV_SHARDS,
     ENV_STANDALONE,
     LOG_FORMATS,
+    MAX_SHARDS,
     ConfigError,
     OperatorConfig,
 )
@@ -114,6 +116,8 @@ def run_config(
         given["kubeconfig"] = args.kubeconfig
     if args.standalone:
         given["standalone"] = True
+    if args.shards is not None:
+        given["shards"] = args.shards
     return dataclasses.replace(config, **given)
 
 
@@ -134,6 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "version": __version__,
             "namespaces": list(config.namespaces) or "all",
             "standalone": config.standalone,
+            "shards": config.shards,
         },
     )
     lifecycle.run_operator(config)
@@ -497,6 +502,12 @@ def build_parser(prog: str = "connbudget") -> argparse.ArgumentParser:
         "--standalone",
         action="store_true",
         help=f"no leader election, for a single replica (or ${ENV_STANDALONE}=true)",
+    )
+    run.add_argument(
+        "--shards",
+        type=int,
+        help=f"split the budgets into this many shards, each held by one replica through its own "
+        f"Lease (1-{MAX_SHARDS}; default ${ENV_SHARDS}, else 1)",
     )
     run.set_defaults(func=cmd_run)
     probe = sub.add_parser(

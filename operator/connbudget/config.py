@@ -8,7 +8,9 @@ line gives (``cli.run_config``):
 - ``CONNBUDGET_METRICS_PORT`` or ``--metrics-port``: 9090 by default, 0 disables;
 - ``CONNBUDGET_LIVENESS`` or ``--liveness``: the liveness endpoint's URL, empty disables;
 - ``CONNBUDGET_LOG_FORMAT`` or ``--log-format``: ``json`` (default) or ``text``;
-- ``CONNBUDGET_STANDALONE=true`` or ``--standalone``: no leader election (a single replica).
+- ``CONNBUDGET_STANDALONE=true`` or ``--standalone``: no leader election (a single replica);
+- ``CONNBUDGET_SHARDS`` or ``--shards``: how many shards the budgets are split into, each held
+  by one replica through its own Lease (1 by default: one replica acts for every budget).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ ENV_METRICS_PORT = "CONNBUDGET_METRICS_PORT"
 ENV_LIVENESS = "CONNBUDGET_LIVENESS"
 ENV_LOG_FORMAT = "CONNBUDGET_LOG_FORMAT"
 ENV_STANDALONE = "CONNBUDGET_STANDALONE"
+ENV_SHARDS = "CONNBUDGET_SHARDS"
+MAX_SHARDS = 64
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
@@ -44,6 +48,7 @@ class OperatorConfig:
     log_format: str = "json"  # json or text
     kubeconfig: str | None = None
     standalone: bool = False  # no leader election (a single replica)
+    shards: int = 1  # budgets split into this many shards, each held by one replica
 
     def __post_init__(self) -> None:
         if not 0 <= self.metrics_port <= 65535:
@@ -52,6 +57,10 @@ class OperatorConfig:
             raise ConfigError(f"the log format must be json or text, not {self.log_format!r}")
         if any(not n for n in self.namespaces):
             raise ConfigError("a namespace must not be empty")
+        if not 1 <= self.shards <= MAX_SHARDS:
+            raise ConfigError(f"the shards must be 1-{MAX_SHARDS}, not {self.shards}")
+        if self.standalone and self.shards > 1:
+            raise ConfigError("shards need leader election: drop --standalone, or use 1 shard")
 
     @property
     def all_namespaces(self) -> bool:
@@ -78,7 +87,15 @@ class OperatorConfig:
         log_format = env.get(ENV_LOG_FORMAT, "").strip().lower() or "json"
         if log_format not in LOG_FORMATS:
             raise ConfigError(f"{ENV_LOG_FORMAT} must be json or text, not {log_format!r}")
+        shards_text = env.get(ENV_SHARDS, "").strip()
+        try:
+            shards = int(shards_text) if shards_text else 1
+        except ValueError:
+            raise ConfigError(f"{ENV_SHARDS} must be a number, not {shards_text!r}") from None
+        if not 1 <= shards <= MAX_SHARDS:
+            raise ConfigError(f"{ENV_SHARDS} must be 1-{MAX_SHARDS}, not {shards}")
         return cls(
+            shards=shards,
             namespaces=namespaces,
             metrics_port=port,
             liveness=env.get(ENV_LIVENESS, DEFAULT_LIVENESS).strip() or None,

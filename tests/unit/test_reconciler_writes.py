@@ -76,7 +76,7 @@ def run_cycles(
     r.budgets[KEY] = b
 
     async def main() -> None:
-        r.leading = True  # as the leader's worker for the budget: only it writes
+        r.held[0] = lambda: True  # as the leader's worker for the budget: only it writes
         task = asyncio.current_task()
         assert task is not None
         r.workers[KEY] = task

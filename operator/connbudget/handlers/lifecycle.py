@@ -8,7 +8,6 @@ import logging
 import os
 import secrets
 import socket
-import time
 from typing import Any
 
 import kopf
@@ -16,14 +15,15 @@ import prometheus_client
 from kopf._core.engines.peering import Identity  # kopf.run's parameter type, not re-exported
 
 from connbudget.config import OperatorConfig
+from connbudget.handlers import election as election_module
+from connbudget.handlers.election import LEASE_NAME, Shards
 from connbudget.handlers.reconciler import Reconciler
 from connbudget.kube.api import Kube
-from connbudget.kube.lease import RETRY_SECONDS, LeaseElector
+from connbudget.kube.lease import LeaseElector
 from connbudget.probe.postgres import MonitorPool
 from connbudget.report.metrics import Metrics
 
 log = logging.getLogger("connbudget.lifecycle")
-LEASE_NAME = "connbudget-operator"
 
 # This process's name in the Lease: the pod name (HOSTNAME in a pod) and a random suffix.
 IDENTITY = f"{os.environ.get('HOSTNAME') or socket.gethostname()}-{secrets.token_hex(3)}"
@@ -50,28 +50,6 @@ def run_operator(config: OperatorConfig) -> None:
     )
 
 
-async def _elect(reconciler: Reconciler, elector: LeaseElector | None) -> None:
-    """Take or renew the Lease every ``RETRY_SECONDS``; lead while it is held for sure.
-
-    Between two attempts every action asks the elector itself (``may_act``): a replica whose
-    renewal hangs stops acting at its renew deadline, not at its next attempt.
-    """
-    if elector is None:
-        reconciler.lead()
-        return
-    reconciler.may_act = elector.may_act
-    while True:
-        try:
-            await elector.try_acquire(time.time())
-        except Exception as e:
-            log.warning("leader election failed", extra={"error": str(e)})
-        if elector.may_act():
-            reconciler.lead()
-        else:
-            await reconciler.follow()
-        await asyncio.sleep(RETRY_SECONDS)
-
-
 @kopf.on.startup()
 async def operator_startup(
     settings: kopf.OperatorSettings,
@@ -87,18 +65,26 @@ async def operator_startup(
     settings.watching.connect_timeout = 30
     kube = Kube.from_environment(CONFIG.kubeconfig)
     metrics = Metrics()
-    reconciler = Reconciler(kube=kube, monitors=MonitorPool(), metrics=metrics)
+    reconciler = Reconciler(
+        kube=kube, monitors=MonitorPool(), metrics=metrics, shards=CONFIG.shards
+    )
     memo.reconciler = reconciler
-    elector = None
-    if not CONFIG.standalone:
-        namespace = os.environ.get("POD_NAMESPACE") or (
-            CONFIG.namespaces[0] if CONFIG.namespaces else "default"
-        )
-        elector = LeaseElector(kube, namespace=namespace, name=LEASE_NAME, identity=IDENTITY)
-        logger.info(
-            "leader election", extra={"lease": f"{namespace}/{LEASE_NAME}", "identity": IDENTITY}
-        )
-    memo.election = asyncio.create_task(_elect(reconciler, elector), name="leader election")
+    namespace = os.environ.get("POD_NAMESPACE") or (
+        CONFIG.namespaces[0] if CONFIG.namespaces else "default"
+    )
+    if CONFIG.shards > 1:
+        shards = Shards(kube, namespace=namespace, identity=IDENTITY, shards=CONFIG.shards)
+        election = election_module.elect_shards(reconciler, shards)
+    else:
+        elector = None
+        if not CONFIG.standalone:
+            elector = LeaseElector(kube, namespace=namespace, name=LEASE_NAME, identity=IDENTITY)
+            logger.info(
+                "leader election",
+                extra={"lease": f"{namespace}/{LEASE_NAME}", "identity": IDENTITY},
+            )
+        election = election_module.elect(reconciler, elector)
+    memo.election = asyncio.create_task(election, name="leader election")
     if CONFIG.metrics_port:
         prometheus_client.start_http_server(CONFIG.metrics_port, registry=metrics.registry)
         logger.info("metrics served", extra={"port": CONFIG.metrics_port})

@@ -22,6 +22,7 @@ from connbudget.kube.api import BudgetRef, Kube, KubeError
 from connbudget.kube.pods import pod_info_from_body
 from connbudget.model.observations import PodInfo, PoolerSample
 from connbudget.policy.attribution import PodIndex
+from connbudget.policy.shards import shard_of
 from connbudget.probe.pgbouncer import sample_poolers
 from connbudget.probe.postgres import MonitorPool
 from connbudget.report import status
@@ -83,8 +84,10 @@ class Reconciler:
         monitors: MonitorPool,
         metrics: Metrics,
         monotonic: Callable[[], float] = time.monotonic,
+        shards: int = 1,
     ) -> None:
         self.kube = kube
+        self.shards = shards
         self.monotonic = monotonic
         self.monitors = monitors
         self.metrics = metrics
@@ -105,10 +108,33 @@ class Reconciler:
         self.censuses = cycle.Censuses()
         self.workers: dict[Key, asyncio.Task[None]] = {}
         self.standby: dict[Key, asyncio.Task[None]] = {}  # keep connections open, act on nothing
-        self.leading = False
-        # Whether this replica may act right now (the leader election's word; always, when it
-        # runs alone). Asked before every action, not only when the election loop runs.
-        self.may_act: Callable[[], bool] = lambda: True
+        # The shards this replica leads, each with whether it may act on it right now (the
+        # election's word for that shard's Lease; always, when it runs alone): asked before every
+        # action, not only when the election loop runs.
+        self.held: dict[int, Callable[[], bool]] = {}
+        # The shards whose budgets keep a standby connection here (None: every budget not led).
+        self.standby_shards: frozenset[int] | None = None
+
+    @property
+    def leading(self) -> bool:
+        """Whether this replica leads any shard (and so acts)."""
+        return bool(self.held)
+
+    def shard(self, key: Key) -> int:
+        """The shard of a budget: by the database Secret it names (``policy.shards``)."""
+        b = self.budgets.get(key)
+        secret = ((b.spec.get("database") or {}).get("secretRef") or {}) if b else {}
+        return shard_of(key[0], str(secret.get("name") or ""), self.shards)
+
+    def _leads(self, key: Key) -> bool:
+        return self.shard(key) in self.held
+
+    def _may_act(self, key: Key) -> bool:
+        act = self.held.get(self.shard(key))
+        return act is not None and act()
+
+    def _wants_standby(self, key: Key) -> bool:
+        return self.standby_shards is None or self.shard(key) in self.standby_shards
 
     # --- watch events -------------------------------------------------------------------------
 
@@ -205,9 +231,16 @@ class Reconciler:
             if old.generation != b.generation or old.annotations != b.annotations:
                 b.changed.set()
         self.budgets[key] = b
-        if self.leading and key not in self.workers:
-            self._start_worker(key)
-        elif not self.leading and key not in self.standby:
+        if self._leads(key):
+            if key not in self.workers:
+                await self._stop(self.standby, key)
+                self._start_worker(key)
+            return
+        if key in self.workers:  # its Secret changed, and with it its shard
+            await self._stop_worker(key)
+            self.written.pop(key, None)
+            self.written_at.pop(key, None)
+        if key not in self.standby and self._wants_standby(key):
             self._start_standby(key)
 
     def _forget(self, key: Key) -> None:
@@ -217,41 +250,67 @@ class Reconciler:
 
     # --- leadership ---------------------------------------------------------------------------
 
-    def lead(self) -> None:
-        """Start acting: a worker for every known budget."""
-        if not self.leading:
-            log.info("leading: starting workers", extra={"budgets": len(self.budgets)})
-        self.leading = True
+    def lead(self, shard: int | None = None, may_act: Callable[[], bool] | None = None) -> None:
+        """Start acting on a shard's budgets (every shard when None): a worker for each.
+
+        ``may_act`` is the election's word for the shard's Lease (None: always, running alone).
+        """
+        shards = range(self.shards) if shard is None else (shard,)
+        new = [s for s in shards if s not in self.held]
+        if new:
+            log.info("leading: starting workers", extra={"shards": new})
+        for s in shards:
+            self.held[s] = may_act or (lambda: True)
         if self.resync is None:
             self.resync = asyncio.create_task(self._resync_forever(), name="pod resync")
-        for key in list(self.standby):
-            # The monitoring connection it kept open stays in the pool, for the worker to use.
-            self.standby.pop(key).cancel()
-        for key in self.budgets:
-            if key not in self.workers:
+        for key in list(self.budgets):
+            if self._leads(key) and key not in self.workers:
+                task = self.standby.pop(key, None)
+                if task is not None:
+                    # The monitoring connection it kept open stays in the pool, for the worker.
+                    task.cancel()
                 self._start_worker(key)
 
-    async def follow(self) -> None:
-        """Stop acting (another replica leads).
+    async def follow(self, shard: int | None = None) -> None:
+        """Stop acting on a shard's budgets (every shard when None): another replica leads it.
 
         Bounded: the leader election awaits it before it tries for the Lease again, so nothing
         here may wait on a task without a limit (found by the fault run: a pod resync that lost
         its cancellation held it forever; the replica kept its workers writing statuses from what
         it wrote itself, erasing the new leader's cooldown, and never tried for the Lease again).
         """
-        if self.leading:
-            log.warning("no longer leading: stopping workers")
-        self.leading = False
+        shards = set(range(self.shards) if shard is None else (shard,))
+        if shards & set(self.held):
+            log.warning("no longer leading: stopping workers", extra={"shards": sorted(shards)})
+        for s in shards:
+            self.held.pop(s, None)
+        keys = [k for k in list(self.budgets) + list(self.workers) if self.shard(k) in shards]
         # Another replica writes the status now: what this one wrote last is no longer the truth
         # (its cooldowns and episodes would be lost if this replica led again and read it back).
-        self.written.clear()
-        self.written_at.clear()
-        await self._stop_resync()
-        for key in list(self.workers):
-            await self._stop_worker(key)
-        for key in self.budgets:
-            if key not in self.standby:
-                self._start_standby(key)
+        for key in keys:
+            self.written.pop(key, None)
+            self.written_at.pop(key, None)
+        if not self.held:
+            await self._stop_resync()
+        for key in keys:
+            if key in self.workers:
+                await self._stop_worker(key)
+        self.stand_by(self.standby_shards)
+
+    def stand_by(self, shards: frozenset[int] | None) -> None:
+        """Keep standby connections for the budgets of ``shards`` this replica does not lead
+        (None: for every budget it does not lead), and none for the others."""
+        self.standby_shards = shards
+        for key in list(self.budgets):
+            if self._leads(key):
+                continue
+            if self._wants_standby(key):
+                if key not in self.standby:
+                    self._start_standby(key)
+            else:
+                task = self.standby.pop(key, None)
+                if task is not None:
+                    task.cancel()
 
     # --- workers ------------------------------------------------------------------------------
 
@@ -268,7 +327,7 @@ class Reconciler:
 
     async def _keep_connected(self, key: Key) -> None:
         me = asyncio.current_task()
-        while key in self.budgets and not self.leading and self.standby.get(key) is me:
+        while key in self.budgets and not self._leads(key) and self.standby.get(key) is me:
             b = self.budgets[key]
             try:
                 await cycle.keep_connected(
@@ -330,7 +389,7 @@ class Reconciler:
             write_status=write_status,
             pod_index=self.pod_index,
             forget_pod=self.forget_pod,
-            may_act=lambda: self.leading and self.may_act(),
+            may_act=lambda: self._may_act((ref.namespace, ref.name)),
             census=self.censuses.take,
         )
 
@@ -391,7 +450,7 @@ class Reconciler:
         )
         if new_status is None:
             return
-        if not self.leading or self.workers.get(key) is not asyncio.current_task():
+        if not self._leads(key) or self.workers.get(key) is not asyncio.current_task():
             return  # stepped down meanwhile: the leader writes the status now
         self.metrics.db_connections.set(self.monitors.open_connections)
         last = self.written_at.get(key)
@@ -453,7 +512,7 @@ class Reconciler:
         await _cancel_bounded(task)  # it leaves its loop once no longer registered
 
     async def close(self) -> None:
-        self.leading = False
+        self.held.clear()
         await self._stop_resync()
         for tasks in (self.workers, self.standby):
             for key in list(tasks):

@@ -1,0 +1,103 @@
+"""Which replica keeps which budgets (policy.shards, no cluster)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from connbudget.config import MAX_SHARDS
+from connbudget.policy import shards
+
+NAMES = st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=20)
+
+
+@given(namespace=NAMES, secret=NAMES, n=st.integers(1, MAX_SHARDS))
+def test_a_budget_has_one_stable_shard(namespace: str, secret: str, n: int) -> None:
+    s = shards.shard_of(namespace, secret, n)
+    assert 0 <= s < n
+    assert s == shards.shard_of(namespace, secret, n)  # not Python's salted hash()
+    assert shards.shard_of(namespace, secret, 1) == 0
+
+
+def test_the_shard_is_the_same_in_every_process() -> None:
+    # crc32 of "shop/pg-monitor": any replica, any Python, computes this.
+    assert shards.shard_of("shop", "pg-monitor", 8) == 3080359722 % 8
+
+
+@given(
+    members=st.sets(NAMES, min_size=1, max_size=8),
+    n=st.integers(1, 16),
+)
+def test_every_shard_has_exactly_one_owner_and_one_runner_up(members: set[str], n: int) -> None:
+    plans = {m: shards.plan_shards(shards=n, members=members, me=m) for m in members}
+    for s in range(n):
+        assert sum(1 for p in plans.values() if s in p.owned) == 1
+        assert sum(1 for p in plans.values() if s in p.standby) == (1 if len(members) > 1 else 0)
+        assert not any(s in p.owned and s in p.standby for p in plans.values())
+
+
+@given(members=st.sets(NAMES, min_size=2, max_size=8), n=st.integers(1, 16), data=st.data())
+def test_a_replica_that_leaves_moves_only_its_own_shards(
+    members: set[str], n: int, data: st.DataObject
+) -> None:
+    gone = data.draw(st.sampled_from(sorted(members)))
+    before = {m: shards.plan_shards(shards=n, members=members, me=m).owned for m in members}
+    rest = members - {gone}
+    after = {m: shards.plan_shards(shards=n, members=rest, me=m).owned for m in rest}
+    for m in rest:
+        assert before[m] <= after[m]  # nobody loses a shard
+        # What it gains was the gone replica's, and it was that shard's runner-up.
+        for s in after[m] - before[m]:
+            assert s in before[gone]
+            assert s in shards.plan_shards(shards=n, members=members, me=m).standby
+
+
+def test_shards_spread_over_replicas() -> None:
+    members = [f"connbudget-{i}" for i in range(4)]
+    owned = [len(shards.plan_shards(shards=32, members=members, me=m).owned) for m in members]
+    assert sum(owned) == 32
+    assert min(owned) >= 4  # rendezvous hashing: roughly even, none left idle
+
+
+def test_a_replica_runs_workers_only_for_the_shards_it_leads() -> None:
+    import asyncio
+
+    from connbudget.handlers.reconciler import Reconciler
+    from connbudget.probe.postgres import MonitorPool
+    from connbudget.report.metrics import Metrics
+
+    n = 4
+    secrets = [f"pg-{i}" for i in range(12)]
+    r = Reconciler(kube=None, monitors=MonitorPool(), metrics=Metrics(), shards=n)  # type: ignore[arg-type]
+
+    def body(i: int) -> dict[str, object]:
+        return {
+            "metadata": {"namespace": "shop", "name": f"b{i}", "uid": f"u{i}"},
+            "spec": {"database": {"secretRef": {"name": secrets[i]}}},
+        }
+
+    async def play() -> tuple[set[str], set[str], set[str], set[str]]:
+        r.stand_by(frozenset())  # no standby connections here
+        for i in range(len(secrets)):
+            await r.on_budget(None, body(i))
+        r.lead(1)
+        led = {k[1] for k in r.workers}
+        r.lead(2)
+        both = {k[1] for k in r.workers}
+        await r.follow(1)
+        after = {k[1] for k in r.workers}
+        r.stand_by(frozenset({1}))
+        standing = {k[1] for k in r.standby}
+        await r.close()
+        return led, both, after, standing
+
+    led, both, after, standing = asyncio.run(play())
+
+    def of(*wanted: int) -> set[str]:
+        return {f"b{i}" for i, s in enumerate(secrets) if shards.shard_of("shop", s, n) in wanted}
+
+    assert led == of(1)
+    assert led  # the names above spread over the shards
+    assert both == of(1, 2)
+    assert after == of(2)
+    assert standing == of(1)  # the runner-up of shard 1 keeps its connections
