@@ -53,3 +53,13 @@ def test_a_bad_value_is_refused_naming_its_variable(environ: dict[str, str], var
 def test_the_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONNBUDGET_NAMESPACES", "shop")
     assert OperatorConfig.from_env().namespaces == ("shop",)
+
+
+def test_shards_are_read_and_bounded() -> None:
+    assert OperatorConfig.from_env({}).shards == 1
+    assert OperatorConfig.from_env({"CONNBUDGET_SHARDS": "8"}).shards == 8
+    for bad in ("0", "65", "two"):
+        with pytest.raises(ConfigError, match="CONNBUDGET_SHARDS"):
+            OperatorConfig.from_env({"CONNBUDGET_SHARDS": bad})
+    with pytest.raises(ConfigError, match="leader election"):
+        OperatorConfig(standalone=True, shards=2)
