@@ -156,7 +156,7 @@ def main(argv: list[str]) -> int:
                             sb,
                             kube,
                             big,
-                            counts=(1, 20, 100) if quick else (1, 100, 500),
+                            counts=(1, 20, 100) if quick else (1, 100, 500, 1000),
                             window=30.0 if quick else 40.0,
                             footprint="footprint" in phases,
                             soak_minutes=soak if "load" in phases else None,

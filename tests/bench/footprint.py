@@ -60,6 +60,7 @@ SETTLE_SECONDS = 10.0
 LOAD_BUDGETS = 200
 LOAD_BACKENDS = 1000
 SOAK_SAMPLE_SECONDS = 10.0
+BASELINE_SECONDS = 120.0  # one budget over the soak's backends: the CPU the soak compares with
 FLAT_MB = 10.0  # memory counts as flat if it grows less than this over the soak
 # Issue 7's footprint targets, met or missed at TARGET_BUDGETS budgets.
 TARGET_BUDGETS = 500
@@ -204,24 +205,26 @@ class Fleet:
         raise RuntimeError(f"only {running} of {self.pods} pods Running after 180s")
 
     def scale_budgets(self, n: int) -> None:
-        """Create or delete budgets until there are ``n``; budget i selects pod i."""
+        """Create or delete budgets until there are ``n``; budget i selects pod i (modulo the
+        pods: past as many budgets as pods, a pod is selected by more than one)."""
         while len(self.budgets) > n:
             ns, name = self.budgets.pop()
             self.kube.delete_budget(ns, name)
 
         def one(i: int) -> tuple[str, str]:
-            ns, pod = self.pod_name(i)
+            ns, pod = self.pod_name(i % self.pods)
             k = i % self.namespaces
+            name = pod if i < self.pods else f"{pod}-b{i // self.pods}"
             self.kube.budget(
                 ns,
-                pod,
+                name,
                 {
                     "database": {"secretRef": {"name": f"pg-{self.database(k)}"}},
                     "budget": {"maxConnections": 10, "scope": "Selected"},
                     "selector": {"matchLabels": {"app": pod}},
                 },
             )
-            return ns, pod
+            return ns, name
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             self.budgets += list(pool.map(one, range(len(self.budgets), n)))
@@ -387,13 +390,18 @@ def load_soak(
     out_dir: Path,
     budgets: int = LOAD_BUDGETS,
     backends: int = LOAD_BACKENDS,
+    baseline_seconds: float = BASELINE_SECONDS,
 ) -> dict[str, Any]:
-    """Run the load for ``minutes``; return memory, CPU, cadence and error figures."""
+    """Run the load for ``minutes``; return memory, CPU, cadence and error figures.
+
+    First, over the same backends and pods, one budget alone for ``baseline_seconds``: the CPU
+    the soak's is compared with (CPU should grow with databases, not with budgets).
+    """
     say(
         f"\n== load and soak: {budgets} budgets, {fleet.pods} pods, {backends} client backends, "
         f"{minutes:g} min"
     )
-    fleet.scale_budgets(budgets)
+    fleet.scale_budgets(1)
     held = fleet.open_backends(backends)
     # Each backend runs a query about once a minute, as an app's pooled connection would: none
     # stays idle for leakDetection.idleSeconds (300 s), so none is (rightly) taken for a leak.
@@ -403,10 +411,12 @@ def load_soak(
         for _ in range(len(held) // 120 + 1):
             held[next(turn) % len(held)].execute("SELECT 1")
 
-    toucher = Ticker(touch, interval=0.5, limit=minutes * 60 + 600).start()
+    toucher = Ticker(touch, interval=0.5, limit=minutes * 60 + baseline_seconds + 900).start()
     series: list[tuple[float, float, float]] = []  # t, RSS MB, CPU % over the last sample
     minutes_out: list[dict[str, Any]] = []
     try:
+        baseline = _one_budget_cpu(sb, kube, fleet, baseline_seconds, out_dir)
+        fleet.scale_budgets(budgets)
         since = time.time()
         op = Operator.start(
             sb, [fleet.ns(k) for k in range(fleet.namespaces)], out_dir / "operator-soak.log"
@@ -476,6 +486,10 @@ def load_soak(
         "rss_slope_mb_per_min": slope,
         "memory_flat": abs(last - first) < FLAT_MB,
         "cpu_percent": Spread.of(m["cpu_percent"] for m in minutes_out),
+        "baseline_cpu_percent": baseline,
+        "cpu_vs_one_budget": Spread.of(m["cpu_percent"] / baseline for m in minutes_out)
+        if baseline > 0
+        else None,
         "probe_errors": probe_errors,
         "actions": action_count,
         "warnings": len(problems),
@@ -491,6 +505,25 @@ def load_soak(
         f"{action_count:.0f}; {got_end} client backends at the end"
     )
     return result
+
+
+def _one_budget_cpu(sb: Sandbox, kube: Kube, fleet: Fleet, seconds: float, out_dir: Path) -> float:
+    """The CPU (% of a core) of an operator with one budget, over the fleet's backends."""
+    since = time.time()
+    op = Operator.start(
+        sb, [fleet.ns(k) for k in range(fleet.namespaces)], out_dir / "operator-soak-one.log"
+    )
+    try:
+        _wait_all_probed(kube, fleet, since)
+        time.sleep(SETTLE_SECONDS)
+        c0, t0 = cpu_seconds(op.pid), time.monotonic()
+        time.sleep(seconds)
+        c1, t1 = cpu_seconds(op.pid), time.monotonic()
+    finally:
+        op.stop()
+    cpu = 100 * (c1 - c0) / (t1 - t0)
+    say(f"  one budget over the same backends: CPU {cpu:.2f}% of a core over {t1 - t0:.0f}s")
+    return cpu
 
 
 def _brief(record: dict[str, Any]) -> str:
