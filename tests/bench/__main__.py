@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import exhaustion, latency, probecost, report
+from bench import exhaustion, latency, probecost, report, shards
 from bench import footprint as fleet_bench
 from bench.common import ROOT, Kube, Server, machine, say
 from sandbox.core import Sandbox
@@ -141,7 +141,7 @@ def main(argv: list[str]) -> int:
                 charts=charts,
                 rates=tuple(args.rates or exhaustion.RATES),
             )
-        if phases & {"latency", "probe", "footprint", "load"}:
+        if phases & {"latency", "probe", "footprint", "load", "shards"}:
             big = Server.start(sb, "big", max_connections=BIG_MAX_CONNECTIONS)
             try:
                 if "latency" in phases:
@@ -163,6 +163,10 @@ def main(argv: list[str]) -> int:
                             out_dir=work,
                             charts=charts,
                         )
+                    )
+                if "shards" in phases:
+                    results["shards"] = shards.run(
+                        sb, kube, big, budgets=500 if quick else shards.BUDGETS, out_dir=work
                     )
             finally:
                 big.stop()

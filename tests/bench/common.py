@@ -353,9 +353,13 @@ class Operator:
     metrics_port: int
 
     @classmethod
-    def start(cls, sb: Sandbox, namespaces: Sequence[str], log: Path) -> Operator:
+    def start(
+        cls, sb: Sandbox, namespaces: Sequence[str], log: Path, *, shards: int | None = None
+    ) -> Operator:
+        """Start one; with ``shards``, a replica under sharded leader election, not standalone."""
         metrics_port, health_port = free_port(), free_port()
-        argv = [sys.executable, "-m", "connbudget", "run", "--standalone"]
+        argv = [sys.executable, "-m", "connbudget", "run"]
+        argv += ["--standalone"] if shards is None else ["--shards", str(shards)]
         for ns in namespaces:
             argv += ["--namespace", ns]
         argv += [

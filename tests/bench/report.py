@@ -19,7 +19,7 @@ from bench.exhaustion import SATURATED
 from bench.footprint import footprint_setup
 
 CHARTS = "tests/bench/charts"
-PHASES = ("exhaustion", "latency", "probe", "footprint", "load")
+PHASES = ("exhaustion", "latency", "probe", "footprint", "load", "shards")
 
 
 def to_json(value: object) -> object:
@@ -82,6 +82,7 @@ def render(r: dict[str, Any]) -> str:
         "probe": _probe,
         "footprint": _footprint,
         "load": _load,
+        "shards": _shards,
         "faults": _faults,
     }
     for phase, section in sections.items():
@@ -808,6 +809,62 @@ def _load(ld: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[str]:
                 and ld["warnings"] == 0
                 and ld["memory_flat"]
             ),
+        )
+    )
+    return out
+
+
+def _shards(sh: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[str]:
+    """A fleet larger than one replica (``bench.shards``)."""
+    n = sh["replicas"]
+    out = [
+        "## 5. Shards: a fleet larger than one replica",
+        "",
+        f"{sh['budgets']:,} ConnectionBudgets (default poll) over {sh['pods']} pods without "
+        f"processes and {sh['databases']} databases, {n} replicas with {sh['shards']} shards "
+        "(`--shards`). Once every budget had been probed (after "
+        f"{sh['first_probe_all_seconds']:.0f} s), a {sh['window_seconds']:.0f} s window: each "
+        "replica's resident memory and CPU, every budget's probes summed over the replicas, and "
+        "the budgets probed by more than one replica. Then the replica holding shard 0 was "
+        "killed (SIGKILL, no hand-over).",
+        "",
+        "| replica | shards held | budgets probed | resident memory | CPU (% of one core) |",
+        "|---|---|---|---|---|",
+    ]
+    for i in range(n):
+        out.append(
+            f"| {i + 1} | {', '.join(map(str, sh['shards_held'][i])) or 'none'} | "
+            f"{sh['budgets_per_replica'][i]:,} | {sh['rss_mb'][i]:.1f} MB | "
+            f"{sh['cpu_percent'][i]:.2f} % |"
+        )
+    taken, probed = sh.get("failover_lease_seconds"), sh.get("failover_probed_seconds")
+    out += [
+        "",
+        f"Probes per budget in the window: {sh['probes_per_budget'].show('{:.0f}')} (at least "
+        f"{sh['expected_probes_min']} keeps the cadence: "
+        f"{'kept' if sh['cadence_kept'] else 'missed'}); budgets probed by two replicas: "
+        f"{sh['probed_twice']}. Killing the holder of shards "
+        f"{', '.join(map(str, sh['failover_shards']))} ({sh['failover_budgets']:,} budgets): "
+        "the survivors held their Leases after "
+        + (f"{taken:.1f} s" if taken is not None else "more than the wait (never)")
+        + " and had probed every one of those budgets again after "
+        + (f"{probed:.1f} s" if probed is not None else "more than the wait (never)")
+        + ".",
+        "",
+    ]
+    targets.append(
+        (
+            f"{sh['budgets']:,} budgets over {sh['shards']} shards: cadence kept, none handled "
+            "twice",
+            f"cadence {'kept' if sh['cadence_kept'] else 'missed'}, {sh['probed_twice']} twice",
+            _ok(sh["cadence_kept"] and sh["probed_twice"] == 0),
+        )
+    )
+    targets.append(
+        (
+            "shard failover within 15 s (its Leases held by a survivor)",
+            f"{taken:.1f} s" if taken is not None else "never",
+            _ok(taken is not None and taken <= 15),
         )
     )
     return out
