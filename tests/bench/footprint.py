@@ -66,6 +66,12 @@ FLAT_MB = 10.0  # memory counts as flat if it grows less than this over the soak
 TARGET_BUDGETS = 500
 RSS_TARGET_MB = 150.0  # resident memory, MB
 CPU_TARGET_PERCENT = 5.0  # CPU, % of one core
+# Issue 14's: CPU grows with databases, not budgets; memory per budget small.
+RATIO_BUDGETS = 500  # budgets over every database ...
+CPU_RATIO_TARGET = 10.0  # ... use at most this many times the CPU of one budget
+MEMORY_BUDGETS = 1000  # budgets on one replica ...
+MEMORY_TARGET_MB = 150.0  # ... within this resident memory
+PER_BUDGET_KB_TARGET = 25.0  # ... and at most this much per budget above one budget
 # What each fresh interpreter imports before it reads its resident memory. "operator" is what
 # `connbudget run` imports before kopf starts: connbudget.cli alone imports neither kopf nor the
 # Kubernetes client, since it imports the handlers only when it runs them.
@@ -97,6 +103,11 @@ def footprint_setup(*, namespaces: int = NAMESPACES, pods: int = PODS) -> dict[s
         "target_budgets": TARGET_BUDGETS,
         "rss_target_mb": RSS_TARGET_MB,
         "cpu_target_percent": CPU_TARGET_PERCENT,
+        "ratio_budgets": RATIO_BUDGETS,
+        "cpu_ratio_target": CPU_RATIO_TARGET,
+        "memory_budgets": MEMORY_BUDGETS,
+        "memory_target_mb": MEMORY_TARGET_MB,
+        "per_budget_kb_target": PER_BUDGET_KB_TARGET,
     }
 
 

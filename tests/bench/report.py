@@ -701,24 +701,29 @@ def _footprint(fp: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[
                 _ok(top["cpu_percent"] <= cpu_target),
             )
         )
-    one, five, thousand = rows.get("1"), rows.get("500"), rows.get("1000")
-    if one and five and one["cpu_percent"] > 0:
-        ratio = five["cpu_percent"] / one["cpu_percent"]
+    one = rows.get(str(first["budgets"])) if first["budgets"] == 1 else None
+    many, biggest = rows.get(str(su["ratio_budgets"])), rows.get(str(su["memory_budgets"]))
+    if one and many and one["cpu_percent"] > 0:
+        ratio = many["cpu_percent"] / one["cpu_percent"]
         targets.append(
             (
-                f"CPU scales with databases: 500 budgets over {su['databases']} databases at most "
-                "10x the CPU of 1 budget",
-                f"{ratio:.1f}x ({five['cpu_percent']:.2f} % vs {one['cpu_percent']:.2f} %)",
-                _ok(ratio <= 10),
+                f"CPU scales with databases: {many['budgets']} budgets over {su['databases']} "
+                f"databases at most {su['cpu_ratio_target']:g}x the CPU of one budget",
+                f"{ratio:.1f}x ({many['cpu_percent']:.2f} % vs {one['cpu_percent']:.2f} %)",
+                _ok(ratio <= su["cpu_ratio_target"]),
             )
         )
-    if one and thousand:
-        per = (thousand["rss_mb"] - one["rss_mb"]) * 1024 / (thousand["budgets"] - one["budgets"])
+    if one and biggest:
+        per = (biggest["rss_mb"] - one["rss_mb"]) * 1024 / (biggest["budgets"] - one["budgets"])
         targets.append(
             (
-                "1,000 budgets on one replica within 150 MB, at most 25 KB per budget above 1",
-                f"{thousand['rss_mb']:.1f} MB, {per:.0f} KB per budget",
-                _ok(thousand["rss_mb"] <= 150 and per <= 25),
+                f"{biggest['budgets']} budgets on one replica within {su['memory_target_mb']:g} "
+                f"MB, at most {su['per_budget_kb_target']:g} KB per budget above one",
+                f"{biggest['rss_mb']:.1f} MB, {per:.0f} KB per budget",
+                _ok(
+                    biggest["rss_mb"] <= su["memory_target_mb"]
+                    and per <= su["per_budget_kb_target"]
+                ),
             )
         )
     ok_conns = all(r["db_connections"] == r["databases"] for r in rows.values())

@@ -795,6 +795,7 @@ def test_the_footprint_section_renders_every_figure_from_the_run() -> None:
         *("265", "0.55", "100"),  # marginal cost (per 100 budgets)
         *("5", "97", "58", "47", "36", "25", "9"),  # import memory
         *("131", "35", "222", "350", "1.0"),  # why: derived from the above
+        "18.7",  # why: the whole operator's CPU per poll with one budget (0.11 % of 17 s)
     }
     assert set(re.findall(r"\d+(?:\.\d+)?", text)) <= allowed
 
@@ -866,3 +867,28 @@ def test_import_rss_reads_a_fresh_interpreters_resident_memory_per_entry() -> No
     assert list(got) == ["interpreter", "decimal"]
     assert all(mb > 1 for mb in got.values())
     assert list(IMPORTS)[:2] == ["interpreter", "operator"]
+
+
+def test_the_footprint_section_judges_the_scale_targets_from_the_rows() -> None:
+    from bench.footprint import footprint_setup
+    from bench.report import _footprint
+
+    setup = {**footprint_setup(), "ratio_budgets": 40, "memory_budgets": 80}
+    run = {
+        "rows": {
+            "1": _fp_row(1, 100.0, 0.5, [3.0]),
+            "40": _fp_row(40, 101.0, 4.0, [3.0]),
+            "80": _fp_row(80, 103.0, 6.0, [3.0]),
+        },
+        "marginal": {"rss_kb_per_budget": 38.9, "cpu_percent_per_100_budgets": 6.9},
+        "setup": setup,
+    }
+    targets: list[tuple[str, str, str]] = []
+    _footprint(run, targets)
+    found = {t: (v, ok) for t, v, ok in targets}
+    ratio = next(k for k in found if k.startswith("CPU scales with databases: 40 budgets"))
+    assert found[ratio][0] == "8.0x (4.00 % vs 0.50 %)"  # 4.0 / 0.5
+    assert "met" in found[ratio][1]
+    memory = next(k for k in found if k.startswith("80 budgets on one replica"))
+    assert found[memory][0] == "103.0 MB, 39 KB per budget"  # 3 MB over 79 budgets
+    assert "missed" in found[memory][1]  # 39 KB > 25 KB
