@@ -192,3 +192,26 @@ def test_a_replica_that_stops_hands_its_shards_over_at_once() -> None:
     cb[0] += RETRY_SECONDS
     b.step()
     assert b.acting() == set(range(SHARDS))  # released Leases need no expiry
+
+
+def test_a_shard_its_replica_does_not_take_is_kept_by_another_not_left_alone() -> None:
+    """b is alive (it renews its member Lease) but never takes its shards: a takes them once
+    they have been free a while, and keeps them a good while before offering them back."""
+    from connbudget.handlers.election import ORPHAN_KEEP_SECONDS
+
+    leases = Leases()
+    ca, cb = [0.0], [0.0]
+    a, b = Replica(leases, "a", ca), Replica(leases, "b", cb)
+    mine = plan_shards(shards=SHARDS, members={"a", "b"}, me="b").owned
+    assert mine
+    t, unattended = 0.0, 0.0
+    while t < 2 * ORPHAN_KEEP_SECONDS:
+        ca[0] += RETRY_SECONDS
+        cb[0] += RETRY_SECONDS
+        asyncio.run(b.shards.membership.live(cb[0]))  # alive, but takes nothing
+        a.step()
+        t += RETRY_SECONDS
+        if t > SHARD_LEASE_SECONDS and not mine <= a.acting():
+            unattended += RETRY_SECONDS
+    # Left alone at most the grace and an attempt at a time, about once per keep period.
+    assert unattended <= 2 * (ORPHAN_GRACE_SECONDS + 2 * RETRY_SECONDS)

@@ -49,6 +49,8 @@ LEASE_NAME = "connbudget-operator"
 # A shard whose rightful replica has not taken it this long after its Lease expired is taken by
 # any replica (it may be stuck, or its members' view differs for a moment).
 ORPHAN_GRACE_SECONDS = 2 * RETRY_SECONDS
+# ... and kept this long before it is handed to that replica again.
+ORPHAN_KEEP_SECONDS = 3 * SHARD_LEASE_SECONDS
 
 
 async def elect(reconciler: Leader, elector: LeaseElector | None) -> None:
@@ -106,9 +108,11 @@ class Shards:
             )
             for s in range(shards)
         ]
-        # Shards taken because nobody took them, not because this replica should hold them:
-        # kept while held (not handed back and forth), and no longer orphans once they are its.
-        self.orphans: set[int] = set()
+        self.monotonic = monotonic
+        # Shards taken because nobody took them, not because this replica should hold them, and
+        # when: kept a while (not handed back and forth with a replica that does not take them),
+        # then handed to the replica that should hold them; no longer orphans once they are its.
+        self.orphans: dict[int, float] = {}
 
     async def step(self, reconciler: Leader) -> None:
         """One attempt: renew membership, take or renew the shards this replica should hold,
@@ -116,12 +120,16 @@ class Shards:
         now = time.time()
         members = await self.membership.live(now)
         plan = plan_shards(shards=self.shards, members=members, me=self.identity)
-        self.orphans -= plan.owned
+        for s in plan.owned:
+            self.orphans.pop(s, None)
         for s, elector in enumerate(self.electors):
-            if s in plan.owned or s in self.orphans:
+            kept = s in self.orphans and self.monotonic() - self.orphans[s] < ORPHAN_KEEP_SECONDS
+            if s in plan.owned or kept:
                 await _try(elector, now)
             elif elector.may_act():
-                # A replica that joined should hold it now: stop acting, then give it up.
+                # Another live replica should hold it (it joined, or this one kept an orphan
+                # long enough): stop acting, then give it up.
+                self.orphans.pop(s, None)
                 await reconciler.follow(s)
                 await elector.release(time.time())
                 log.info("shard handed over", extra={"shard": s, "lease": elector.name})
@@ -133,12 +141,12 @@ class Shards:
                         "taking a shard nobody takes",
                         extra={"shard": s, "lease": elector.name},
                     )
-                    self.orphans.add(s)
+                    self.orphans[s] = self.monotonic()
                     await _try(elector, now)
             if elector.may_act():
                 reconciler.lead(s, elector.may_act)
             else:
-                self.orphans.discard(s)
+                self.orphans.pop(s, None)
                 await reconciler.follow(s)
         reconciler.stand_by(plan.standby)
 
