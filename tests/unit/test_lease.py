@@ -14,6 +14,32 @@ from connbudget.kube.api import KubeError
 from connbudget.kube.lease import LEASE_SECONDS, RENEW_DEADLINE_SECONDS, LeaseElector
 
 
+def stored_lease(body: dict[str, Any], version: int) -> Any:
+    """A Lease as the API server returns it after storing ``body`` (the client's object)."""
+    spec, meta = body["spec"], body["metadata"]
+
+    def t(key: str) -> dt.datetime | None:
+        v = spec.get(key)
+        return (
+            dt.datetime.strptime(v, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC) if v else None
+        )
+
+    return SimpleNamespace(
+        metadata=SimpleNamespace(
+            name=meta.get("name"),
+            resource_version=str(version),
+            labels=dict(meta.get("labels") or {}),
+        ),
+        spec=SimpleNamespace(
+            holder_identity=spec.get("holderIdentity"),
+            renew_time=t("renewTime"),
+            acquire_time=t("acquireTime"),
+            lease_duration_seconds=spec.get("leaseDurationSeconds"),
+            lease_transitions=spec.get("leaseTransitions"),
+        ),
+    )
+
+
 class FakeCoord:
     """One Lease in memory, with optimistic concurrency like the API server's."""
 
@@ -24,26 +50,7 @@ class FakeCoord:
 
     def _stored(self, body: dict[str, Any]) -> Any:
         self.version += 1
-        spec = body["spec"]
-
-        def t(key: str) -> dt.datetime | None:
-            v = spec.get(key)
-            return (
-                dt.datetime.strptime(v, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
-                if v
-                else None
-            )
-
-        return SimpleNamespace(
-            metadata=SimpleNamespace(resource_version=str(self.version)),
-            spec=SimpleNamespace(
-                holder_identity=spec.get("holderIdentity"),
-                renew_time=t("renewTime"),
-                acquire_time=t("acquireTime"),
-                lease_duration_seconds=spec.get("leaseDurationSeconds"),
-                lease_transitions=spec.get("leaseTransitions"),
-            ),
-        )
+        return stored_lease(body, self.version)
 
     def read_namespaced_lease(self, name: str, namespace: str) -> Any:
         if self.hang:

@@ -4,7 +4,6 @@ one dies (handlers.election.Shards against an in-memory Lease API; no cluster)."
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -13,6 +12,7 @@ from connbudget.handlers.election import ORPHAN_GRACE_SECONDS, Shards
 from connbudget.kube.api import KubeError
 from connbudget.kube.lease import RETRY_SECONDS, SHARD_LEASE_SECONDS
 from connbudget.policy.shards import plan_shards
+from unit.test_lease import stored_lease
 
 SHARDS = 6
 
@@ -26,30 +26,7 @@ class Leases:
 
     def _stored(self, body: dict[str, Any]) -> Any:
         self.version += 1
-        spec, meta = body["spec"], body["metadata"]
-
-        def t(key: str) -> dt.datetime | None:
-            v = spec.get(key)
-            return (
-                dt.datetime.strptime(v, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
-                if v
-                else None
-            )
-
-        return SimpleNamespace(
-            metadata=SimpleNamespace(
-                name=meta["name"],
-                resource_version=str(self.version),
-                labels=dict(meta.get("labels") or {}),
-            ),
-            spec=SimpleNamespace(
-                holder_identity=spec.get("holderIdentity"),
-                renew_time=t("renewTime"),
-                acquire_time=t("acquireTime"),
-                lease_duration_seconds=spec.get("leaseDurationSeconds"),
-                lease_transitions=spec.get("leaseTransitions"),
-            ),
-        )
+        return stored_lease(body, self.version)
 
     def read_namespaced_lease(self, name: str, namespace: str) -> Any:
         if name not in self.leases:

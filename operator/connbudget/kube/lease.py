@@ -109,15 +109,22 @@ class LeaseElector:
             return now - self._observed_at
         return max(0.0, now - self._observed_at - record.duration)
 
-    async def observe(self) -> None:
-        """Read the Lease and note its record, without writing (for ``free_for``)."""
+    async def _read(self) -> kubernetes.client.V1Lease | None:
+        """The Lease as the API server has it (None: there is none)."""
         try:
-            lease = await self.kube.call(
+            lease: kubernetes.client.V1Lease = await self.kube.call(
                 self.coord.read_namespaced_lease, self.name, self.namespace
             )
         except KubeError as e:
-            if e.status != 404:
-                raise
+            if e.status == 404:
+                return None
+            raise
+        return lease
+
+    async def observe(self) -> None:
+        """Read the Lease and note its record, without writing (for ``free_for``)."""
+        lease = await self._read()
+        if lease is None:
             if self._missing_since is None:
                 self._missing_since = self.monotonic()
             self._observed = None
@@ -147,13 +154,8 @@ class LeaseElector:
             "leaseDurationSeconds": self.duration,
             "renewTime": _micro_time(now),
         }
-        try:
-            lease = await self.kube.call(
-                self.coord.read_namespaced_lease, self.name, self.namespace
-            )
-        except KubeError as e:
-            if e.status != 404:
-                raise
+        lease = await self._read()
+        if lease is None:
             body = {
                 "metadata": {
                     "name": self.name,
@@ -220,15 +222,8 @@ class LeaseElector:
         by now is left alone (the write carries the version read).
         """
         self._renewed_at = None
-        try:
-            lease = await self.kube.call(
-                self.coord.read_namespaced_lease, self.name, self.namespace
-            )
-        except KubeError as e:
-            if e.status == 404:
-                return
-            raise
-        if (lease.spec.holder_identity or "") != self.identity:
+        lease = await self._read()
+        if lease is None or (lease.spec.holder_identity or "") != self.identity:
             return
         body = {
             "metadata": {
