@@ -103,3 +103,45 @@ def test_what_is_held_and_what_changed_decode_as_a_full_detail_would(
     assert partial is not None
     assert partial.sample == full.sample
     assert partial.held == full.held
+
+
+def test_the_monitor_asks_only_what_changed_and_everything_when_it_holds_too_little(
+    monkeypatch: Any,
+) -> None:
+    """The second sample asks detail since the first's time; a reply naming a pid the monitor
+    does not hold (as after it forgot its samples) is asked again with every detail."""
+    import asyncio
+
+    from connbudget.probe.postgres import Monitor
+
+    asked: list[float | None] = []
+    replies = [
+        [row("web-1", "idle", [7], {7: (990.0, 100.0)})],  # first: every detail
+        [(1010.0, "app", 100, 3, *row("web-1", "idle", [7], {})[4:])],  # 7 unchanged
+        [(1020.0, "app", 100, 3, *row("web-1", "idle", [7, 9], {})[4:])],  # 9 unknown
+        [
+            (
+                1020.0,
+                "app",
+                100,
+                3,
+                *row("web-1", "idle", [7, 9], {7: (990.0, 100.0), 9: (1015.0, 1015.0)})[4:],
+            )
+        ],
+    ]
+
+    async def run_locked(query: Any, params: dict[str, Any] | None = None) -> Any:
+        asked.append((params or {}).get("since"))
+        return replies[len(asked) - 1]
+
+    m = Monitor("postgresql://mon:secret@db:5432/app")
+    monkeypatch.setattr(m, "_run_locked", run_locked)
+
+    async def main() -> list[Any]:
+        return [await m.sample(), await m.sample(), await m.sample()]
+
+    first, second, third = asyncio.run(main())
+    assert first.groups[0].backends == ((7, 10.0, 100.0),)
+    assert asked == [None, 1000.0 - backends.DETAIL_MARGIN_SECONDS, 1010.0 - 1.0, None]
+    assert second.groups[0].backends == ((7, 20.0, 100.0),)
+    assert third.groups[0].backends == ((7, 30.0, 100.0), (9, 5.0, 1015.0))
