@@ -192,7 +192,7 @@ def test_a_ready_row_is_marked_stalled_exactly_for_the_stalled_reasons(
 def test_every_probe_failure_has_a_database_reachable_row(
     condition_rows: list[ConditionRow],
 ) -> None:
-    # cycle.py turns a ProbeFailure into the Reason of the same value for Ready and
+    # cycle/observe.py turns a ProbeFailure into the Reason of the same value for Ready and
     # DatabaseReachable; each must exist and be documented there.
     unreachable = {
         row.reason
