@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -82,7 +83,7 @@ def test_the_server_is_the_major_under_test(pg: VersionServer) -> None:
 
 def test_every_probe_statement_runs_as_the_monitoring_role(pg: VersionServer) -> None:
     with psycopg.connect(pg.db.monitor_dsn, autocommit=True) as m:
-        for since in (None, 1.0e9):
+        for since in (None, dt.datetime(2001, 9, 9, tzinfo=dt.UTC)):
             row = m.execute(queries.BACKEND_GROUPS, {"since": since}).fetchone()
             assert row is not None
             assert len(row) == 17

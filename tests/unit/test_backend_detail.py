@@ -48,7 +48,9 @@ def test_the_first_sample_has_every_detail() -> None:
     (g,) = out.sample.groups
     assert g.backends == ((7, 10.0, 100.0), (8, 5.0, 200.0))  # longest in its state first
     assert out.held == {7: (990.0, 100.0), 8: (995.0, 200.0)}
-    assert backends.detail_since(out.sample) == 1000.0 - backends.DETAIL_MARGIN_SECONDS
+    since = backends.detail_since(out.sample)
+    assert since is not None
+    assert since.timestamp() == 1000.0 - backends.DETAIL_MARGIN_SECONDS
     assert backends.detail_since(None) is None
 
 
@@ -114,7 +116,7 @@ def test_the_monitor_asks_only_what_changed_and_everything_when_it_holds_too_lit
 
     from connbudget.probe.postgres import Monitor
 
-    asked: list[float | None] = []
+    asked: list[Any] = []
     replies = [
         [row("web-1", "idle", [7], {7: (990.0, 100.0)})],  # first: every detail
         [(1010.0, "app", 100, 3, *row("web-1", "idle", [7], {})[4:])],  # 7 unchanged
@@ -142,6 +144,7 @@ def test_the_monitor_asks_only_what_changed_and_everything_when_it_holds_too_lit
 
     first, second, third = asyncio.run(main())
     assert first.groups[0].backends == ((7, 10.0, 100.0),)
-    assert asked == [None, 1000.0 - backends.DETAIL_MARGIN_SECONDS, 1010.0 - 1.0, None]
+    epochs = [None if a is None else a.timestamp() for a in asked]
+    assert epochs == [None, 1000.0 - backends.DETAIL_MARGIN_SECONDS, 1010.0 - 1.0, None]
     assert second.groups[0].backends == ((7, 20.0, 100.0),)
     assert third.groups[0].backends == ((7, 30.0, 100.0), (9, 5.0, 1015.0))

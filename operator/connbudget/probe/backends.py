@@ -9,6 +9,7 @@ held. Pure: no I/O and no clock, so it is tested without a server.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +30,11 @@ class Decoded:
     held: dict[int, Times]  # every backend of the sample, by pid: what the next decode may reuse
 
 
-def detail_since(last: ServerSample | None) -> float | None:
+def detail_since(last: ServerSample | None) -> dt.datetime | None:
     """The ``since`` parameter of the next query after ``last`` (None: every backend in detail)."""
-    return None if last is None else last.sampled_at - DETAIL_MARGIN_SECONDS
+    if last is None:
+        return None
+    return dt.datetime.fromtimestamp(last.sampled_at - DETAIL_MARGIN_SECONDS, dt.UTC)
 
 
 def decode(rows: Sequence[Sequence[Any]], held: Mapping[int, Times]) -> Decoded | None:
