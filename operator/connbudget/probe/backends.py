@@ -12,7 +12,8 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from operator import itemgetter
+from typing import Any, cast
 
 from connbudget.model.observations import BackendGroup, ServerSample
 
@@ -22,6 +23,7 @@ DETAIL_MARGIN_SECONDS = 1.0
 
 # (when its state last changed, when it started), epoch seconds on the server's clock
 Times = tuple[float, float]
+_IN_STATE = itemgetter(1)
 
 
 @dataclass(frozen=True)
@@ -53,17 +55,27 @@ def decode(rows: Sequence[Sequence[Any]], held: Mapping[int, Times]) -> Decoded 
         pids, detail_pids, detail_changed, detail_started = row[13:17]
         if n is None:
             continue  # the one row there is when no client backend is open
-        times_of = zip(detail_changed or (), detail_started or (), strict=True)
-        fresh = dict(zip(detail_pids or (), times_of, strict=True))
-        backends: list[tuple[int, float, float]] = []
-        for pid in pids or ():
-            times = fresh.get(pid) or held.get(pid)
-            if times is None:
-                return None
-            changed, started = float(times[0]), float(times[1])
-            out[pid] = (changed, started)
-            backends.append((int(pid), now - changed, started))
-        backends.sort(key=lambda b: -b[1])  # longest in its state first
+        pids = pids or []
+        if detail_pids:
+            fresh = dict(
+                zip(detail_pids, zip(detail_changed, detail_started, strict=True), strict=True)
+            )
+            times = [fresh.get(pid) or held.get(pid) for pid in pids]
+        else:  # nothing of the group changed since the last sample (the usual case)
+            times = [held.get(pid) for pid in pids]
+        if None in times:
+            return None
+        known = cast(list[Times], times)
+        out.update(zip(pids, known, strict=True))
+        # Longest in its state first (a stable sort: ties keep the server's order).
+        backends = sorted(
+            (
+                (pid, now - changed, started)
+                for pid, (changed, started) in zip(pids, known, strict=True)
+            ),
+            key=_IN_STATE,
+            reverse=True,
+        )
         groups.append(
             BackendGroup(
                 database=datname,
