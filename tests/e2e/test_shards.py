@@ -8,7 +8,6 @@ again within the shard Lease and a few attempts.
 
 from __future__ import annotations
 
-import re
 import signal
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 import kubernetes
 import pytest
 
+from bench.common import metric_samples
 from connbudget.kube.lease import RETRY_SECONDS, SHARD_LEASE_SECONDS
 from connbudget.policy.shards import shard_of
 from e2e.conftest import Budgets, Operator, start_operator, wait_until
@@ -34,11 +34,11 @@ TAKEOVER_BOUND = SHARD_LEASE_SECONDS + 3 * RETRY_SECONDS + 2
 
 def probe_counts(op: Operator, namespace: str) -> dict[str, float]:
     """How many probes this replica timed, per budget (its own metrics)."""
-    pattern = (
-        rf'connbudget_probe_duration_seconds_count\{{namespace="{namespace}",'
-        r'budget="([^"]+)"\} (\S+)'
-    )
-    return {b: float(n) for b, n in re.findall(pattern, op.metrics())}
+    return {
+        labels["budget"]: n
+        for labels, n in metric_samples(op.metrics(), "connbudget_probe_duration_seconds_count")
+        if labels.get("namespace") == namespace
+    }
 
 
 def probed_in(ops: list[Operator], namespace: str, seconds: float) -> list[set[str]]:

@@ -6,14 +6,16 @@ Budgets are split into ``shards`` by a stable hash of the database Secret each n
 namespace and name): the budgets of one database, through one Secret, are in one shard, so the
 database is sampled by one replica. Each shard is held through its own Lease; which live replica
 should hold it is decided by rendezvous hashing over the live replicas (each replica keeps a
-member Lease): every replica computes the same answer from the same members, a replica that
-joins or leaves moves only the shards it gains or held, and the runner-up of each shard keeps a
-standby connection to its databases for a quick takeover.
+member Lease), capped at a fair share each: every replica computes the same answer from the same
+members, shards spread evenly, a replica that joins or leaves moves few shards besides its own,
+and the runner-up of each shard keeps a standby connection to its databases for a quick
+takeover.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -43,14 +45,30 @@ class ShardPlan:
     standby: frozenset[int]  # shards it is the runner-up of: keep their connections open
 
 
+def owners(shards: int, members: Collection[str]) -> list[str]:
+    """Which of the live ``members`` should hold each shard, the same in every replica.
+
+    Each shard goes to the first replica in its rendezvous ranking that holds fewer than its
+    fair share (``ceil(shards / members)``) of the shards before it: balanced (a pure ranking may
+    give every shard of a few to one replica), and still mostly where the ranking puts them.
+    """
+    cap = math.ceil(shards / len(members))
+    held = dict.fromkeys(members, 0)
+    out = []
+    for s in range(shards):
+        owner = next(m for m in ranking(s, members) if held[m] < cap)
+        held[owner] += 1
+        out.append(owner)
+    return out
+
+
 def plan_shards(*, shards: int, members: Collection[str], me: str) -> ShardPlan:
     """Which shards ``me`` should hold and stand by for, among the live ``members``."""
     everyone = set(members) | {me}
     owned, standby = set(), set()
-    for s in range(shards):
-        order = ranking(s, everyone)
-        if order[0] == me:
+    for s, owner in enumerate(owners(shards, everyone)):
+        if owner == me:
             owned.add(s)
-        elif len(order) > 1 and order[1] == me:
+        elif next(m for m in ranking(s, everyone) if m != owner) == me:
             standby.add(s)
     return ShardPlan(owned=frozenset(owned), standby=frozenset(standby))
