@@ -3,7 +3,7 @@
 A fleet of pods without processes (the sandbox's kubelet gives them an address and reports them
 Running) in ``NAMESPACES`` namespaces, and ConnectionBudgets over them, each selecting one pod and
 naming one of ``DATABASES`` databases of one server (so the operator needs one monitoring
-connection per database, however many budgets). Budgets keep the default poll (10 s).
+connection per database, however many budgets). Budgets keep the spec's default poll.
 
 - Footprint: for 1, 100 and 500 budgets, a fresh operator; once every budget has been probed and
   a settling time has passed, its resident memory and CPU over a window, whether every budget
@@ -48,13 +48,21 @@ from bench.common import (
     say,
 )
 from connbudget.model.observations import PROBE_APPLICATION_NAME
+from connbudget.model.spec import parse_spec
 from sandbox.core import Sandbox
 from sandbox.fixtures import LEAKY_IMAGE
 
 NAMESPACES = 10
 PODS = 500
 DATABASES = ("app", "db1", "db2", "db3", "db4")
-POLL = 10  # the spec's default
+# The spec's default poll, as the operator parses a budget that names none.
+POLL = parse_spec(
+    {
+        "database": {"secretRef": {"name": "pg"}},
+        "budget": {"maxConnections": 1},
+        "selector": {"matchLabels": {"app": "x"}},
+    }
+).poll_seconds
 TICK = 1.0  # the operator's worker tick (connbudget.config.TICK_SECONDS)
 SETTLE_SECONDS = 10.0
 LOAD_BUDGETS = 200
@@ -483,6 +491,7 @@ def load_soak(
     slope = _slope([(t / 60, r) for t, r, _ in series])
     result = {
         "budgets": budgets,
+        "poll_seconds": POLL,
         "pods": fleet.pods,
         "backends": got,
         "backends_at_end": got_end,

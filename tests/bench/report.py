@@ -757,7 +757,12 @@ def _load(ld: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[str]:
         "leaked), "
         f"for {ld['minutes']:g} minutes, one operator. Each minute: the highest resident "
         "memory, CPU, and each budget's probes (cadence kept if every budget probed at least "
-        "`floor(60 / 11)` = 5 times: a 10 s poll on a 1 s worker tick).",
+        + (
+            f"{ld['segments'][0]['expected_probes_min']} times: a {ld['poll_seconds']:g} s poll, "
+            "a second of slack per poll)."
+            if "poll_seconds" in ld and ld["segments"]
+            else "as often as its poll allows, with a second of slack per poll)."
+        ),
         "",
         "| minute | resident memory | CPU | probes per budget | cadence | mean per-poll probe |",
         "|---|---|---|---|---|---|",
