@@ -158,12 +158,17 @@ def test_budgets_sharing_a_sample_and_pods_share_one_census() -> None:
     web = pod("web-1", "10.0.0.1")
     smp = ServerSample(sampled_at=NOW, database="app", max_connections=100, reserved=3, groups=())
     index = PodIndex.build([web], namespace=NS)
-    taken = Censuses(keep=2)
+    clock = [0.0]
+    taken = Censuses(keep_seconds=2.0, monotonic=lambda: clock[0])
     first = taken.take(sample=smp, index=index, mode=AttributionMode.AUTO)
+    clock[0] = 1.0
     assert taken.take(sample=smp, index=index, mode=AttributionMode.AUTO) is first
     # Another mode, other pods or another sample: another census.
     assert taken.take(sample=smp, index=index, mode=AttributionMode.CLIENT_ADDR) is not first
     other = PodIndex.build([web], namespace=NS)
     assert taken.take(sample=smp, index=other, mode=AttributionMode.AUTO) is not first
-    # Only the newest are kept.
+    assert len(taken) == 3
+    # Kept only a moment: a census (and the sample it holds) is dropped once nobody will ask.
+    clock[0] = 10.0
     assert taken.take(sample=smp, index=index, mode=AttributionMode.AUTO) is not first
+    assert len(taken) == 1

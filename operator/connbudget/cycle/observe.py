@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -318,12 +318,22 @@ class Censuses:
     an attribution mode and pooler) attribute and count it once between them, not once each.
 
     Keyed by the sample and the pod index objects themselves (a new sample, or any change of the
-    pods, is a new index object): a census is never reused for another sample or other pods.
+    pods, is a new index object): a census is never reused for another sample or other pods. The
+    budgets that share a sample take it within moments of each other (they are due at one slot),
+    so a census is kept only ``keep_seconds``: an older one would never be asked for again, and
+    it would hold its sample in memory (found by the soak: 256 kept censuses of 1,000 backends
+    each took 35 MB).
     """
 
-    def __init__(self, *, keep: int = 256) -> None:
-        self._keep = keep
+    def __init__(
+        self, *, keep_seconds: float = 2.0, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._keep = keep_seconds
+        self._monotonic = monotonic
         self._taken: dict[tuple[int, int, AttributionMode, frozenset[str]], _Taken] = {}
+
+    def __len__(self) -> int:
+        return len(self._taken)
 
     def take(
         self,
@@ -333,15 +343,19 @@ class Censuses:
         mode: AttributionMode,
         pooler_ips: frozenset[str] = frozenset(),
     ) -> Census:
+        now = self._monotonic()
+        while self._taken:  # the oldest first (insertion order)
+            oldest = next(iter(self._taken))
+            if now - self._taken[oldest].at < self._keep:
+                break
+            del self._taken[oldest]
         key = (id(sample), id(index), mode, pooler_ips)
         found = self._taken.get(key)
         # The objects are held with their census, so their ids cannot be another's meanwhile.
         if found is not None and found.sample is sample and found.index is index:
             return found.census
         counted = take_census(sample=sample, index=index, mode=mode, pooler_ips=pooler_ips)
-        self._taken[key] = _Taken(sample=sample, index=index, census=counted)
-        while len(self._taken) > self._keep:
-            del self._taken[next(iter(self._taken))]  # the oldest first
+        self._taken[key] = _Taken(sample=sample, index=index, census=counted, at=now)
         return counted
 
 
@@ -350,3 +364,4 @@ class _Taken:
     sample: ServerSample
     index: attribution.PodIndex
     census: Census
+    at: float  # when it was taken (monotonic)
