@@ -127,6 +127,11 @@ def main(argv: list[str]) -> int:
         results = merged(report.from_json(json.loads(out.read_text())), phases)
         results.update(run_info)
     say(f"connbudget benchmarks on {results['machine']}; logs in {work}")
+
+    def save() -> None:
+        """Write results.json as it stands: a phase that fails later loses only itself."""
+        out.write_text(json.dumps(results, indent=2, default=report.to_json) + "\n")
+
     sb = Sandbox.up(progress=lambda m: say(f"sandbox: {m}"))
     try:
         kube = Kube(sb)
@@ -141,6 +146,7 @@ def main(argv: list[str]) -> int:
                 charts=charts,
                 rates=tuple(args.rates or exhaustion.RATES),
             )
+            save()
         if phases & {"latency", "probe", "footprint", "load", "shards"}:
             big = Server.start(sb, "big", max_connections=BIG_MAX_CONNECTIONS)
             try:
@@ -148,8 +154,10 @@ def main(argv: list[str]) -> int:
                     results["latency"] = latency.run(
                         sb, kube, big, episodes=episodes, out_dir=work, charts=charts
                     )
+                    save()
                 if "probe" in phases:
                     results["probe"] = probecost.run(big, repeats=repeats, quick=quick)
+                    save()
                 if phases & {"footprint", "load"}:
                     results.update(
                         fleet_bench.run(
@@ -164,6 +172,7 @@ def main(argv: list[str]) -> int:
                             charts=charts,
                         )
                     )
+                    save()
                 if "shards" in phases:
                     results["shards"] = shards.run(
                         sb, kube, big, budgets=500 if quick else shards.BUDGETS, out_dir=work

@@ -832,8 +832,13 @@ def _shards(sh: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[str
         "",
         f"{sh['budgets']:,} ConnectionBudgets (default poll) over {sh['pods']} pods without "
         f"processes and {sh['databases']} databases, {n} replicas with {sh['shards']} shards "
-        "(`--shards`). Once every budget had been probed (after "
-        f"{sh['first_probe_all_seconds']:.0f} s), a {sh['window_seconds']:.0f} s window: each "
+        "(`--shards`). Once every budget had been probed ("
+        + (
+            f"after {sh['first_probe_all_seconds']:.0f} s"
+            if sh.get("first_probe_all_seconds") is not None
+            else "which did not happen within the wait: measured as it stood"
+        )
+        + f"), a {sh['window_seconds']:.0f} s window: each "
         "replica's resident memory and CPU, every budget's probes summed over the replicas, and "
         "the budgets probed by more than one replica. Then the replica holding shard 0 was "
         "killed (SIGKILL, no hand-over).",

@@ -12,6 +12,7 @@ each of its budgets has been probed again.
 
 from __future__ import annotations
 
+import math
 import signal
 import statistics
 import time
@@ -25,7 +26,13 @@ from bench.footprint import POLL, SETTLE_SECONDS, Fleet, _wait_all_probed, expec
 from connbudget.policy.shards import shard_of
 from sandbox.core import Sandbox
 
-BUDGETS = 5000
+# The issue asks for 5,000. On this machine (2 cores, one API server and etcd built from source)
+# 5,000 budgets saturated the API server before every budget had been probed once: after ten
+# minutes 4,396 of 5,000 had a status, the API server at a whole core and 1.6 GB, answering 504
+# (every budget writes its status at its first probe, and each write is a watch event for both
+# replicas). What one replica can keep is measured by the footprint; this measures sharding.
+BUDGETS = 2000
+FIRST_PROBE_TIMEOUT = 600.0
 REPLICAS = 2
 SHARDS = 4
 WINDOW_SECONDS = 60.0
@@ -85,7 +92,11 @@ def run(
             Operator.start(sb, namespaces, out_dir / f"operator-shard-{i}.log", shards=shards)
             for i in range(replicas)
         ]
-        took = _wait_all_probed(kube, fleet, since, timeout=600)
+        try:
+            took: float | None = _wait_all_probed(kube, fleet, since, timeout=FIRST_PROBE_TIMEOUT)
+        except RuntimeError:
+            took = None  # reported, and measured as it stands
+            say(f"  not every budget probed within {FIRST_PROBE_TIMEOUT:.0f}s")
         time.sleep(SETTLE_SECONDS)
         ids = [_identity(op) for op in ops]
         m0 = [probe_counts(op.metrics()) for op in ops]
@@ -117,7 +128,7 @@ def run(
             "shards": shards,
             "pods": fleet.pods,
             "databases": fleet.databases_used(),
-            "first_probe_all_seconds": round(took, 1),
+            "first_probe_all_seconds": None if took is None else round(took, 1),
             "window_seconds": t1 - t0,
             "rss_mb": [max(r) for r in rss],
             "cpu_percent": [100 * (b - a) / (t1 - t0) for a, b in zip(c0, c1, strict=True)],
@@ -129,7 +140,7 @@ def run(
             "cadence_kept": bool(counts) and min(counts) >= expected,
         }
         say(
-            f"  every budget probed {took:.0f}s after the start; per replica: budgets "
+            f"  every budget probed {took or math.nan:.0f}s after the start; per replica: budgets "
             f"{row['budgets_per_replica']}, shards {held}, RSS "
             + ", ".join(f"{m:.1f} MB" for m in row["rss_mb"])
             + ", CPU "
