@@ -19,15 +19,15 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-import kubernetes
-
 from connbudget.kube.api import Kube
 from connbudget.kube.lease import (
     RETRY_SECONDS,
     SHARD_LEASE_SECONDS,
     SHARD_RENEW_DEADLINE_SECONDS,
+    Coordination,
     LeaseElector,
     Membership,
+    coordination,
     shard_lease_name,
 )
 from connbudget.policy.shards import plan_shards
@@ -81,12 +81,12 @@ class Shards:
         namespace: str,
         identity: str,
         shards: int,
-        coord: kubernetes.client.CoordinationV1Api | None = None,
+        coord: Coordination | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.identity = identity
         self.shards = shards
-        coord = coord or kubernetes.client.CoordinationV1Api(kube.api)
+        coord = coord or coordination(kube)
         self.membership = Membership(
             kube,
             namespace=namespace,

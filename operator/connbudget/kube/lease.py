@@ -21,12 +21,23 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import kubernetes
 
 from connbudget.kube.api import Kube, KubeError
 
 log = logging.getLogger("connbudget.lease")
+# The Lease API, as the election above this layer names it without importing the client.
+Coordination: TypeAlias = kubernetes.client.CoordinationV1Api
+
+
+def coordination(kube: Kube) -> Coordination:
+    """The Lease API on the operator's client."""
+    api: Coordination = kubernetes.client.CoordinationV1Api(kube.api)
+    return api
+
+
 LEASE_SECONDS = 15  # a dead leader's budgets wait at most about this long for a new one
 RENEW_DEADLINE_SECONDS = 10.0  # the holder stops acting when it has not renewed for this long
 RETRY_SECONDS = 2.0  # how often every replica tries to take or renew the Lease
