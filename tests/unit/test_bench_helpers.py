@@ -65,9 +65,13 @@ def test_percentile_of_nothing_is_nan() -> None:
 
 
 def test_cadence_allows_the_worker_tick() -> None:
-    assert expected_probes(60) == 5  # a 10 s poll on a 1 s tick: at least every 11 s
-    assert expected_probes(40) == 3
+    from bench.footprint import POLL
+
+    assert expected_probes(60, poll=10) == 5  # a 10 s poll on a 1 s tick: at least every 11 s
+    assert expected_probes(40, poll=10) == 3
     assert expected_probes(10, poll=1) == 5
+    assert POLL == 5  # the spec's default, read through the operator's parser
+    assert expected_probes(60) == 10
 
 
 def test_metric_samples_and_probe_counts_read_prometheus_text() -> None:
