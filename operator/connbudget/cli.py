@@ -28,6 +28,8 @@ from connbudget import __version__, leaks
 from connbudget.config import (
     DEFAULT_LIVENESS,
     DEFAULT_METRICS_PORT,
+    ENV_KUBE_BURST,
+    ENV_KUBE_QPS,
     ENV_LIVENESS,
     ENV_LOG_FORMAT,
     ENV_METRICS_PORT,
@@ -39,6 +41,7 @@ from connbudget.config import (
     ConfigError,
     OperatorConfig,
 )
+from connbudget.kube.flow import DEFAULT_BURST, DEFAULT_QPS
 from connbudget.model.observations import (
     PROBE_APPLICATION_NAME,
     BackendGroup,
@@ -118,6 +121,10 @@ def run_config(
         given["standalone"] = True
     if args.shards is not None:
         given["shards"] = args.shards
+    if args.kube_qps is not None:
+        given["kube_qps"] = args.kube_qps
+    if args.kube_burst is not None:
+        given["kube_burst"] = args.kube_burst
     return dataclasses.replace(config, **given)
 
 
@@ -508,6 +515,18 @@ def build_parser(prog: str = "connbudget") -> argparse.ArgumentParser:
         type=int,
         help=f"split the budgets into this many shards, each held by one replica through its own "
         f"Lease (1-{MAX_SHARDS}; default ${ENV_SHARDS}, else 1)",
+    )
+    run.add_argument(
+        "--kube-qps",
+        type=float,
+        help=f"calls to the Kubernetes API a second after a burst, 0 for no limit (default "
+        f"${ENV_KUBE_QPS}, else {DEFAULT_QPS:g}); Leases are not limited",
+    )
+    run.add_argument(
+        "--kube-burst",
+        type=int,
+        help=f"calls to the Kubernetes API that may go at once (default ${ENV_KUBE_BURST}, "
+        f"else {DEFAULT_BURST})",
     )
     run.set_defaults(func=cmd_run)
     probe = sub.add_parser(

@@ -10,14 +10,21 @@ line gives (``cli.run_config``):
 - ``CONNBUDGET_LOG_FORMAT`` or ``--log-format``: ``json`` (default) or ``text``;
 - ``CONNBUDGET_STANDALONE=true`` or ``--standalone``: no leader election (a single replica);
 - ``CONNBUDGET_SHARDS`` or ``--shards``: how many shards the budgets are split into, each held
-  by one replica through its own Lease (1 by default: one replica acts for every budget).
+  by one replica through its own Lease (1 by default: one replica acts for every budget);
+- ``CONNBUDGET_KUBE_QPS`` and ``CONNBUDGET_KUBE_BURST``, or ``--kube-qps`` and ``--kube-burst``:
+  the client's calls to the Kubernetes API a second after a burst (``kube.flow``; 50 after 100 by
+  default, as busy as a controller should make an API server; a QPS of 0 lifts the limit).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
+
+from connbudget.kube.flow import DEFAULT_BURST, DEFAULT_QPS
 
 DEFAULT_METRICS_PORT = 9090
 DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
@@ -30,8 +37,11 @@ ENV_LIVENESS = "CONNBUDGET_LIVENESS"
 ENV_LOG_FORMAT = "CONNBUDGET_LOG_FORMAT"
 ENV_STANDALONE = "CONNBUDGET_STANDALONE"
 ENV_SHARDS = "CONNBUDGET_SHARDS"
+ENV_KUBE_QPS = "CONNBUDGET_KUBE_QPS"
+ENV_KUBE_BURST = "CONNBUDGET_KUBE_BURST"
 MAX_SHARDS = 64
 
+N = TypeVar("N", int, float)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
@@ -49,6 +59,8 @@ class OperatorConfig:
     kubeconfig: str | None = None
     standalone: bool = False  # no leader election (a single replica)
     shards: int = 1  # budgets split into this many shards, each held by one replica
+    kube_qps: float = DEFAULT_QPS  # API calls a second after a burst (0: no limit)
+    kube_burst: int = DEFAULT_BURST
 
     def __post_init__(self) -> None:
         if not 0 <= self.metrics_port <= 65535:
@@ -61,6 +73,10 @@ class OperatorConfig:
             raise ConfigError(f"the shards must be 1-{MAX_SHARDS}, not {self.shards}")
         if self.standalone and self.shards > 1:
             raise ConfigError("shards need leader election: drop --standalone, or use 1 shard")
+        if not (self.kube_qps >= 0 and math.isfinite(self.kube_qps)):
+            raise ConfigError(f"the API calls a second must be 0 or more, not {self.kube_qps}")
+        if self.kube_burst < 1:
+            raise ConfigError(f"the API call burst must be 1 or more, not {self.kube_burst}")
 
     @property
     def all_namespaces(self) -> bool:
@@ -94,11 +110,28 @@ class OperatorConfig:
             raise ConfigError(f"{ENV_SHARDS} must be a number, not {shards_text!r}") from None
         if not 1 <= shards <= MAX_SHARDS:
             raise ConfigError(f"{ENV_SHARDS} must be 1-{MAX_SHARDS}, not {shards}")
+        kube_qps = _number(env, ENV_KUBE_QPS, float, DEFAULT_QPS)
+        kube_burst = _number(env, ENV_KUBE_BURST, int, DEFAULT_BURST)
+        if not (kube_qps >= 0 and math.isfinite(kube_qps)):
+            raise ConfigError(f"{ENV_KUBE_QPS} must be 0 or more, not {kube_qps}")
+        if kube_burst < 1:
+            raise ConfigError(f"{ENV_KUBE_BURST} must be 1 or more, not {kube_burst}")
         return cls(
             shards=shards,
+            kube_qps=kube_qps,
+            kube_burst=kube_burst,
             namespaces=namespaces,
             metrics_port=port,
             liveness=env.get(ENV_LIVENESS, DEFAULT_LIVENESS).strip() or None,
             log_format=log_format,
             standalone=standalone_text in _TRUE,
         )
+
+
+def _number(env: Mapping[str, str], name: str, kind: type[N], default: N) -> N:
+    """The variable ``name`` as a ``kind``, ``default`` when unset or empty."""
+    text = env.get(name, "").strip()
+    try:
+        return kind(text) if text else default
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {text!r}") from None

@@ -54,6 +54,13 @@ def test_each_flag_given_wins_over_the_environment() -> None:
     assert config.standalone  # a flag that is not given leaves the variable's value
 
 
+def test_the_api_call_rate_flags_win_over_the_environment() -> None:
+    env = {"CONNBUDGET_KUBE_QPS": "20", "CONNBUDGET_KUBE_BURST": "30"}
+    assert (config_of(environ=env).kube_qps, config_of(environ=env).kube_burst) == (20.0, 30)
+    config = config_of("--kube-qps", "5", "--kube-burst", "10", environ=env)
+    assert (config.kube_qps, config.kube_burst) == (5.0, 10)
+
+
 def test_all_namespaces_watches_every_namespace_whatever_the_environment_says() -> None:
     config = config_of("--all-namespaces", environ=ENV)
     assert config.namespaces == ()

@@ -63,3 +63,21 @@ def test_shards_are_read_and_bounded() -> None:
             OperatorConfig.from_env({"CONNBUDGET_SHARDS": bad})
     with pytest.raises(ConfigError, match="leader election"):
         OperatorConfig(standalone=True, shards=2)
+
+
+def test_the_api_call_rate_is_read_and_bounded() -> None:
+    config = OperatorConfig.from_env({})
+    assert (config.kube_qps, config.kube_burst) == (50.0, 100)
+    config = OperatorConfig.from_env({"CONNBUDGET_KUBE_QPS": "0", "CONNBUDGET_KUBE_BURST": "7"})
+    assert (config.kube_qps, config.kube_burst) == (0.0, 7)
+    for name, bad in [
+        ("CONNBUDGET_KUBE_QPS", "-1"),
+        ("CONNBUDGET_KUBE_QPS", "fast"),
+        ("CONNBUDGET_KUBE_QPS", "inf"),
+        ("CONNBUDGET_KUBE_BURST", "0"),
+        ("CONNBUDGET_KUBE_BURST", "2.5"),
+    ]:
+        with pytest.raises(ConfigError, match=name):
+            OperatorConfig.from_env({name: bad})
+    with pytest.raises(ConfigError, match="burst"):
+        OperatorConfig(kube_burst=0)

@@ -73,7 +73,7 @@ class FakeCoord:
 
 
 class CallingKube:
-    async def call(self, fn: Callable[..., Any], *args: object, **kwargs: object) -> Any:
+    async def call_lease(self, fn: Callable[..., Any], *args: object, **kwargs: object) -> Any:
         return fn(*args)
 
 

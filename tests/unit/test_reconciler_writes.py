@@ -26,8 +26,12 @@ BODY: dict[str, Any] = {
 
 
 class PatchRecorder:
-    def __init__(self) -> None:
+    def __init__(self, *, busy: bool = False) -> None:
         self.patches: list[dict[str, Any]] = []
+        self.busy = busy  # the client's token bucket below half: heartbeats wait
+
+    def spare(self) -> bool:
+        return not self.busy
 
     async def patch_budget_status(
         self,
@@ -61,9 +65,13 @@ class Scripted:
 
 
 def run_cycles(
-    monkeypatch: pytest.MonkeyPatch, statuses: list[dict[str, Any]], clock: list[float]
+    monkeypatch: pytest.MonkeyPatch,
+    statuses: list[dict[str, Any]],
+    clock: list[float],
+    *,
+    busy: bool = False,
 ) -> tuple[rec.Reconciler, PatchRecorder]:
-    kube = PatchRecorder()
+    kube = PatchRecorder(busy=busy)
     ticks = iter(clock)
     r = rec.Reconciler(
         kube=cast(Kube, kube),
@@ -113,6 +121,23 @@ def test_the_probe_time_is_still_written_once_a_heartbeat(monkeypatch: pytest.Mo
         status.rfc3339(NOW),
         status.rfc3339(NOW + beat),
     ]
+
+
+def test_a_busy_client_defers_heartbeats_but_not_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the token bucket below half, a status due only for its heartbeat is left for a
+    quieter cycle; a status that changed, and the first of a process, are written anyway."""
+    beat = rec.STATUS_HEARTBEAT_SECONDS
+    _, kube = run_cycles(
+        monkeypatch,
+        [probed(NOW), probed(NOW + beat), probed(NOW + beat + 10, 12)],
+        clock=[0.0, 0.0, beat, beat + 10, beat + 10],
+        busy=True,
+    )
+    assert [p["lastProbeTime"] for p in kube.patches] == [
+        status.rfc3339(NOW),
+        status.rfc3339(NOW + beat + 10),
+    ]
+    assert kube.patches[-1]["usage"]["connections"] == 12
 
 
 def test_the_first_cycle_of_a_process_always_writes(monkeypatch: pytest.MonkeyPatch) -> None:

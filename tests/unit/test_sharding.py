@@ -61,7 +61,7 @@ class Leases:
 
 
 class CallingKube:
-    async def call(self, fn: Callable[..., Any], *args: object, **kwargs: object) -> Any:
+    async def call_lease(self, fn: Callable[..., Any], *args: object, **kwargs: object) -> Any:
         return fn(*args, **kwargs)
 
 
@@ -192,3 +192,40 @@ def test_a_shard_its_replica_does_not_take_is_kept_by_another_not_left_alone() -
             unattended += RETRY_SECONDS
     # Left alone at most the grace and an attempt at a time, about once per keep period.
     assert unattended <= 2 * (ORPHAN_GRACE_SECONDS + 2 * RETRY_SECONDS)
+
+
+class SlowShardKube:
+    """Lease calls answered at once, except reading shard 0's Lease: that answer comes only once
+    every other shard is led (a busy API server slow on one Lease), or never."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+
+    async def call_lease(self, fn: Callable[..., Any], *args: object, **kwargs: object) -> Any:
+        if fn.__name__ == "read_namespaced_lease" and str(args[0]).endswith("-shard-0"):
+            for _ in range(1000):  # bounded: the step's own timeout fails the test first
+                if set(self.replica.held) == set(range(1, SHARDS)):
+                    break
+                await asyncio.sleep(0.01)
+        return fn(*args, **kwargs)
+
+
+def test_a_slow_answer_for_one_shard_holds_back_no_other_shard() -> None:
+    """The shards of a step are attempted at once: the other five are taken and led while the
+    read of shard 0's Lease is still waiting (one after the other, the step would never end)."""
+    leases = Leases()
+    a = Replica(leases, "a", [0.0])
+    a.shards = Shards(
+        SlowShardKube(a),  # type: ignore[arg-type]
+        namespace="ops",
+        identity="a",
+        shards=SHARDS,
+        coord=leases,
+        monotonic=lambda: 0.0,
+    )
+
+    async def step() -> None:
+        await asyncio.wait_for(a.shards.step(a), timeout=10)
+
+    asyncio.run(step())
+    assert a.acting() == set(range(SHARDS))

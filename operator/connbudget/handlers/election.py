@@ -116,39 +116,57 @@ class Shards:
 
     async def step(self, reconciler: Leader) -> None:
         """One attempt: renew membership, take or renew the shards this replica should hold,
-        hand over the others, and lead exactly the shards held for sure."""
+        hand over the others, and lead exactly the shards held for sure.
+
+        The shards are attempted all at once: one slow answer (a busy API server) must not hold
+        back the other shards' renewals past their renew deadline, nor a dead replica's shards
+        behind the living ones'."""
         now = time.time()
         members = await self.membership.live(now)
         plan = plan_shards(shards=self.shards, members=members, me=self.identity)
         for s in plan.owned:
             self.orphans.pop(s, None)
-        for s, elector in enumerate(self.electors):
-            kept = s in self.orphans and self.monotonic() - self.orphans[s] < ORPHAN_KEEP_SECONDS
-            if s in plan.owned or kept:
-                await _try(elector, now)
-            elif elector.may_act():
-                # Another live replica should hold it (it joined, or this one kept an orphan
-                # long enough): stop acting, then give it up.
-                self.orphans.pop(s, None)
-                await reconciler.follow(s)
-                await elector.release(time.time())
-                log.info("shard handed over", extra={"shard": s, "lease": elector.name})
-                continue
-            else:
-                await elector.observe()
-                if elector.free_for() >= ORPHAN_GRACE_SECONDS:
-                    log.warning(
-                        "taking a shard nobody takes",
-                        extra={"shard": s, "lease": elector.name},
-                    )
-                    self.orphans[s] = self.monotonic()
-                    await _try(elector, now)
-            if elector.may_act():
-                reconciler.lead(s, elector.may_act)
-            else:
-                self.orphans.pop(s, None)
-                await reconciler.follow(s)
+        results = await asyncio.gather(
+            *(self._attempt(s, reconciler, plan.owned, now) for s in range(self.shards)),
+            return_exceptions=True,
+        )
+        for s, result in enumerate(results):
+            if isinstance(result, Exception):
+                log.warning(
+                    "shard election failed",
+                    extra={"shard": s, "lease": self.electors[s].name, "error": str(result)},
+                )
+            elif isinstance(result, BaseException):
+                raise result  # cancelled: stop the election
         reconciler.stand_by(plan.standby)
+
+    async def _attempt(self, s: int, reconciler: Leader, owned: frozenset[int], now: float) -> None:
+        """One shard's part of a step."""
+        elector = self.electors[s]
+        kept = s in self.orphans and self.monotonic() - self.orphans[s] < ORPHAN_KEEP_SECONDS
+        if s in owned or kept:
+            await _try(elector, now)
+        elif elector.may_act():
+            # Another live replica should hold it (it joined, or this one kept an orphan long
+            # enough): stop acting, then give it up.
+            self.orphans.pop(s, None)
+            await reconciler.follow(s)
+            await elector.release(time.time())
+            log.info("shard handed over", extra={"shard": s, "lease": elector.name})
+            return
+        else:
+            await elector.observe()
+            if elector.free_for() >= ORPHAN_GRACE_SECONDS:
+                log.warning(
+                    "taking a shard nobody takes", extra={"shard": s, "lease": elector.name}
+                )
+                self.orphans[s] = self.monotonic()
+                await _try(elector, now)
+        if elector.may_act():
+            reconciler.lead(s, elector.may_act)
+        else:
+            self.orphans.pop(s, None)
+            await reconciler.follow(s)
 
     async def leave(self, reconciler: Leader) -> None:
         """Stop: follow every shard, release the Leases held, delete the member Lease."""

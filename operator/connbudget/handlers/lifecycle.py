@@ -63,7 +63,7 @@ async def operator_startup(
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
-    kube = Kube.from_environment(CONFIG.kubeconfig)
+    kube = Kube.from_environment(CONFIG.kubeconfig, qps=CONFIG.kube_qps, burst=CONFIG.kube_burst)
     metrics = Metrics()
     reconciler = Reconciler(
         kube=kube, monitors=MonitorPool(), metrics=metrics, shards=CONFIG.shards

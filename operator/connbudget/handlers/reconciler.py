@@ -454,13 +454,19 @@ class Reconciler:
             return  # stepped down meanwhile: the leader writes the status now
         self.metrics.db_connections.set(self.monitors.open_connections)
         last = self.written_at.get(key)
+        since = None if last is None else self.monotonic() - last
         if not status.worth_writing(
-            old_status,
-            new_status,
-            seconds_since_write=None if last is None else self.monotonic() - last,
-            heartbeat=STATUS_HEARTBEAT_SECONDS,
+            old_status, new_status, seconds_since_write=since, heartbeat=STATUS_HEARTBEAT_SECONDS
         ):
             return  # only the probe time would move
+        if (
+            since is not None
+            and not self.kube.spare()
+            and not status.changes_more_than_probe_time(old_status, new_status)
+        ):
+            # Only the heartbeat is due: it waits for a quiet moment of the client's token
+            # bucket (``kube.flow``), while statuses that changed go first.
+            return
         await self._write(key, old_status, new_status)
 
     async def _write(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import datetime as dt
 import enum
 import functools
@@ -24,6 +25,7 @@ import urllib3
 from kubernetes.client.rest import ApiException
 
 from connbudget import __version__
+from connbudget.kube.flow import DEFAULT_BURST, DEFAULT_QPS, TokenBucket
 from connbudget.model.spec import GROUP, KIND, PLURAL, VERSION, ObjectRef, SecretRef
 
 T = TypeVar("T")
@@ -35,6 +37,10 @@ CONNECT_TIMEOUT_SECONDS = 3.0
 REQUEST_TIMEOUT_SECONDS = 5.0
 GATEWAY_TIMEOUT = 504  # the status a call past its deadline reports
 HOSTNAME = os.environ.get("HOSTNAME") or socket.gethostname()
+# Threads for the client's blocking calls (the default executor has min(32, cores + 4): 6 on two
+# cores, where a few slow writes would hold every thread), and apart from them a few for Leases.
+CALL_THREADS = 16
+LEASE_THREADS = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,8 +114,25 @@ def replica_managers(managed_fields: list[Any]) -> list[str]:
 class Kube:
     """One API client, shared by every budget."""
 
-    def __init__(self, api: kubernetes.client.ApiClient) -> None:
+    def __init__(
+        self,
+        api: kubernetes.client.ApiClient,
+        *,
+        qps: float = DEFAULT_QPS,
+        burst: int = DEFAULT_BURST,
+    ) -> None:
         self.api = api
+        # Leases go through a client of their own (its own connection pool and threads, outside
+        # the token bucket): a renewal never waits behind status writes (``call_lease``).
+        self.lease_api = kubernetes.client.ApiClient(api.configuration)
+        self.lease_api.user_agent = api.user_agent
+        self.flow = TokenBucket(qps, burst)
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            CALL_THREADS, thread_name_prefix="kube-call"
+        )
+        self._lease_threads = concurrent.futures.ThreadPoolExecutor(
+            LEASE_THREADS, thread_name_prefix="kube-lease"
+        )
         self._secrets: dict[tuple[str, str, str], tuple[str, float]] = {}
         # (namespace, name, uid, type, reason, series) -> (Event name, count)
         self._event_series: dict[tuple[str, str, str, str, str, str], tuple[str, int]] = {}
@@ -119,9 +142,19 @@ class Kube:
         self._plurals: dict[tuple[str, str], str] = {}
 
     @classmethod
-    def from_environment(cls, kubeconfig: str | None = None) -> Kube:
-        """In a pod: its ServiceAccount; elsewhere: ``kubeconfig`` or ``$KUBECONFIG``."""
+    def from_environment(
+        cls,
+        kubeconfig: str | None = None,
+        *,
+        qps: float = DEFAULT_QPS,
+        burst: int = DEFAULT_BURST,
+    ) -> Kube:
+        """In a pod: its ServiceAccount; elsewhere: ``kubeconfig`` or ``$KUBECONFIG``; calls
+        limited to ``qps`` a second after a ``burst`` (``kube.flow``)."""
         config = kubernetes.client.Configuration()
+        # As many pooled connections as threads that may use them (urllib3 would otherwise open
+        # and drop connections beyond its default of 5 x cores).
+        config.connection_pool_maxsize = CALL_THREADS
         try:
             kubernetes.config.load_incluster_config(client_configuration=config)
         except kubernetes.config.ConfigException:
@@ -131,20 +164,42 @@ class Kube:
         # managedFields then show "connbudget" owning status and the pooler's replicas, which is
         # what GitOps users look for when they diff.
         api.user_agent = f"{FIELD_MANAGER}/{__version__}"
-        return cls(api)
+        return cls(api, qps=qps, burst=burst)
+
+    def spare(self) -> bool:
+        """Whether calls that can wait (a status's heartbeat) should go now (``kube.flow``)."""
+        return self.flow.spare()
 
     async def call(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
-        """Call one method of the generated client in a thread, within a deadline.
+        """Call one method of the generated client in a thread, within a deadline, after waiting
+        for the token bucket (``kube.flow``).
 
         Every call has a timeout (connect and read, and the same bound again around the thread):
-        a hung API server must not hold a worker, nor keep a Lease renewal pending while the
-        replica goes on acting. A call past its deadline raises ``KubeError`` 504.
+        a hung API server must not hold a worker. A call past its deadline raises ``KubeError``
+        504. The wait for a token is not part of the deadline: it is this process's own pacing.
         """
+        await self.flow.take()
+        return await self._run(self._threads, fn, *args, **kwargs)
+
+    async def call_lease(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """A Lease call (``fn`` of an API built on ``lease_api``): its own threads and
+        connections, no token bucket, the same deadline, so a hung renewal is known to have
+        failed before the renew deadline, and a busy client never delays one."""
+        return await self._run(self._lease_threads, fn, *args, **kwargs)
+
+    async def _run(
+        self,
+        threads: concurrent.futures.Executor,
+        fn: Callable[..., T],
+        *args: object,
+        **kwargs: object,
+    ) -> T:
         kwargs.setdefault("_request_timeout", (CONNECT_TIMEOUT_SECONDS, REQUEST_TIMEOUT_SECONDS))
         deadline = CONNECT_TIMEOUT_SECONDS + REQUEST_TIMEOUT_SECONDS + 1.0
+        loop = asyncio.get_running_loop()
         try:
             return await asyncio.wait_for(
-                asyncio.to_thread(functools.partial(fn, *args, **kwargs)), deadline
+                loop.run_in_executor(threads, functools.partial(fn, *args, **kwargs)), deadline
             )
         except ApiException as e:
             raise KubeError(int(e.status or 0), _reason(e)) from None

@@ -9,7 +9,8 @@ Follows client-go's leader election (``tools/leaderelection``):
 - **A renew deadline shorter than the Lease.** The holder keeps leading only while its last
   successful renewal is younger than ``RENEW_DEADLINE_SECONDS`` (10 s of a 15 s Lease): past it
   the replica stops acting at once, terminations included, well before another may take over.
-  Every API call has its own timeout (``kube.api``), so a hung renewal is a failed one.
+  Every API call has its own timeout (``kube.api``), so a hung renewal is a failed one, and
+  goes through a client of its own (``Kube.call_lease``), so it never waits behind status writes.
 - **Races lose cleanly.** Updates carry the resourceVersion they read: two replicas racing for an
   expired Lease cannot both win (the API server refuses the second with a conflict).
 """
@@ -33,8 +34,9 @@ Coordination: TypeAlias = kubernetes.client.CoordinationV1Api
 
 
 def coordination(kube: Kube) -> Coordination:
-    """The Lease API on the operator's client."""
-    api: Coordination = kubernetes.client.CoordinationV1Api(kube.api)
+    """The Lease API on the operator's client for Leases (``Kube.lease_api``: its own
+    connections and threads, outside the token bucket)."""
+    api: Coordination = kubernetes.client.CoordinationV1Api(kube.lease_api)
     return api
 
 
@@ -93,7 +95,7 @@ class LeaseElector:
         self.namespace = namespace
         self.name = name
         self.identity = identity
-        self.coord = coord or kubernetes.client.CoordinationV1Api(kube.api)
+        self.coord = coord or coordination(kube)
         self.monotonic = monotonic
         self.duration = duration
         self.renew_deadline = renew_deadline
@@ -123,7 +125,7 @@ class LeaseElector:
     async def _read(self) -> kubernetes.client.V1Lease | None:
         """The Lease as the API server has it (None: there is none)."""
         try:
-            lease: kubernetes.client.V1Lease = await self.kube.call(
+            lease: kubernetes.client.V1Lease = await self.kube.call_lease(
                 self.coord.read_namespaced_lease, self.name, self.namespace
             )
         except KubeError as e:
@@ -176,7 +178,7 @@ class LeaseElector:
                 "spec": {**spec, "acquireTime": spec["renewTime"], "leaseTransitions": 0},
             }
             try:
-                await self.kube.call(self.coord.create_namespaced_lease, self.namespace, body)
+                await self.kube.call_lease(self.coord.create_namespaced_lease, self.namespace, body)
             except KubeError as err:
                 if err.status == 409:
                     return False
@@ -213,7 +215,7 @@ class LeaseElector:
             "spec": new_spec,
         }
         try:
-            await self.kube.call(
+            await self.kube.call_lease(
                 self.coord.replace_namespaced_lease, self.name, self.namespace, body
             )
         except KubeError as e:
@@ -250,7 +252,7 @@ class LeaseElector:
             },
         }
         try:
-            await self.kube.call(
+            await self.kube.call_lease(
                 self.coord.replace_namespaced_lease, self.name, self.namespace, body
             )
         except KubeError as e:
@@ -286,7 +288,7 @@ class Membership:
         self.kube = kube
         self.namespace = namespace
         self.identity = identity
-        self.coord = coord or kubernetes.client.CoordinationV1Api(kube.api)
+        self.coord = coord or coordination(kube)
         self.monotonic = monotonic
         self.own = LeaseElector(
             kube,
@@ -302,7 +304,7 @@ class Membership:
     async def live(self, now: float) -> set[str]:
         """Renew this replica's member Lease; return the identities alive (this one included)."""
         await self.own.try_acquire(now, labels={MEMBER_LABEL: "true"})
-        leases = await self.kube.call(
+        leases = await self.kube.call_lease(
             self.coord.list_namespaced_lease,
             self.namespace,
             label_selector=f"{MEMBER_LABEL}=true",
@@ -331,7 +333,7 @@ class Membership:
 
     async def _delete(self, name: str) -> None:
         try:
-            await self.kube.call(self.coord.delete_namespaced_lease, name, self.namespace)
+            await self.kube.call_lease(self.coord.delete_namespaced_lease, name, self.namespace)
         except KubeError as e:
             if e.status != 404:
                 raise

@@ -353,6 +353,11 @@ def worth_writing(
     """
     if seconds_since_write is None or seconds_since_write >= heartbeat:
         return True
+    return changes_more_than_probe_time(old, new)
+
+
+def changes_more_than_probe_time(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether the merge patch ``new`` changes ``old`` in more than ``lastProbeTime``."""
     return any(k != "lastProbeTime" and old.get(k) != v for k, v in new.items())
 
 
