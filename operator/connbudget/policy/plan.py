@@ -468,6 +468,27 @@ def decide_poll_seconds(
     return min(float(FAST_POLL_SECONDS), poll) if busy else poll
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Episode:
+    """The remediation episode a cycle continues (or none): since when, the step reached, and
+    the pods whose backends were terminated in it."""
+
+    since: float | None = None
+    escalation: int = 0
+    cleaned: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Plan:
+    """What a cycle does, what waits and why, in words; the escalation for the next cycle."""
+
+    actions: tuple[Action, ...] = ()
+    holds: tuple[tuple[Step, Hold, str], ...] = ()
+    reasons: tuple[str, ...] = ()
+    restart_cause: RestartCause | None = None
+    escalation: int = 0
+
+
 def decide(
     *,
     spec: BudgetSpec,
@@ -494,62 +515,36 @@ def decide(
     pause; ``termination_possible`` is False when the last termination was refused;
     ``pooler_owner`` names what else sets the pooler's replicas (an autoscaler): the operator
     then never scales it.
+
+    In steps, each handing the next what it found: the level; the episode it continues; the
+    breach's timing; the leaks in words; the actions (or the hold that stops them all); what
+    the next cycle remembers.
     """
     owners = owners or {}
-    rem = spec.remediation
     level = decide_level(usage)
-    holds: list[tuple[Step, Hold, str]] = []
-
-    # Hysteresis: after a breach, usage between the warning line and the budget is not recovery.
-    in_episode = memory.episode_since is not None or memory.level is Level.OVER
-    episode_since: float | None
-    cleaned: tuple[str, ...]
-    if level is Level.WITHIN or not in_episode:
-        episode_since, escalation, cleaned = None, 0, ()
-    else:
-        episode_since, escalation, cleaned = (
-            memory.episode_since,
-            memory.escalation,
-            memory.cleaned_pods,
-        )
+    episode = _episode(memory, level)
     timing = _breach_timing(
         spec=spec,
         usage=usage,
         level=level,
         now=now,
         memory=memory,
-        episode_since=episode_since,
+        episode_since=episode.since,
         history=history,
     )
-    reasons = list(timing.reasons)
-    if timing.hold is not None:
-        holds.append((rem.steps[0], Hold.BREACH_WINDOW, timing.hold))
-    if timing.act and episode_since is None:
-        episode_since, escalation, cleaned = now, 0, ()
-    leaking = sorted(o.owner for o in owners.values() if o.cls is OwnerClass.LEAKING)
-    if leaking:
-        reasons.append(
-            "leaking: "
-            + ", ".join(
-                f"{o} ({owners[o].rate_per_minute:.0f}/min, abandoned after "
-                f"{owners[o].abandon_after:.0f}s idle)"
-                for o in leaking
-            )
-        )
-
-    actions: list[Action] = []
-    restart_cause: RestartCause | None = None
-    in_cooldown = memory.cooldown_until is not None and now < memory.cooldown_until
-    if paused or blocked is not None:
-        holds.append(
-            (
-                rem.steps[0],
-                Hold.PAUSED if paused else Hold.BLOCKED,
-                "the connbudget.io/paused annotation is set" if paused else f"blocked: {blocked}",
-            )
-        )
+    if timing.act and episode.since is None:
+        episode = _Episode(since=now)
+    waits = (
+        ((spec.remediation.steps[0], Hold.BREACH_WINDOW, timing.hold),)
+        if timing.hold is not None
+        else ()
+    )
+    reasons = (*timing.reasons, *_leak_reasons(owners))
+    stop = _stop(paused=paused, blocked=blocked)
+    if stop is not None:
+        planned = _Plan(holds=((spec.remediation.steps[0], *stop),), escalation=episode.escalation)
     else:
-        actions, restart_cause, escalation = _plan_actions(
+        planned = _plan_actions(
             spec=spec,
             namespace=namespace,
             now=now,
@@ -561,44 +556,99 @@ def decide(
             owners=owners,
             act=timing.act,
             sustained=timing.sustained,
-            escalation=escalation,
-            in_cooldown=in_cooldown,
+            escalation=episode.escalation,
+            in_cooldown=memory.cooldown_until is not None and now < memory.cooldown_until,
             termination_possible=termination_possible,
             pooler_owner=pooler_owner,
-            holds=holds,
-            reasons=reasons,
         )
-
-    cooldown_until = memory.cooldown_until
-    if any(isinstance(a, RestartPod | ScalePooler) for a in actions):
-        cooldown_until = now + rem.cooldown_seconds
-    terminated_pods = {
-        b.pod for a in actions if isinstance(a, TerminateBackends) for b in a.backends
-    }
-    new_memory = Memory(
-        level=level,
-        breach_since=timing.breach_since,
-        cooldown_until=cooldown_until if cooldown_until is None or cooldown_until > now else None,
-        episode_since=episode_since,
-        escalation=escalation if episode_since is not None else 0,
-        cleaned_pods=tuple(sorted(set(cleaned) | terminated_pods)) if episode_since else (),
-    )
-    if level is Level.WITHIN:
-        new_memory = replace(new_memory, episode_since=None, escalation=0, cleaned_pods=())
     to_full = timing.to_full
     return Decision(
         level=level,
         transition=_transition(memory.level, level),
-        actions=tuple(actions),
-        dry_run=rem.dry_run,
-        memory=new_memory,
+        actions=planned.actions,
+        dry_run=spec.remediation.dry_run,
+        memory=_remember(
+            spec=spec,
+            now=now,
+            level=level,
+            memory=memory,
+            timing=timing,
+            episode=replace(episode, escalation=planned.escalation),
+            actions=planned.actions,
+        ),
         seconds_to_full=None if to_full is None or math.isinf(to_full) else to_full,
-        reasons=tuple(reasons),
-        holds=tuple(holds),
-        restart_cause=restart_cause,
+        reasons=(*reasons, *planned.reasons),
+        holds=(*waits, *planned.holds),
+        restart_cause=planned.restart_cause,
         next_poll_seconds=decide_poll_seconds(
             spec=spec, level=level, owners=owners, to_full=to_full
         ),
+    )
+
+
+def _episode(memory: Memory, level: Level) -> _Episode:
+    """The episode this cycle continues. Hysteresis: after a breach, usage between the warning
+    line and the budget is not recovery; below the warning line, the episode ends."""
+    in_episode = memory.episode_since is not None or memory.level is Level.OVER
+    if level is Level.WITHIN or not in_episode:
+        return _Episode()
+    return _Episode(
+        since=memory.episode_since, escalation=memory.escalation, cleaned=memory.cleaned_pods
+    )
+
+
+def _leak_reasons(owners: Mapping[str, OwnerEvidence]) -> tuple[str, ...]:
+    """The leaking owners in words: their rate and the idle age that abandons a connection."""
+    leaking = sorted(o.owner for o in owners.values() if o.cls is OwnerClass.LEAKING)
+    if not leaking:
+        return ()
+    return (
+        "leaking: "
+        + ", ".join(
+            f"{o} ({owners[o].rate_per_minute:.0f}/min, abandoned after "
+            f"{owners[o].abandon_after:.0f}s idle)"
+            for o in leaking
+        ),
+    )
+
+
+def _stop(*, paused: bool, blocked: str | None) -> tuple[Hold, str] | None:
+    """What stops every action this cycle (a pause, or a problem only the operator can judge),
+    as a hold with its words; None when nothing does."""
+    if paused:
+        return Hold.PAUSED, "the connbudget.io/paused annotation is set"
+    if blocked is not None:
+        return Hold.BLOCKED, f"blocked: {blocked}"
+    return None
+
+
+def _remember(
+    *,
+    spec: BudgetSpec,
+    now: float,
+    level: Level,
+    memory: Memory,
+    timing: _Timing,
+    episode: _Episode,
+    actions: Sequence[Action],
+) -> Memory:
+    """What the next cycle remembers: the level, the breach, the cooldown (restarted by a
+    restart or a scaling), and the episode (none once usage is within the budget)."""
+    cooldown_until = memory.cooldown_until
+    if any(isinstance(a, RestartPod | ScalePooler) for a in actions):
+        cooldown_until = now + spec.remediation.cooldown_seconds
+    if cooldown_until is not None and cooldown_until <= now:
+        cooldown_until = None
+    if level is Level.WITHIN or episode.since is None:
+        return Memory(level=level, breach_since=timing.breach_since, cooldown_until=cooldown_until)
+    terminated = {b.pod for a in actions if isinstance(a, TerminateBackends) for b in a.backends}
+    return Memory(
+        level=level,
+        breach_since=timing.breach_since,
+        cooldown_until=cooldown_until,
+        episode_since=episode.since,
+        escalation=episode.escalation,
+        cleaned_pods=tuple(sorted(set(episode.cleaned) | terminated)),
     )
 
 
@@ -619,16 +669,11 @@ def _plan_actions(
     in_cooldown: bool,
     termination_possible: bool,
     pooler_owner: str | None,
-    holds: list[tuple[Step, Hold, str]],
-    reasons: list[str],
-) -> tuple[list[Action], RestartCause | None, int]:
-    """The actions of a cycle that is neither paused nor blocked, the restart cause, and the
-    escalation for the next cycle."""
-    rem = spec.remediation
-    steps = rem.steps
-    actions: list[Action] = []
-    restart_cause: RestartCause | None = None
-    restarts: tuple[RestartPod, ...] = ()
+) -> _Plan:
+    """The actions of a cycle that is neither paused nor blocked, in the order of the steps:
+    restarts (only when termination cannot hold), terminations (never of a pod restarted in the
+    same cycle), scaling; each step's hold when it waits; the escalation for the next cycle."""
+    steps = spec.remediation.steps
     terminate = Step.TERMINATE_IDLE in steps and termination_possible
     # What termination would remove this cycle, before any restart is decided.
     removable = (
@@ -636,45 +681,28 @@ def _plan_actions(
         if terminate
         else ()
     )
+    restarting = _Plan()
     if act and Step.RESTART_PODS in steps:
-        step_at = steps.index(Step.RESTART_PODS)
         # More over the budget than terminations can remove, for a whole breach window, after a
         # cycle of the steps before restarts: termination cannot hold it.
         insufficient = (
             sustained
-            and escalation >= step_at
+            and escalation >= steps.index(Step.RESTART_PODS)
             and usage.connections - len(removable) > usage.budget
         )
-        cause, offenders = _restart_cause(
-            pods=pods,
-            owners=owners,
-            pooled=_pooled_offenders(
-                pods=pods, pooler_clients=pooler_clients, owners=owners, spec=spec
-            ),
+        restarting = _restart_step(
             spec=spec,
-            termination_possible=terminate,
-            insufficient=insufficient,
+            namespace=namespace,
             now=now,
+            pods=pods,
+            pooler_clients=pooler_clients,
+            owners=owners,
+            terminate=terminate,
+            insufficient=insufficient,
+            in_cooldown=in_cooldown,
         )
-        if cause is not None:
-            planned, too_young = _plan_restarts(
-                offenders=offenders, pods=pods, spec=spec, namespace=namespace, now=now
-            )
-            reasons.append(f"restarting because {_CAUSE_TEXT[cause]}")
-            if planned and in_cooldown:
-                holds.append((Step.RESTART_PODS, Hold.COOLDOWN, "restarts wait for the cooldown"))
-            elif planned:
-                restarts = planned
-                restart_cause = cause
-            elif too_young:
-                holds.append(
-                    (
-                        Step.RESTART_PODS,
-                        Hold.MIN_POD_AGE,
-                        f"{too_young} offending pods are younger "
-                        f"than minPodAgeSeconds {rem.restart_pods.min_pod_age_seconds}",
-                    )
-                )
+    restarts = tuple(a for a in restarting.actions if isinstance(a, RestartPod))
+    actions: list[Action] = []
     if terminate:
         # Never terminate the backends of a pod that is being evicted or deleted in this cycle.
         spare = frozenset(r.pod for r in restarts if r.method is not RestartMethod.ROLLOUT_RESTART)
@@ -688,11 +716,11 @@ def _plan_actions(
         if chosen:
             actions.append(TerminateBackends(backends=chosen))
     actions.extend(restarts)
+    holds = list(restarting.holds)
     if Step.SCALE_POOLER in steps:
-        scale_at = steps.index(Step.SCALE_POOLER)
         # Scaling down waits until the steps before it have had a cycle, unless they have
         # nothing to do.
-        reached = escalation >= scale_at or (not removable and not restarts)
+        reached = escalation >= steps.index(Step.SCALE_POOLER) or (not removable and not restarts)
         scale = plan_scaling(spec=spec, usage=usage, pooler=pooler, breached=act)
         if act and not reached and scale is not None and scale.desired < scale.current:
             scale = None
@@ -708,9 +736,60 @@ def _plan_actions(
             holds.append((Step.SCALE_POOLER, Hold.COOLDOWN, "scaling waits for the cooldown"))
         elif scale is not None:
             actions.append(scale)
-    if act:
-        escalation = min(escalation + 1, len(steps) - 1)
-    return actions, restart_cause, escalation
+    return _Plan(
+        actions=tuple(actions),
+        holds=tuple(holds),
+        reasons=restarting.reasons,
+        restart_cause=restarting.restart_cause,
+        escalation=min(escalation + 1, len(steps) - 1) if act else escalation,
+    )
+
+
+def _restart_step(
+    *,
+    spec: BudgetSpec,
+    namespace: str,
+    now: float,
+    pods: Sequence[PodInfo],
+    pooler_clients: Mapping[str, Sequence[PoolerClient]],
+    owners: Mapping[str, OwnerEvidence],
+    terminate: bool,
+    insufficient: bool,
+    in_cooldown: bool,
+) -> _Plan:
+    """The restarts of a breach being acted on: why termination cannot hold (if it cannot), the
+    worst offenders within the limits, or the hold (cooldown, pods too young) that stops them."""
+    cause, offenders = _restart_cause(
+        pods=pods,
+        owners=owners,
+        pooled=_pooled_offenders(
+            pods=pods, pooler_clients=pooler_clients, owners=owners, spec=spec
+        ),
+        spec=spec,
+        termination_possible=terminate,
+        insufficient=insufficient,
+        now=now,
+    )
+    if cause is None:
+        return _Plan()
+    planned, too_young = _plan_restarts(
+        offenders=offenders, pods=pods, spec=spec, namespace=namespace, now=now
+    )
+    reasons = (f"restarting because {_CAUSE_TEXT[cause]}",)
+    if planned and in_cooldown:
+        hold = (Step.RESTART_PODS, Hold.COOLDOWN, "restarts wait for the cooldown")
+        return _Plan(holds=(hold,), reasons=reasons)
+    if planned:
+        return _Plan(actions=planned, reasons=reasons, restart_cause=cause)
+    if too_young:
+        young = spec.remediation.restart_pods.min_pod_age_seconds
+        hold = (
+            Step.RESTART_PODS,
+            Hold.MIN_POD_AGE,
+            f"{too_young} offending pods are younger than minPodAgeSeconds {young}",
+        )
+        return _Plan(holds=(hold,), reasons=reasons)
+    return _Plan(reasons=reasons)
 
 
 _CAUSE_TEXT = {
