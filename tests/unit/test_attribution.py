@@ -45,7 +45,7 @@ def test_a_pod_of_another_namespace_with_the_same_name_is_never_blamed_here() ->
     reconciler = Reconciler(kube=None, monitors=MonitorPool(), metrics=Metrics())  # type: ignore[arg-type]
     for p in (PROD_WEB0, STAGING_WEB0):
         reconciler.on_pod("ADDED", pod_body(p))
-    index = reconciler.pod_index("prod")
+    index = reconciler.pods.index("prod")
     got = attribute(index, idle_group(STAGING_WEB0, [500.0] * 3, start_age=60))
     assert got.pod is not None
     assert (got.pod.namespace, got.pod.name) == ("staging", "web-0")
@@ -118,9 +118,9 @@ def test_pods_the_watch_missed_deleting_are_dropped_on_resync() -> None:
     for p in (PROD_WEB0, ghost):
         reconciler.on_pod(None, pod_body(p))  # as a (re-)list delivers them
     clock[0] = 200.0
-    assert asyncio.run(reconciler.resync_pods()) == ["prod/web-1"]
-    assert {p.name for p in reconciler.pods["prod"].values()} == {"web-0"}
-    assert "10.0.0.2" not in reconciler.pod_index("prod").by_ip
+    assert asyncio.run(reconciler.pods.resync()) == ["prod/web-1"]
+    assert {p.name for p in reconciler.pods.pods["prod"].values()} == {"web-0"}
+    assert "10.0.0.2" not in reconciler.pods.index("prod").by_ip
 
 
 def test_a_pod_the_watch_told_of_during_the_list_is_kept() -> None:
@@ -143,6 +143,6 @@ def test_a_pod_the_watch_told_of_during_the_list_is_kept() -> None:
         return listed
 
     kube.list_pods = list_then_add  # type: ignore[method-assign]
-    reconciler.pods["prod"] = {}
-    assert asyncio.run(reconciler.resync_pods()) == []
-    assert [p.name for p in reconciler.pods["prod"].values()] == ["web-0"]
+    reconciler.pods.pods["prod"] = {}
+    assert asyncio.run(reconciler.pods.resync()) == []
+    assert [p.name for p in reconciler.pods.pods["prod"].values()] == ["web-0"]

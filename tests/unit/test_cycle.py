@@ -538,7 +538,7 @@ def test_a_restart_of_a_pod_already_gone_does_not_spend_the_cooldown() -> None:
 
 
 def test_a_stale_view_never_acts_when_its_intent_write_conflicts() -> None:
-    from connbudget.handlers.reconciler import StatusConflict
+    from connbudget.handlers.status_writer import StatusConflict
 
     kube, monitor = FakeKube(), FakeMonitor(leaking())
     deps, _ = make_deps(kube, monitor, [WEB1, WEB2])

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from connbudget.handlers.reconciler import Reconciler, StatusConflict
+from connbudget.handlers.reconciler import Reconciler
+from connbudget.handlers.status_writer import StatusConflict
 from connbudget.kube.api import KubeError
 from connbudget.probe.postgres import MonitorPool
 from connbudget.report.metrics import Metrics
@@ -59,13 +60,14 @@ def test_a_write_on_a_stale_view_is_refused_and_the_view_refreshed() -> None:
     stale["status"] = {}
     asyncio.run(reconciler.on_budget(None, stale))
     key = ("shop", "web")
+    ours = {"cooldownUntil": None, "phase": "OverBudget"}
     with pytest.raises(StatusConflict):
-        asyncio.run(reconciler._write(key, {}, {"cooldownUntil": None, "phase": "OverBudget"}))
+        asyncio.run(reconciler.status.write(key, {}, ours))
     assert kube.status == THEIRS  # the other replica's cooldown survives
     assert reconciler.budgets[key].status == THEIRS
     assert reconciler.budgets[key].resource_version == "7"
     # With the fresh view, the next write goes through, and the version follows it.
-    asyncio.run(reconciler._write(key, THEIRS, {"phase": "Remediating"}))
+    asyncio.run(reconciler.status.write(key, THEIRS, {"phase": "Remediating"}))
     assert kube.writes == 1
     assert reconciler.budgets[key].resource_version == "8"
 
@@ -75,12 +77,12 @@ def test_a_conflict_on_its_own_status_is_written_again() -> None:
     reconciler = Reconciler(kube=kube, monitors=MonitorPool(), metrics=Metrics())  # type: ignore[arg-type]
     asyncio.run(reconciler.on_budget(None, kube.body()))
     key = ("shop", "web")
-    asyncio.run(reconciler._write(key, THEIRS, {"phase": "OverBudget"}))
+    asyncio.run(reconciler.status.write(key, THEIRS, {"phase": "OverBudget"}))
     # The watch now delivers an older echo: the version goes back, the status is this one's.
     older = kube.body()
     older["metadata"]["resourceVersion"] = "7"
     asyncio.run(reconciler.on_budget(None, older))
-    asyncio.run(reconciler._write(key, kube.status, {"phase": "Remediating"}))
+    asyncio.run(reconciler.status.write(key, kube.status, {"phase": "Remediating"}))
     assert kube.status["phase"] == "Remediating"
     assert kube.writes == 2
 
@@ -165,7 +167,7 @@ def test_stepping_down_is_never_held_by_a_pod_resync_that_lost_its_cancellation(
         with contextlib.suppress(asyncio.CancelledError):  # the lost cancellation
             await asyncio.sleep(0.3)
 
-    reconciler.resync_pods = deaf_resync  # type: ignore[method-assign,assignment]
+    reconciler.pods.resync = deaf_resync  # type: ignore[method-assign,assignment]
     body = kube.body()
     body["spec"] = {"pollSeconds": 1}
 

@@ -12,6 +12,7 @@ import pytest
 
 from connbudget import cycle
 from connbudget.handlers import reconciler as rec
+from connbudget.handlers.status_writer import STATUS_HEARTBEAT_SECONDS
 from connbudget.kube.api import Kube, KubeError
 from connbudget.probe.postgres import MonitorPool
 from connbudget.report import status
@@ -111,7 +112,7 @@ def test_a_probe_that_changes_nothing_else_is_not_written(monkeypatch: pytest.Mo
 
 
 def test_the_probe_time_is_still_written_once_a_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
-    beat = rec.STATUS_HEARTBEAT_SECONDS
+    beat = STATUS_HEARTBEAT_SECONDS
     _, kube = run_cycles(
         monkeypatch,
         [probed(NOW), probed(NOW + 10), probed(NOW + beat)],
@@ -126,7 +127,7 @@ def test_the_probe_time_is_still_written_once_a_heartbeat(monkeypatch: pytest.Mo
 def test_a_busy_client_defers_heartbeats_but_not_changes(monkeypatch: pytest.MonkeyPatch) -> None:
     """With the token bucket below half, a status due only for its heartbeat is left for a
     quieter cycle; a status that changed, and the first of a process, are written anyway."""
-    beat = rec.STATUS_HEARTBEAT_SECONDS
+    beat = STATUS_HEARTBEAT_SECONDS
     _, kube = run_cycles(
         monkeypatch,
         [probed(NOW), probed(NOW + beat), probed(NOW + beat + 10, 12)],
@@ -152,11 +153,11 @@ def test_a_replica_that_stops_leading_forgets_what_it_wrote(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     r, _ = run_cycles(monkeypatch, [probed(NOW)], clock=[0.0])
-    assert KEY in r.written
+    assert KEY in r.status.written
     asyncio.run(r.follow())
     # Another replica writes now: its status (from the watch) is what counts, not ours.
-    assert KEY not in r.written
-    assert KEY not in r.written_at
+    assert KEY not in r.status.written
+    assert KEY not in r.status.written_at
     asyncio.run(r.close())
 
 

@@ -18,14 +18,13 @@ from typing import Any
 
 from connbudget import cycle
 from connbudget.config import TICK_SECONDS
+from connbudget.handlers.pod_cache import PodCache
+from connbudget.handlers.status_writer import StatusConflict, StatusWriter
 from connbudget.kube.api import BudgetRef, Kube, KubeError
-from connbudget.kube.pods import pod_info_from_body
-from connbudget.model.observations import PodInfo, PoolerSample
-from connbudget.policy.attribution import PodIndex
+from connbudget.model.observations import PoolerSample
 from connbudget.policy.shards import shard_of
 from connbudget.probe.pgbouncer import sample_poolers
 from connbudget.probe.postgres import MonitorPool
-from connbudget.report import status
 from connbudget.report.metrics import Metrics
 
 log = logging.getLogger("connbudget.reconciler")
@@ -33,12 +32,8 @@ Key = tuple[str, str]  # (namespace, name)
 STANDBY_CHECK_SECONDS = 10.0  # how often a replica that does not lead checks its connection
 STOP_WAIT_SECONDS = 5.0  # how long stopping a worker waits for it to end
 # How often the leader lists the pods it knows of, to drop the ones the watch never said were
-# deleted (a watch that expired, 410 Gone, is listed again by kopf, and a pod deleted meanwhile
-# gets no DELETED event): a ghost could suppress NoPodsSelected or be picked for a restart.
+# deleted (``PodCache.resync``).
 POD_RESYNC_SECONDS = 120.0
-# A status that would change only in lastProbeTime is written at most this often (a heartbeat:
-# lastProbeTime is never older than this while probing works).
-STATUS_HEARTBEAT_SECONDS = 60.0
 
 
 @dataclass
@@ -70,12 +65,10 @@ def budget_from_body(body: Mapping[str, Any]) -> Budget:
     )
 
 
-class StatusConflict(Exception):
-    """Another writer changed the budget since this replica read it: decide again."""
-
-
 class Reconciler:
-    """Keeps the pod and budget caches, and one worker per budget while this replica leads."""
+    """Keeps the budgets the watch delivers, and one worker per budget of the shards this replica
+    leads (a standby task for the others); the pods (``PodCache``) and status writes
+    (``StatusWriter``) are parts of their own, leadership is the election's (``election``)."""
 
     def __init__(
         self,
@@ -91,18 +84,11 @@ class Reconciler:
         self.monotonic = monotonic
         self.monitors = monitors
         self.metrics = metrics
-        self.pods: dict[str, dict[str, PodInfo]] = {}
-        # Attribution looks addresses up among every pod seen: one index per change of the pods,
-        # shared by every budget (the by-name part is per namespace).
-        self._pods_version = 0
-        self._by_ip: tuple[int, dict[str, list[PodInfo]]] = (-1, {})
-        self._indexes: dict[str, tuple[int, PodIndex]] = {}
-        self._seen_at: dict[str, float] = {}  # pod uid -> when (monotonic) the watch last told
+        self.pods = PodCache(kube, monotonic=monotonic)
         self.resync: asyncio.Task[None] | None = None
         self._api_errors: dict[Key, str] = {}  # the last API error said, per budget
         self.budgets: dict[Key, Budget] = {}
-        self.written: dict[Key, dict[str, Any]] = {}  # the status we wrote last (ahead of watch)
-        self.written_at: dict[Key, float] = {}  # when (monotonic) this process last wrote it
+        self.status = StatusWriter(kube, self.budgets, monotonic=monotonic)
         self.runtimes: dict[Key, cycle.Runtime] = {}
         # A sample shared by budgets is attributed and counted once for those of one namespace.
         self.censuses = cycle.Censuses()
@@ -139,45 +125,7 @@ class Reconciler:
     # --- watch events -------------------------------------------------------------------------
 
     def on_pod(self, event: str | None, body: Mapping[str, Any]) -> None:
-        pod = pod_info_from_body(body)
-        pods = self.pods.setdefault(pod.namespace, {})
-        if event == "DELETED":
-            pods.pop(pod.uid, None)
-            self._seen_at.pop(pod.uid, None)
-        else:
-            pods[pod.uid] = pod
-            self._seen_at[pod.uid] = self.monotonic()
-        self._pods_version += 1
-
-    def forget_pod(self, namespace: str, name: str) -> None:
-        """Drop a pod the API server says is gone (an eviction answered 404)."""
-        pods = self.pods.get(namespace, {})
-        for uid in [uid for uid, p in pods.items() if p.name == name]:
-            pods.pop(uid)
-            self._seen_at.pop(uid, None)
-            self._pods_version += 1
-
-    async def resync_pods(self) -> list[str]:
-        """Drop pods the API server no longer has; return them (``namespace/name``).
-
-        Only pods the watch has not told of since the list began are dropped: one it delivered
-        meanwhile may be newer than the list.
-        """
-        dropped: list[str] = []
-        for namespace in list(self.pods):
-            started = self.monotonic()
-            listed = {
-                str((b.get("metadata") or {}).get("uid"))
-                for b in await self.kube.list_pods(namespace)
-            }
-            pods = self.pods.get(namespace, {})
-            for uid in [u for u in pods if u not in listed and self._seen_at.get(u, 0.0) < started]:
-                dropped.append(f"{namespace}/{pods.pop(uid).name}")
-                self._seen_at.pop(uid, None)
-        if dropped:
-            self._pods_version += 1
-            log.warning("pods the watch missed deleting dropped", extra={"pods": dropped})
-        return dropped
+        self.pods.on_event(event, body)
 
     async def _resync_forever(self) -> None:
         me = asyncio.current_task()
@@ -187,30 +135,9 @@ class Reconciler:
             if self.resync is not me:
                 return
             try:
-                await self.resync_pods()
+                await self.pods.resync()
             except KubeError as e:
                 log.warning("listing pods failed; retrying later", extra={"error": str(e)})
-
-    def pod_index(self, namespace: str) -> PodIndex:
-        """Every pod seen, by address, and the pods of ``namespace`` by name."""
-        version = self._pods_version
-        cached = self._indexes.get(namespace)
-        if cached is not None and cached[0] == version:
-            return cached[1]
-        if self._by_ip[0] != version:
-            by_ip: dict[str, list[PodInfo]] = {}
-            for ns_pods in self.pods.values():
-                for p in ns_pods.values():
-                    if p.ip:
-                        by_ip.setdefault(p.ip, []).append(p)
-            self._by_ip = (version, by_ip)
-        index = PodIndex(
-            namespace=namespace,
-            by_ip=self._by_ip[1],
-            by_name={p.name: p for p in self.pods.get(namespace, {}).values()},
-        )
-        self._indexes[namespace] = (version, index)
-        return index
 
     async def on_budget(self, event: str | None, body: Mapping[str, Any]) -> None:
         b = budget_from_body(body)
@@ -238,14 +165,12 @@ class Reconciler:
             return
         if key in self.workers:  # its Secret changed, and with it its shard
             await self._stop_worker(key)
-            self.written.pop(key, None)
-            self.written_at.pop(key, None)
+            self.status.forget(key)
         if key not in self.standby and self._wants_standby(key):
             self._start_standby(key)
 
     def _forget(self, key: Key) -> None:
-        self.written.pop(key, None)
-        self.written_at.pop(key, None)
+        self.status.forget(key)
         self.runtimes.pop(key, None)
 
     # --- leadership ---------------------------------------------------------------------------
@@ -288,8 +213,7 @@ class Reconciler:
         # Another replica writes the status now: what this one wrote last is no longer the truth
         # (its cooldowns and episodes would be lost if this replica led again and read it back).
         for key in keys:
-            self.written.pop(key, None)
-            self.written_at.pop(key, None)
+            self.status.forget(key)
         if not self.held:
             await self._stop_resync()
         for key in keys:
@@ -364,9 +288,6 @@ class Reconciler:
                     extra={"budget": f"{ref.namespace}/{ref.name}", "error": str(e)},
                 )
 
-        def pods_of(namespace: str) -> Sequence[PodInfo]:
-            return list(self.pods.get(namespace, {}).values())
-
         async def bind(budget: str, dsn: str, ca_pem: str | None) -> cycle.MonitorLike:
             return await self.monitors.bind(budget, dsn, ca_pem)
 
@@ -375,20 +296,19 @@ class Reconciler:
 
         async def write_status(new_status: dict[str, Any]) -> None:
             key = (ref.namespace, ref.name)
-            old = self.written.get(key) or (self.budgets[key].status if key in self.budgets else {})
-            await self._write(key, old, new_status)
+            await self.status.write(key, self.status.current(key), new_status)
 
         return cycle.Deps(
             kube=self.kube,
             bind_monitor=bind,
             sample_poolers=poolers,
-            pods=pods_of,
+            pods=self.pods.of,
             post_event=post_event,
             metrics=self.metrics,
             now=time.time,
             write_status=write_status,
-            pod_index=self.pod_index,
-            forget_pod=self.forget_pod,
+            pod_index=self.pods.index,
+            forget_pod=self.pods.forget,
             may_act=lambda: self._may_act((ref.namespace, ref.name)),
             census=self.censuses.take,
         )
@@ -420,11 +340,11 @@ class Reconciler:
                 self._api_errors[key] = said
                 # Once the API server answers again, write the status at once (not at the next
                 # heartbeat): its lastProbeTime shows the operator is back.
-                self.written_at.pop(key, None)
+                self.status.rewrite_soon(key)
             except Exception:
                 # A bug must not kill the budget's worker: log it and try again next tick.
                 log.exception("reconcile failed", extra={"budget": f"{key[0]}/{key[1]}"})
-                self.written_at.pop(key, None)
+                self.status.rewrite_soon(key)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     b.changed.wait(),
@@ -434,10 +354,10 @@ class Reconciler:
                 # The spec or annotations changed: probe at once, and write what that probe saw
                 # even if only lastProbeTime moved (whoever changed it looks at the status next).
                 runtime.last_probe_at = None
-                self.written_at.pop(key, None)
+                self.status.rewrite_soon(key)
 
     async def _once(self, key: Key, b: Budget, runtime: cycle.Runtime) -> None:
-        old_status = self.written.get(key, b.status)
+        old_status = self.status.current(key)
         new_status = await cycle.run_cycle(
             namespace=b.ref.namespace,
             name=b.ref.name,
@@ -453,65 +373,8 @@ class Reconciler:
         if not self._leads(key) or self.workers.get(key) is not asyncio.current_task():
             return  # stepped down meanwhile: the leader writes the status now
         self.metrics.db_connections.set(self.monitors.open_connections)
-        last = self.written_at.get(key)
-        since = None if last is None else self.monotonic() - last
-        if not status.worth_writing(
-            old_status, new_status, seconds_since_write=since, heartbeat=STATUS_HEARTBEAT_SECONDS
-        ):
-            return  # only the probe time would move
-        if (
-            since is not None
-            and not self.kube.spare()
-            and not status.changes_more_than_probe_time(old_status, new_status)
-        ):
-            # Only the heartbeat is due: it waits for a quiet moment of the client's token
-            # bucket (``kube.flow``), while statuses that changed go first.
-            return
-        await self._write(key, old_status, new_status)
-
-    async def _write(
-        self, key: Key, old_status: dict[str, Any], new_status: dict[str, Any]
-    ) -> None:
-        """Write a status, on the condition that nobody changed the budget since it was read.
-
-        Raises ``StatusConflict`` (after reading the budget again) when someone did: what was
-        decided rests on a stale status, so it is neither written nor acted on. A conflict with
-        nothing changed but the version (the watch delivered an older echo of this replica's own
-        write) is written again at once.
-        """
-        for attempt in range(2):
-            b = self.budgets.get(key)
-            try:
-                version = await self.kube.patch_budget_status(
-                    key[0], key[1], new_status, resource_version=b.resource_version if b else None
-                )
-            except KubeError as e:
-                if e.status == 404:
-                    return  # deleted meanwhile; the watch will tell
-                if e.status != 409:
-                    raise
-                mine = self.written.get(key)
-                fresh = await self._reread(key)
-                if attempt == 0 and mine is not None and fresh == mine:
-                    continue  # only the version was stale: the status is what this replica wrote
-                raise StatusConflict(f"{key[0]}/{key[1]} changed meanwhile") from None
-            if b is not None and version:
-                b.resource_version = version
-            merged = {**old_status, **new_status}
-            self.written[key] = {k: v for k, v in merged.items() if v is not None}
-            self.written_at[key] = self.monotonic()
-            return
-
-    async def _reread(self, key: Key) -> dict[str, Any]:
-        """Take the budget as the API server has it now, and forget what this replica wrote;
-        return its status."""
-        self.written.pop(key, None)
-        self.written_at.pop(key, None)
-        fresh = budget_from_body(await self.kube.read_budget(*key))
-        old = self.budgets.get(key)
-        if old is not None:
-            old.status, old.resource_version = fresh.status, fresh.resource_version
-        return fresh.status
+        if self.status.due(key, old_status, new_status):
+            await self.status.write(key, old_status, new_status)
 
     async def _stop_resync(self) -> None:
         task, self.resync = self.resync, None

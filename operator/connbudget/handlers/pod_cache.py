@@ -1,0 +1,102 @@
+"""The pods the watch delivered, and the index attribution looks addresses up in.
+
+One cache for every budget of a replica. The watch adds, changes and deletes pods (``on_event``);
+an eviction answered 404 drops one at once (``forget``); and while the replica leads, a periodic
+``resync`` drops the pods the API server no longer has but the watch never said were deleted
+(a watch that expired, 410 Gone, is listed again by kopf, and a pod deleted meanwhile gets no
+DELETED event): a ghost could suppress NoPodsSelected or be picked for a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from connbudget.kube.api import Kube
+from connbudget.kube.pods import pod_info_from_body
+from connbudget.model.observations import PodInfo
+from connbudget.policy.attribution import PodIndex
+
+log = logging.getLogger("connbudget.pods")
+
+
+class PodCache:
+    def __init__(self, kube: Kube, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.kube = kube
+        self.monotonic = monotonic
+        self.pods: dict[str, dict[str, PodInfo]] = {}  # namespace -> uid -> pod
+        self._seen_at: dict[str, float] = {}  # pod uid -> when (monotonic) the watch last told
+        # Attribution looks addresses up among every pod seen: one index per change of the pods,
+        # shared by every budget (the by-name part is per namespace).
+        self._version = 0
+        self._by_ip: tuple[int, dict[str, list[PodInfo]]] = (-1, {})
+        self._indexes: dict[str, tuple[int, PodIndex]] = {}
+
+    def on_event(self, event: str | None, body: Mapping[str, Any]) -> None:
+        """A pod as the watch delivered it (``DELETED``, or anything else: added or changed)."""
+        pod = pod_info_from_body(body)
+        pods = self.pods.setdefault(pod.namespace, {})
+        if event == "DELETED":
+            pods.pop(pod.uid, None)
+            self._seen_at.pop(pod.uid, None)
+        else:
+            pods[pod.uid] = pod
+            self._seen_at[pod.uid] = self.monotonic()
+        self._version += 1
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop a pod the API server says is gone (an eviction answered 404)."""
+        pods = self.pods.get(namespace, {})
+        for uid in [uid for uid, p in pods.items() if p.name == name]:
+            pods.pop(uid)
+            self._seen_at.pop(uid, None)
+            self._version += 1
+
+    def of(self, namespace: str) -> list[PodInfo]:
+        """The pods of ``namespace``."""
+        return list(self.pods.get(namespace, {}).values())
+
+    async def resync(self) -> list[str]:
+        """Drop pods the API server no longer has; return them (``namespace/name``).
+
+        Only pods the watch has not told of since the list began are dropped: one it delivered
+        meanwhile may be newer than the list.
+        """
+        dropped: list[str] = []
+        for namespace in list(self.pods):
+            started = self.monotonic()
+            listed = {
+                str((b.get("metadata") or {}).get("uid"))
+                for b in await self.kube.list_pods(namespace)
+            }
+            pods = self.pods.get(namespace, {})
+            for uid in [u for u in pods if u not in listed and self._seen_at.get(u, 0.0) < started]:
+                dropped.append(f"{namespace}/{pods.pop(uid).name}")
+                self._seen_at.pop(uid, None)
+        if dropped:
+            self._version += 1
+            log.warning("pods the watch missed deleting dropped", extra={"pods": dropped})
+        return dropped
+
+    def index(self, namespace: str) -> PodIndex:
+        """Every pod seen, by address, and the pods of ``namespace`` by name."""
+        version = self._version
+        cached = self._indexes.get(namespace)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        if self._by_ip[0] != version:
+            by_ip: dict[str, list[PodInfo]] = {}
+            for ns_pods in self.pods.values():
+                for p in ns_pods.values():
+                    if p.ip:
+                        by_ip.setdefault(p.ip, []).append(p)
+            self._by_ip = (version, by_ip)
+        index = PodIndex(
+            namespace=namespace,
+            by_ip=self._by_ip[1],
+            by_name={p.name: p for p in self.pods.get(namespace, {}).values()},
+        )
+        self._indexes[namespace] = (version, index)
+        return index
