@@ -101,3 +101,26 @@ def test_never_more_than_the_burst_plus_the_rate(qps: float, burst: int, gaps: l
         while b.try_take():
             taken += 1
         assert taken <= burst + qps * clock.now + 1e-6
+
+
+def test_the_time_calls_waited_is_a_counter_read_at_each_scrape() -> None:
+    from prometheus_client import generate_latest
+
+    from connbudget.report.metrics import Metrics
+
+    b, _ = bucket(10.0, 1)
+    metrics = Metrics()
+    metrics.count_throttling(lambda: b.waited)
+
+    def scraped() -> str:
+        return generate_latest(metrics.registry).decode()
+
+    assert "connbudget_kube_throttled_seconds_total 0.0" in scraped()
+
+    async def three() -> None:
+        for _ in range(3):
+            await b.take()
+
+    asyncio.run(three())
+    assert b.waited == pytest.approx(0.2)  # the first went at once, two waited 0.1 s each
+    assert "connbudget_kube_throttled_seconds_total 0.2" in scraped()

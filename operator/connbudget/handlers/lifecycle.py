@@ -65,6 +65,7 @@ async def operator_startup(
     settings.watching.connect_timeout = 30
     kube = Kube.from_environment(CONFIG.kubeconfig, qps=CONFIG.kube_qps, burst=CONFIG.kube_burst)
     metrics = Metrics()
+    metrics.count_throttling(lambda: kube.flow.waited)
     reconciler = Reconciler(
         kube=kube, monitors=MonitorPool(), metrics=metrics, shards=CONFIG.shards
     )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from connbudget.policy.culprits import LeakShape
 from connbudget.policy.evidence import OwnerEvidence
@@ -112,6 +114,12 @@ class Metrics:
         self._owners: dict[tuple[str, str], set[str]] = {}
         self._fingerprints: dict[tuple[str, str], set[tuple[str, str]]] = {}
 
+    def count_throttling(self, waited: Callable[[], float]) -> None:
+        """``connbudget_kube_throttled_seconds_total``: the seconds API calls waited for the
+        client's token bucket (``kube.flow``), read from ``waited`` at each scrape. Rising
+        steadily: the operator makes more calls than ``--kube-qps`` allows."""
+        self.registry.register(_Throttled(waited))
+
     def record_usage(
         self,
         namespace: str,
@@ -213,3 +221,15 @@ class Metrics:
         ):
             with contextlib.suppress(KeyError):
                 g.remove(namespace, budget)
+
+
+class _Throttled(Collector):
+    def __init__(self, waited: Callable[[], float]) -> None:
+        self.waited = waited
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "connbudget_kube_throttled_seconds",
+            "Seconds calls to the Kubernetes API waited for the client's token bucket.",
+            value=self.waited(),
+        )
