@@ -96,6 +96,12 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--episodes", type=int, default=None, help="episodes per poll interval")
     parser.add_argument(
+        "--shard-budgets",
+        type=int,
+        default=None,
+        help=f"budgets of the shards phase (default {shards.BUDGETS}; 500 with --quick)",
+    )
+    parser.add_argument(
         "--output",
         type=Path,
         default=ROOT,
@@ -175,7 +181,11 @@ def main(argv: list[str]) -> int:
                     save()
                 if "shards" in phases:
                     results["shards"] = shards.run(
-                        sb, kube, big, budgets=500 if quick else shards.BUDGETS, out_dir=work
+                        sb,
+                        kube,
+                        big,
+                        budgets=args.shard_budgets or (500 if quick else shards.BUDGETS),
+                        out_dir=work,
                     )
             finally:
                 big.stop()

@@ -843,14 +843,19 @@ def _shards(sh: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[str
         "the budgets probed by more than one replica. Then the replica holding shard 0 was "
         "killed (SIGKILL, no hand-over).",
         "",
-        "| replica | shards held | budgets probed | resident memory | CPU (% of one core) |",
-        "|---|---|---|---|---|",
+        "| replica | shards held | budgets probed | resident memory | CPU (% of one core) "
+        "| API calls' wait for the token bucket |",
+        "|---|---|---|---|---|---|",
     ]
+    throttled = sh.get("throttled_seconds") or [None] * n
     for i in range(n):
+        wait = throttled[i]
         out.append(
             f"| {i + 1} | {', '.join(map(str, sh['shards_held'][i])) or 'none'} | "
             f"{sh['budgets_per_replica'][i]:,} | {sh['rss_mb'][i]:.1f} MB | "
-            f"{sh['cpu_percent'][i]:.2f} % |"
+            f"{sh['cpu_percent'][i]:.2f} % | "
+            + ("n/a (not measured)" if wait is None else f"{wait:.0f} s in all")
+            + " |"
         )
     taken, probed = sh.get("failover_lease_seconds"), sh.get("failover_probed_seconds")
     out += [

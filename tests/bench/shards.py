@@ -21,7 +21,17 @@ from typing import Any
 
 import kubernetes
 
-from bench.common import Kube, Operator, Server, Spread, cpu_seconds, probe_counts, rss_mb, say
+from bench.common import (
+    Kube,
+    Operator,
+    Server,
+    Spread,
+    cpu_seconds,
+    metric_samples,
+    probe_counts,
+    rss_mb,
+    say,
+)
 from bench.footprint import POLL, SETTLE_SECONDS, Fleet, _wait_all_probed, expected_probes
 from connbudget.policy.shards import shard_of
 from sandbox.core import Sandbox
@@ -107,7 +117,11 @@ def run(
                 rss[i].append(rss_mb(op.pid))
             time.sleep(2.0)
         c1, t1 = [cpu_seconds(op.pid) for op in ops], time.monotonic()
-        m1 = [probe_counts(op.metrics()) for op in ops]
+        texts = [op.metrics() for op in ops]
+        m1 = [probe_counts(text) for text in texts]
+        throttled = [
+            metric_samples(text, "connbudget_kube_throttled_seconds_total") for text in texts
+        ]
         per_replica = [
             {k: n - m0[i].get(k, (0.0, 0.0))[0] for k, (n, _) in m1[i].items()}
             for i in range(len(ops))
@@ -138,6 +152,8 @@ def run(
             "probes_per_budget": Spread.of(counts),
             "expected_probes_min": expected,
             "cadence_kept": bool(counts) and min(counts) >= expected,
+            # Seconds the replica's API calls waited for its token bucket since it started.
+            "throttled_seconds": [s[0][1] if s else None for s in throttled],
         }
         say(
             f"  every budget probed {took or math.nan:.0f}s after the start; per replica: budgets "
