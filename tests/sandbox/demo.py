@@ -7,6 +7,11 @@ uvicorn, whose connections stay open when a client hangs up mid-request (ticket 
 at ``LEAK_RATE`` per second. It shows live usage against the budget and what the operator says
 and does until the leak has been held for a while and has stopped, then prints a summary (with
 the damage counted from the apps' own logs), writes a timeline chart and tears everything down.
+
+Unless ``--no-prometheus``, a real Prometheus (``sandbox.prometheus``: Debian's binary, on
+loopback) scrapes the operator every second and evaluates the chart's alert rules meanwhile; its
+address is printed at the start, and the summary says which alerts fired when, with a few
+queries to try. ``--linger N`` keeps it (and the sandbox) up N seconds after the summary.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +36,17 @@ import yaml
 from sandbox.apps.deploy import deploy_app, leak_settings, pool_settings
 from sandbox.core import Sandbox
 from sandbox.fixtures import Workloads
+from sandbox.procs import free_port
+from sandbox.prometheus import (
+    Prometheus,
+    Target,
+    chart_rule_groups,
+    load_dashboard,
+    render_dashboard,
+    with_for,
+    write_rules,
+)
+from sandbox.prometheus import running as running_prometheus
 from sandbox.workloads.outcomes import FAILURES, count_outcomes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +55,21 @@ LIMIT_SECONDS = 240.0  # the demo stops by itself after this, episode or not
 LEAK_RATE = 5.0  # connections leaked per second
 LEAK_SECONDS = 60.0  # how long the leak is driven
 AFTER_LEAK_SECONDS = 15.0  # watched after the leak stops
+# The chart's leak alert waits 2 minutes before it fires, longer than the demo's leak: here 10 s.
+DEMO_LEAK_FOR = "10s"
+LEAK_ALERT = "ConnectionBudgetLeakDetected"
+LINGER_MAX = 3600.0  # seconds --linger may keep everything up
+DEMO_RATE_INTERVAL = "10s"  # Grafana's $__rate_interval for a 1 s scrape, a few polls wide
+DASHBOARD_LEAD_SECONDS = 10.0  # drawn from this long before the leak began
+STILL_FIRING_SECONDS = 3.0  # an alert seen firing this recently is still firing (1 s evaluations)
+# Queries worth trying in the demo's Prometheus, with what they show.
+QUERIES = (
+    ("connbudget_leak_rate_connections_per_second", "leak rate per workload"),
+    ("sum by (budget) (connbudget_connections)", "connections counted per budget"),
+    ("connbudget_usage_ratio", "usage over budget"),
+    ("increase(connbudget_terminated_connections_total[1m])", "backends terminated"),
+    ('ALERTS{alertstate="firing"}', "alerts firing"),
+)
 BUDGET = 60
 # Only the three fields a user must give: every other one is the CRD's default.
 SPEC: dict[str, Any] = {
@@ -80,7 +112,7 @@ class Timeline:
 
 
 @contextlib.contextmanager
-def operator(sb: Sandbox, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def operator(sb: Sandbox, log: Path, metrics_port: int) -> Iterator[subprocess.Popen[bytes]]:
     env = {**os.environ, "KUBECONFIG": sb.kubeconfig}
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -93,7 +125,7 @@ def operator(sb: Sandbox, log: Path) -> Iterator[subprocess.Popen[bytes]]:
                 NAMESPACE,
                 "--standalone",
                 "--metrics-port",
-                "0",
+                str(metrics_port),
                 "--liveness",
                 "",
                 "--log-format",
@@ -213,14 +245,79 @@ def chart(
     plt.close(fig)
 
 
-def play(sb: Sandbox, limit: float, out_dir: Path) -> tuple[Timeline, dict[str, dict[str, int]]]:
+@contextlib.contextmanager
+def prometheus(sb: Sandbox, metrics_port: int, out_dir: Path) -> Iterator[Prometheus]:
+    """Prometheus scraping the demo's operator every second, with the chart's alert rules (the
+    leak alert's ``for:`` shortened to ``DEMO_LEAK_FOR``)."""
+    groups = with_for(chart_rule_groups(sb.bin_dir / "helm"), LEAK_ALERT, DEMO_LEAK_FOR)
+    rules = write_rules(out_dir / "rules.yaml", groups)
+    target = Target(address=f"127.0.0.1:{metrics_port}")
+    with running_prometheus(
+        out_dir / "prometheus", [target], tag=sb.tag, rule_files=[rules]
+    ) as prom:
+        say(
+            f"prometheus: {prom.url} scrapes the operator every second, with the chart's alert "
+            f"rules ({LEAK_ALERT} after {DEMO_LEAK_FOR} instead of 2 min); alerts at "
+            f"{prom.url}/alerts"
+        )
+        yield prom
+
+
+def fired_alerts(prom: Prometheus, t0: float) -> list[tuple[str, str, float, float]]:
+    """The alerts that fired since ``t0``: name, what it names, first and last second seen."""
+    found = []
+    for s in prom.query_range('ALERTS{alertstate="firing"}', t0, time.time(), step=1):
+        labels = s["metric"]
+        subject = labels.get("owner") or f"{labels.get('namespace')}/{labels.get('budget')}"
+        times = [float(t) - t0 for t, _ in s["values"]]
+        found.append((labels["alertname"], subject, min(times), max(times)))
+    return sorted(found, key=lambda f: f[2])
+
+
+def show_prometheus(prom: Prometheus, tl: Timeline, out_dir: Path, linger: float) -> None:
+    """Say which alerts fired and where to look, draw the dashboard's panels from Prometheus'
+    data; keep Prometheus up ``linger`` seconds."""
+    fired = fired_alerts(prom, tl.t0)
+    now = time.time() - tl.t0
+    png = render_dashboard(
+        prom,
+        load_dashboard(),
+        {"namespace": NAMESPACE, "budget": ".*", "__rate_interval": DEMO_RATE_INTERVAL},
+        tl.t0 - DASHBOARD_LEAD_SECONDS,
+        time.time(),
+        out_dir / "dashboard.png",
+        title="connbudget dashboard: the demo's leak, from Prometheus",
+    )
+    say(f"  dashboard      {png}  (the Grafana dashboard's panels, drawn from this Prometheus)")
+    until = "--linger N keeps it up N s more" if linger <= 0 else f"up {linger:.0f} s more"
+    say(f"  prometheus     {prom.url}  (alerts: {prom.url}/alerts; {until})")
+    for name, subject, first, last in fired:
+        # The last evaluation, a second or two ago, still found it firing.
+        still = last >= now - STILL_FIRING_SECONDS
+        span = f"since {first:5.1f}s, still firing" if still else f"{first:5.1f}s to {last:5.1f}s"
+        say(f"  alert          {name} ({subject}): {span}")
+    if not fired:
+        say("  alert          none fired")
+    for expr, what in QUERIES:
+        graph = urllib.parse.urlencode({"g0.expr": expr, "g0.range_input": "5m", "g0.tab": "0"})
+        say(f"  query          {what}: {expr}")
+        say(f"                 {prom.url}/graph?{graph}")
+    if linger > 0:
+        say(f"\nPrometheus and the sandbox stay up for {linger:.0f} s (Ctrl-C ends it sooner)")
+        with contextlib.suppress(KeyboardInterrupt):
+            time.sleep(min(linger, LINGER_MAX))
+
+
+def play(
+    sb: Sandbox, limit: float, out_dir: Path, metrics_port: int
+) -> tuple[Timeline, dict[str, dict[str, int]]]:
     api = sb.api_client()
     wl = setup(sb, api)
     custom = kubernetes.client.CustomObjectsApi(api)
     core = kubernetes.client.CoreV1Api(api)
     db = sb.db
     shop = {"tier": "shop"}
-    with operator(sb, out_dir / "operator.log"):
+    with operator(sb, out_dir / "operator.log", metrics_port):
         deploy_app(
             wl,
             NAMESPACE,
@@ -371,22 +468,43 @@ def main(argv: list[str]) -> int:
         default=None,
         help="folder for the chart and the operator's log (default: a new one in $TMPDIR)",
     )
+    parser.add_argument(
+        "--no-prometheus",
+        action="store_true",
+        help="do not run Prometheus (Debian's binary) against the operator",
+    )
+    parser.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        help=f"seconds to keep Prometheus and the sandbox up after the summary (at most "
+        f"{LINGER_MAX:.0f})",
+    )
     args = parser.parse_args(argv)
     out_dir = args.output or Path(tempfile.mkdtemp(prefix="connbudget-demo-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     sb = Sandbox.up(progress=lambda m: say(f"sandbox: {m}"))
     try:
-        tl, damage = play(sb, args.limit, out_dir)
-        usable = sb.db.max_connections - 3
-        png = out_dir / "timeline.png"
-        chart(
-            tl,
-            usable,
-            png,
-            title="connbudget demo: a real Django leak held inside its connection budget",
-        )
-        summarize(tl, usable, png, damage)
-        say(f"  operator log   {out_dir / 'operator.log'}")
+        with contextlib.ExitStack() as stack:
+            metrics_port = free_port()
+            prom = (
+                None
+                if args.no_prometheus
+                else stack.enter_context(prometheus(sb, metrics_port, out_dir))
+            )
+            tl, damage = play(sb, args.limit, out_dir, metrics_port)
+            usable = sb.db.max_connections - 3
+            png = out_dir / "timeline.png"
+            chart(
+                tl,
+                usable,
+                png,
+                title="connbudget demo: a real Django leak held inside its connection budget",
+            )
+            summarize(tl, usable, png, damage)
+            say(f"  operator log   {out_dir / 'operator.log'}")
+            if prom is not None:
+                show_prometheus(prom, tl, out_dir, args.linger)
     finally:
         sb.down()
         say("sandbox torn down")
