@@ -284,7 +284,8 @@ def can_i(sandbox: Sandbox, sa: str, verb: str, resource: str, namespace: str) -
 @dataclass
 class OperatorPod:
     """The operator as installed by the manifests or the chart: a pod the sandbox's kubelet runs
-    from the image ``ghcr.io/connbudget/connbudget`` (mapped to the package installed here)."""
+    from the image ``ghcr.io/connbudget/connbudget`` (the built image's root filesystem when a
+    test loads it, else the package installed here)."""
 
     sandbox: Sandbox
     namespace: str
@@ -331,7 +332,8 @@ def operator_pod(sandbox: Sandbox, namespace: str, timeout: float = 60) -> Opera
 
     def process() -> int | None:
         for pid, cmdline in sandbox.processes().items():
-            if "-m connbudget run" in cmdline:
+            # `python -m connbudget run` here, `/usr/local/bin/connbudget run` from the image.
+            if "connbudget run" in cmdline:
                 env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                 if f"HOSTNAME={pod.metadata.name}".encode() in env:
                     return pid

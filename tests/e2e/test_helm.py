@@ -11,9 +11,12 @@ import pytest
 from e2e.conftest import ROOT, Budgets, can_i, leak_until_remediated, operator_pod, tool
 from sandbox.core import Sandbox
 from sandbox.fixtures import Workloads
+from sandbox.image_build import BuiltImage
+from sandbox.image_fixtures import assert_runs_in_image, operator_image
 
 pytestmark = pytest.mark.sandbox
 CHART = ROOT / "manifests" / "helm" / "connbudget"
+__all__ = ["operator_image"]  # the fixture, imported for this module's tests
 
 
 def helm(sandbox: Sandbox, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -71,7 +74,9 @@ def test_helm_lint_and_the_values_schema(sandbox: Sandbox) -> None:
 
 
 @pytest.fixture
-def release(sandbox: Sandbox, crd: None, namespace: str) -> Iterator[str]:
+def release(
+    sandbox: Sandbox, crd: None, namespace: str, operator_image: BuiltImage
+) -> Iterator[str]:
     ns = f"{namespace}-op"
     helm(
         sandbox,
@@ -143,9 +148,16 @@ def test_a_namespaced_install_gets_rights_only_where_it_watches(
 
 
 def test_the_charts_operator_pod_remediates_a_leak_where_it_watches(
-    sandbox: Sandbox, release: str, namespace: str, budgets: Budgets, workloads: Workloads
+    sandbox: Sandbox,
+    release: str,
+    namespace: str,
+    budgets: Budgets,
+    workloads: Workloads,
+    operator_image: BuiltImage,
 ) -> None:
-    """The chart's Deployment runs as a pod with the chart's RBAC (namespaced mode) and acts."""
+    """The chart's Deployment runs as a pod from the built image, with the chart's RBAC
+    (namespaced mode), and acts."""
     op = operator_pod(sandbox, release)
+    assert_runs_in_image(op.pid, operator_image)
     assert op.uid() == 65532
     leak_until_remediated(sandbox, workloads, namespace, budgets, op)

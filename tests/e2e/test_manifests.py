@@ -1,6 +1,7 @@
 """The kustomize install on the sandbox: it applies, its pod passes the restricted Pod Security
-level, its RBAC is minimal (kubectl auth can-i), and sufficient (the operator, running with the
-ServiceAccount's own token, remediates a leak and takes the leader Lease)."""
+level, its RBAC is minimal (kubectl auth can-i), and sufficient (the operator, running from the
+image built from this checkout with the ServiceAccount's own token, remediates a leak and takes
+the leader Lease)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import pytest
 from e2e.conftest import ROOT, Budgets, can_i, kubectl, leak_until_remediated, operator_pod
 from sandbox.core import Sandbox
 from sandbox.fixtures import Workloads, eventually
+from sandbox.image_build import BuiltImage
+from sandbox.image_fixtures import assert_runs_in_image, operator_image
 from sandbox.kubelet import SERVICE_ACCOUNT_DIR
 
 pytestmark = pytest.mark.sandbox
@@ -38,8 +41,11 @@ def test_the_samples_pass_check_and_the_api_server(
         kubectl(sandbox, "apply", "--dry-run=server", "-n", namespace, "-f", sample)
 
 
+__all__ = ["operator_image"]  # the fixture, imported for this module's tests
+
+
 @pytest.fixture(scope="module")
-def installed(sandbox: Sandbox, crd: None) -> Iterator[None]:
+def installed(sandbox: Sandbox, crd: None, operator_image: BuiltImage) -> Iterator[None]:
     kubectl(sandbox, "apply", "-k", str(ROOT / "manifests"))
     yield None
     kubectl(sandbox, "delete", "-k", str(ROOT / "manifests"), "--timeout=90s", check=False)
@@ -105,9 +111,12 @@ def test_the_installed_operator_pod_remediates_a_leak(
     workloads: Workloads,
     namespace: str,
     budgets: Budgets,
+    operator_image: BuiltImage,
 ) -> None:
-    """The Deployment's own pod: non-root, in-cluster ServiceAccount token, enough RBAC."""
+    """The Deployment's own pod, from the built image: non-root, in-cluster ServiceAccount token,
+    enough RBAC."""
     op = operator_pod(sandbox, "connbudget-system")
+    assert_runs_in_image(op.pid, operator_image)
     assert op.uid() == 65532  # runAsUser from the Deployment's securityContext
     environ = Path(f"/proc/{op.pid}/environ").read_bytes()
     assert b"KUBECONFIG=" not in environ  # so it logged in with the in-pod token
@@ -119,6 +128,9 @@ def test_the_installed_operator_pod_remediates_a_leak(
     mounts = op.mount_options()
     assert "ro" in mounts["/"]  # readOnlyRootFilesystem
     assert "rw" in mounts["/tmp"]  # noqa: S108 (the emptyDir, where a CA from a Secret goes)
+    assert "ro" in mounts[SERVICE_ACCOUNT_DIR.removeprefix("/var")]  # as a kubelet projects it
+    hosts = Path(f"/proc/{op.pid}/root/etc/hosts").read_text()
+    assert f"{op.ip}\t{op.name}" in hosts
 
     leak_until_remediated(sandbox, workloads, namespace, budgets, op)
     lease = json.loads(

@@ -66,6 +66,14 @@ def test_the_final_stage_follows_the_image_policy() -> None:
     assert "--mount=type=bind,from=build" in text
     assert "gcc" not in text
     assert "build-essential" not in text
+    # A proxy's CA reaches pip only as a build secret of the build stage, and only if given.
+    build_text = "\n".join(stages()[0])
+    assert "--mount=type=secret,id=ca," in build_text
+    assert (
+        "if [ -s /run/secrets/ca.crt ]; then export PIP_CERT=/run/secrets/ca.crt; fi" in build_text
+    )
+    assert "type=secret" not in text
+    assert "PIP_CERT" not in text
     for stage in stages():
         base = stage[0].split()[1]
         assert not base.endswith(":latest")

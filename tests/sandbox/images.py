@@ -7,6 +7,12 @@ A pod whose image is not mapped stays ``Pending`` with reason ``ImageNotMapped``
 
 Extra images come from a JSON file named by ``CONNBUDGET_SANDBOX_IMAGES``:
 ``{"registry/name": {"entrypoint": [...], "cmd": [...], "env": {...}}}``.
+
+An image can also be a real one: a root filesystem unpacked from a built image (see
+``sandbox.image_build``) with its config (entrypoint, command, environment, user, working
+directory). ``load_image`` puts it into a running sandbox's image store, as ``kind load``
+does for a kind node; the kubelet looks there first, and runs such a container chrooted into the
+image's root filesystem (``sandbox.container``) instead of as a command on this machine.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, NotRequired, TypedDict
+from urllib.parse import quote
 
 from sandbox.apps import envs
 
@@ -23,10 +30,60 @@ TESTS_DIR = Path(__file__).resolve().parent.parent
 OPERATOR_IMAGE = "ghcr.io/connbudget/connbudget"
 
 
+STORE = "images"  # the image store's folder in a sandbox's state folder
+
+
 class Image(TypedDict):
     entrypoint: list[str]
     cmd: list[str]
     env: dict[str, str]
+    # Only for an image with a root filesystem: where it is unpacked, the config's User (``uid``,
+    # ``uid:gid`` or names) and WorkingDir.
+    rootfs: NotRequired[str]
+    user: NotRequired[str]
+    workdir: NotRequired[str]
+
+
+def rootfs_image(rootfs: Path, config: dict[str, Any]) -> Image:
+    """An image with a root filesystem, from its OCI config (``Entrypoint``, ``Cmd``, ``Env``,
+    ``User``, ``WorkingDir``)."""
+    env = dict(item.split("=", 1) for item in config.get("Env") or [])
+    return Image(
+        entrypoint=list(config.get("Entrypoint") or []),
+        cmd=list(config.get("Cmd") or []),
+        env=env,
+        rootfs=str(rootfs),
+        user=str(config.get("User") or ""),
+        workdir=str(config.get("WorkingDir") or "/"),
+    )
+
+
+def _stored(state_dir: Path, name: str) -> Path:
+    return state_dir / STORE / f"{quote(image_key(name), safe='')}.json"
+
+
+def load_image(state_dir: Path, name: str, image: Image) -> None:
+    """Put ``image`` into a sandbox's image store under ``name`` (tag ignored); pods started from
+    now on run it, whatever the sandbox's own mapping says."""
+    path = _stored(state_dir, name)
+    path.parent.mkdir(exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(image))
+    partial.rename(path)
+
+
+def unload_image(state_dir: Path, name: str) -> None:
+    """Remove ``name`` from a sandbox's image store (back to the sandbox's own mapping)."""
+    _stored(state_dir, name).unlink(missing_ok=True)
+
+
+def stored_image(state_dir: Path, name: str) -> Image | None:
+    """The image loaded into a sandbox's store under ``name``, if any."""
+    try:
+        loaded: Image = json.loads(_stored(state_dir, name).read_text())
+    except FileNotFoundError:
+        return None
+    return loaded
 
 
 def _python_module(module: str) -> Image:

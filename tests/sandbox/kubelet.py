@@ -5,7 +5,9 @@ Run as ``python -m sandbox.kubelet STATE_DIR``. It
 - registers the node ``sandbox-node`` (Ready, no taints) and binds every unscheduled pod to it
   (there is no scheduler);
 - starts each container's command as a local process, in the pod's own network namespace in netns
-  mode, with the pod's environment resolved (``value``, ``fieldRef``, ``secretKeyRef``,
+  mode (an image loaded into the sandbox's store with a root filesystem runs chrooted into it,
+  see ``sandbox.container``; a mapped image runs on this machine's filesystem), with the pod's
+  environment resolved (``value``, ``fieldRef``, ``secretKeyRef``,
   ``configMapKeyRef``, ``envFrom``, ``$(VAR)`` expansion, ``KUBERNETES_SERVICE_HOST/PORT``);
 - reports ``Running`` and ``Ready`` with the pod IP, restarts exited containers per
   ``restartPolicy``;
@@ -42,6 +44,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client.rest import ApiException
 
+from sandbox import container as container_mod
 from sandbox import images as images_mod
 from sandbox.network import PodNetwork
 from sandbox.procs import stop_pid
@@ -347,16 +350,22 @@ class Kubelet:
                 env = self._resolve_env(pod, c, rt.ip, image["env"])
                 argv = [_expand(a, env) for a in (c.get("command") or image["entrypoint"])]
                 argv += [_expand(a, env) for a in (c.get("args") if "args" in c else image["cmd"])]
+                if "rootfs" in image:
+                    wrapper = _in_rootfs(spec, c, image, pod_dir, rt.ip, pod_binds)
+                    cwd = str(pod_dir)
+                else:
+                    wrapper = _mount_namespace(pod_binds + _empty_dirs(spec, c, pod_dir), c)
+                    wrapper += _run_as(spec, c)
+                    cwd = c.get("workingDir") or str(pod_dir)
                 rt.containers.append(
                     Container(
                         name=c["name"],
                         image=c.get("image", ""),
                         argv=argv,
                         env=env,
-                        cwd=c.get("workingDir") or str(pod_dir),
+                        cwd=cwd,
                         log_path=pod_dir / f"{c['name']}.log",
-                        wrapper=_mount_namespace(pod_binds + _empty_dirs(spec, c, pod_dir), c)
-                        + _run_as(spec, c),
+                        wrapper=wrapper,
                     )
                 )
             if not no_process:
@@ -440,6 +449,10 @@ class Kubelet:
 
     def _resolve_image(self, container: dict[str, Any]) -> images_mod.Image:
         key = images_mod.image_key(container.get("image", ""))
+        # An image loaded into the store (a real root filesystem) wins over the mapping.
+        loaded = images_mod.stored_image(self.state_dir, key)
+        if loaded is not None:
+            return loaded
         if key in self.images:
             return self.images[key]
         if container.get("command"):
@@ -762,6 +775,52 @@ def _mount_namespace(binds: list[tuple[str, str]], container: dict[str, Any]) ->
         steps.append("mount -o remount,bind,ro /")
     script = " && ".join([*steps, 'exec "$@"'])
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"]
+
+
+def _in_rootfs(
+    spec: dict[str, Any],
+    container: dict[str, Any],
+    image: images_mod.Image,
+    pod_dir: Path,
+    ip: str,
+    pod_binds: list[tuple[str, str]],
+) -> list[str]:
+    """The prefix that runs a container in its image's root filesystem: the ServiceAccount token
+    (read-only, at the standard path), the ``emptyDir`` volumes, ``/etc/hosts`` and
+    ``/etc/hostname`` as a kubelet writes them, as the securityContext's user (else the image's)."""
+    rootfs = Path(image["rootfs"])
+    binds = [
+        (str(Path(src) / "kubernetes.io" / "serviceaccount"), SERVICE_ACCOUNT_DIR)
+        for src, dst in pod_binds
+        if dst == SECRETS_MOUNT
+    ]
+    binds += _empty_dirs(spec, container, pod_dir)
+    name = pod_dir.name
+    etc = pod_dir / "etc"
+    etc.mkdir(exist_ok=True)
+    (etc / "hosts").write_text(
+        f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{ip}\t{name}\n"
+    )
+    (etc / "hostname").write_text(f"{name}\n")
+    binds += [(str(etc / "hosts"), "/etc/hosts"), (str(etc / "hostname"), "/etc/hostname")]
+    pod_ctx = spec.get("securityContext") or {}
+    ctx = container.get("securityContext") or {}
+    uid, gid = container_mod.image_user(rootfs, image.get("user", ""))
+    user = ctx.get("runAsUser", pod_ctx.get("runAsUser"))
+    group = ctx.get("runAsGroup", pod_ctx.get("runAsGroup"))
+    if user is not None:
+        uid, gid = int(user), int(user)
+    if group is not None:
+        gid = int(group)
+    return container_mod.rootfs_prefix(
+        rootfs=rootfs,
+        scratch=pod_dir / "containers" / container["name"],
+        binds=binds,
+        read_only=bool(ctx.get("readOnlyRootFilesystem")),
+        user=None if uid == 0 and gid == 0 else (uid, gid),
+        workdir=container.get("workingDir") or image.get("workdir") or "/",
+        read_only_binds=frozenset({SERVICE_ACCOUNT_DIR}),
+    )
 
 
 def _run_as(spec: dict[str, Any], container: dict[str, Any]) -> list[str]:
