@@ -34,7 +34,7 @@ from connbudget.model.observations import PROBE_APPLICATION_NAME, ServerSample
 from connbudget.policy import culprits, fingerprint
 from connbudget.probe import backends, queries
 from connbudget.probe.pgbouncer import sample_poolers
-from connbudget.probe.postgres import STATEMENT_TIMEOUT_MS, Monitor
+from connbudget.probe.postgres import PROBE_OPTIONS, Monitor
 
 BACKENDS = (100, 1000)
 PODS = 100  # application names the backends are spread over
@@ -156,7 +156,7 @@ async def _probe_vs_floor(dsn: str, repeats: int, iterations: int, *, ask: int =
         dsn,
         autocommit=True,
         application_name=PROBE_APPLICATION_NAME,
-        options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c idle_session_timeout=0",
+        options=PROBE_OPTIONS,
     )
 
     async def floor() -> object:
@@ -169,8 +169,9 @@ async def _probe_vs_floor(dsn: str, repeats: int, iterations: int, *, ask: int =
 
     async def full_detail() -> object:
         # A poll in which every backend is new or changed (the first one, or a busy server).
-        cur = await floor_conn.execute(queries.BACKEND_GROUPS, {"since": None})
-        return backends.decode(await cur.fetchall(), {})
+        cur = await floor_conn.execute(queries.BACKEND_SAMPLE, {"since": None})
+        (row,) = await cur.fetchall()
+        return backends.decode(row, None)
 
     try:
         # The probe's query as the monitor sends it, asking detail for backends changed since
@@ -178,7 +179,7 @@ async def _probe_vs_floor(dsn: str, repeats: int, iterations: int, *, ask: int =
         since = {"since": backends.detail_since(await monitor.sample())}
 
         async def query_only() -> object:
-            cur = await floor_conn.execute(queries.BACKEND_GROUPS, since)
+            cur = await floor_conn.execute(queries.BACKEND_SAMPLE, since)
             return await cur.fetchall()
 
         timings = Timings()

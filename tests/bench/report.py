@@ -450,8 +450,8 @@ def _probe(p: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[str]:
         "## 3. Probe cost against its floor",
         "",
         "The operator's per-poll database call (`Monitor.sample()`: its one query over "
-        "`pg_stat_activity`, grouped counts and each group's pids with per-backend times only for "
-        "backends new or changed since its last sample, decoded into typed samples) against "
+        "`pg_stat_get_activity`: every client backend's pid, and the detail of only the backends "
+        "new or changed since its last sample, grouped by the monitor into typed samples) against "
         "`SELECT count(*) FROM pg_stat_activity` on a connection opened the same way, same "
         "server, interleaved call by call, "
         f"{p.get('iterations', 100)} calls of each per repeat. Client backends are idle "

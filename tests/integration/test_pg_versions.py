@@ -84,9 +84,10 @@ def test_the_server_is_the_major_under_test(pg: VersionServer) -> None:
 def test_every_probe_statement_runs_as_the_monitoring_role(pg: VersionServer) -> None:
     with psycopg.connect(pg.db.monitor_dsn, autocommit=True) as m:
         for since in (None, dt.datetime(2001, 9, 9, tzinfo=dt.UTC)):
-            row = m.execute(queries.BACKEND_GROUPS, {"since": since}).fetchone()
+            row = m.execute(queries.BACKEND_SAMPLE, {"since": since}).fetchone()
             assert row is not None
-            assert len(row) == 17
+            assert len(row) == 8
+        assert m.execute(queries.WARM_UP).fetchone() is not None
         assert m.execute(queries.COUNT_FLOOR).fetchone() is not None
         nothing = m.execute(queries.TERMINATE_IDLE, {"pids": [], "starts": [], "min_idle": 0.0})
         assert nothing.fetchall() == []

@@ -44,8 +44,12 @@ ANSWER_TIMEOUT_SECONDS = STATEMENT_TIMEOUT_MS / 1000 + 2.0
 T = TypeVar("T")
 # Given-up queries still finishing their cancellation (kept referenced until they end).
 _ABANDONED: set[asyncio.Future[Any]] = set()
-# Never let a server-wide idle_session_timeout close the monitoring connection.
-PROBE_OPTIONS = f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c idle_session_timeout=0"
+# Never let a server-wide idle_session_timeout close the monitoring connection; every digit of a
+# float8 (the sample's times travel as epoch seconds, some inside json), whatever the server's
+# extra_float_digits.
+PROBE_OPTIONS = (
+    f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c idle_session_timeout=0 -c extra_float_digits=3"
+)
 
 
 def _forget(task: asyncio.Future[Any]) -> None:
@@ -236,10 +240,11 @@ class Monitor:
         self._running: tuple[float, asyncio.Future[ServerSample]] | None = None
         self._latest: tuple[float, ServerSample] | None = None
         self._sampling: set[asyncio.Task[None]] = set()
-        # The last sample and its backends' times, for the next query to ask only what changed
-        # (forgotten with the connection: a new one may reach another server, a promoted replica).
+        # The last sample and its backends (groups, times), for the next query to ask only what
+        # changed (forgotten with the connection: a new one may reach another server, a promoted
+        # replica).
         self._detailed: ServerSample | None = None
-        self._held: dict[int, backends.Times] = {}
+        self._held: backends.Held | None = None
 
     @property
     def connected(self) -> bool:
@@ -271,7 +276,14 @@ class Monitor:
         self._conn.adapters.register_loader("json", LenientJsonLoader)
         for text_type in ("text", "name", "varchar"):
             self._conn.adapters.register_loader(text_type, LenientTextLoader)
-        self._detailed, self._held = None, {}
+        try:
+            await answer_within(_query(self._conn, queries.WARM_UP, None), ANSWER_TIMEOUT_SECONDS)
+        except (psycopg.Error, OSError, TimeoutError) as e:
+            await self._conn.close()
+            self._conn = None
+            self._fail(classify(e, self._dsn))
+            raise self._last_error from None  # type: ignore[misc]
+        self._detailed, self._held = None, None
         self._backoff = BACKOFF_FIRST_SECONDS
         self._last_error = None
         return self._conn
@@ -351,11 +363,11 @@ class Monitor:
         """One sample: per-backend detail only for what changed since the last one (see
         ``probe.backends``); every detail again when the last one is not what the server says."""
         since = backends.detail_since(self._detailed)
-        rows = await self._run_locked(queries.BACKEND_GROUPS, {"since": since})
-        decoded = backends.decode(rows, self._held)
+        (row,) = await self._run_locked(queries.BACKEND_SAMPLE, {"since": since})
+        decoded = backends.decode(row, self._held)
         if decoded is None:
-            rows = await self._run_locked(queries.BACKEND_GROUPS, {"since": None})
-            decoded = backends.decode(rows, {})
+            (row,) = await self._run_locked(queries.BACKEND_SAMPLE, {"since": None})
+            decoded = backends.decode(row, None)
             if decoded is None:  # every backend had its detail: cannot happen
                 raise ProbeError(ProbeFailure.PROBE_FAILED, "a backend came without its detail")
         self._detailed, self._held = decoded.sample, decoded.held
