@@ -21,7 +21,7 @@ from connbudget.policy import attribution, culprits, evidence
 from connbudget.policy.census import Census
 from connbudget.report.metrics import Metrics
 
-HISTORY_LENGTH = 64  # samples kept for the growth-rate forecast (it uses the last 30 s of them)
+HISTORY_LENGTH = 64  # samples kept for the growth-rate forecast, at most its last 30 s (judge)
 
 
 class KubeCalls(Protocol):

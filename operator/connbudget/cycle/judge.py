@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from connbudget.cycle.deps import MonitorLike, Runtime
 from connbudget.cycle.observe import Observation
 from connbudget.model.spec import BudgetSpec
-from connbudget.policy import attribution, culprits, evidence, hints, usage
+from connbudget.policy import attribution, culprits, evidence, forecast, hints, usage
 from connbudget.probe.errors import ProbeError
 
 log = logging.getLogger("connbudget.cycle")
@@ -58,6 +58,9 @@ async def judge(seen: Observation, spec: BudgetSpec, namespace: str, runtime: Ru
         owners=owners,
     )
     runtime.history.append((sample.sampled_at, use.server_total + runtime.removed))
+    # The forecast reads the last FORECAST_WINDOW_SECONDS: older samples are only memory.
+    while runtime.history[0][0] < sample.sampled_at - forecast.FORECAST_WINDOW_SECONDS:
+        runtime.history.popleft()
     owner_hints = hints.hints_of(
         hints.owner_facts(
             owners=owners, attributed=seen.governed_groups, shapes=shapes, budget=use.budget

@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Iterable
 from typing import Any
 
 import kopf
@@ -59,6 +60,10 @@ async def operator_startup(
 ) -> None:
     # Our own Events only: kopf would otherwise post every handler log line as an Event.
     settings.posting.level = logging.CRITICAL + 10
+    # Only event handlers (watches.py): nothing compares an object with its last-handled state,
+    # so kopf need not deep-copy every object at every event to build one (57 % of kopf's own
+    # time at 500 budgets, where each status write comes back as an event).
+    settings.persistence.diffbase_storage = NoDiffBase()
     # Idle watches die silently behind some load balancers: re-establish them regularly.
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -89,6 +94,17 @@ async def operator_startup(
     if CONFIG.metrics_port:
         prometheus_client.start_http_server(CONFIG.metrics_port, registry=metrics.registry)
         logger.info("metrics served", extra={"port": CONFIG.metrics_port})
+
+
+class NoDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf's diff-base storage, building no essence: right only while no change handler
+    (on.create, on.update, on.field, on.resume, on.delete) is registered; a test checks there
+    is none."""
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
+    ) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
 
 
 @kopf.on.cleanup()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -239,14 +240,21 @@ class Reconciler:
     # --- workers ------------------------------------------------------------------------------
 
     def _start_worker(self, key: Key) -> None:
-        self.workers[key] = asyncio.create_task(self._work(key), name=f"budget {key[0]}/{key[1]}")
+        # A context of its own: started from a kopf handler, the task would copy kopf's context
+        # and keep that event's cause, body, patch and logger alive as long as it runs (11 KB
+        # per budget, measured at 1,000 budgets).
+        self.workers[key] = asyncio.create_task(
+            self._work(key), name=f"budget {key[0]}/{key[1]}", context=contextvars.Context()
+        )
 
     async def _stop_worker(self, key: Key) -> None:
         await self._stop(self.workers, key)
 
     def _start_standby(self, key: Key) -> None:
         self.standby[key] = asyncio.create_task(
-            self._keep_connected(key), name=f"standby {key[0]}/{key[1]}"
+            self._keep_connected(key),
+            name=f"standby {key[0]}/{key[1]}",
+            context=contextvars.Context(),
         )
 
     async def _keep_connected(self, key: Key) -> None:

@@ -134,6 +134,11 @@ class Kube:
             LEASE_THREADS, thread_name_prefix="kube-lease"
         )
         self._secrets: dict[tuple[str, str, str], tuple[str, float]] = {}
+        # One read per Secret key at a time, awaited by every budget that needs it meanwhile (the
+        # budgets sharing a Secret find its cached value expired at the same slot), and how many
+        # times each was forgotten (a read begun before is not cached).
+        self._reading: dict[tuple[str, str, str], asyncio.Future[str]] = {}
+        self._forgotten: dict[tuple[str, str, str], int] = {}
         # (namespace, name, uid, type, reason, series) -> (Event name, count)
         self._event_series: dict[tuple[str, str, str, str, str, str], tuple[str, int]] = {}
         self.core = kubernetes.client.CoreV1Api(api)
@@ -217,16 +222,38 @@ class Kube:
         """
         key = (namespace, ref.name, ref.key)
         cached = self._secrets.get(key)
-        now = time.monotonic()
-        if cached is not None and now - cached[1] < SECRET_TTL_SECONDS:
+        if cached is not None and time.monotonic() - cached[1] < SECRET_TTL_SECONDS:
             return cached[0]
+        reading = self._reading.get(key)
+        if reading is None:
+            reading = asyncio.ensure_future(self._read_and_keep(key, namespace, ref))
+            self._reading[key] = reading
+
+            def done(f: asyncio.Future[str], key: tuple[str, str, str] = key) -> None:
+                if self._reading.get(key) is f:
+                    del self._reading[key]
+
+            reading.add_done_callback(done)
+        # Shielded: a budget whose pass is cancelled must not cancel the read the others await.
+        return await asyncio.shield(reading)
+
+    async def _read_and_keep(
+        self, key: tuple[str, str, str], namespace: str, ref: SecretRef
+    ) -> str:
+        forgotten = self._forgotten.get(key, 0)
+        started = time.monotonic()
         value = await self._read_secret_value(namespace, ref)
-        self._secrets[key] = (value, now)
+        if self._forgotten.get(key, 0) == forgotten:
+            self._secrets[key] = (value, started)
         return value
 
     def forget_secret(self, namespace: str, ref: SecretRef) -> None:
-        """Drop a cached Secret value, so the next read asks the API server."""
-        self._secrets.pop((namespace, ref.name, ref.key), None)
+        """Drop a cached Secret value, so the next read asks the API server (a read already under
+        way is neither cached nor handed to a later caller)."""
+        key = (namespace, ref.name, ref.key)
+        self._secrets.pop(key, None)
+        self._reading.pop(key, None)
+        self._forgotten[key] = self._forgotten.get(key, 0) + 1
 
     async def _read_secret_value(self, namespace: str, ref: SecretRef) -> str:
         try:
