@@ -174,3 +174,34 @@ def test_the_forecasts_history_keeps_only_what_it_reads() -> None:
     assert len(times) >= 2
     assert times[-1] == first.sampled_at + 55.0
     assert times[-1] - times[0] <= FORECAST_WINDOW_SECONDS
+
+
+def test_a_selector_is_matched_once_per_change_of_the_pods() -> None:
+    from connbudget.handlers.pod_cache import PodCache
+    from connbudget.model.spec import LabelRequirement, LabelSelector
+    from connbudget.policy.usage import is_governed
+    from unit.builders import pod
+    from unit.test_attribution import pod_body
+
+    cache = PodCache(None)  # type: ignore[arg-type]
+    web = LabelSelector(match_labels={"app": "web"})
+    not_web = LabelSelector(
+        match_expressions=(LabelRequirement(key="app", operator="NotIn", values=("web",)),)
+    )
+    for p in (pod("web-0", "10.0.0.1"), pod("api-0", "10.0.0.2", app="api")):
+        cache.on_event("ADDED", pod_body(p))
+    pods = cache.of("shop")
+
+    def scan(selector: LabelSelector) -> list[str]:
+        return sorted(p.name for p in pods if is_governed(p, selector, "shop"))
+
+    first = cache.governed("shop", web)
+    assert sorted(p.name for p in first) == scan(web) == ["web-0"]
+    assert [p.name for p in cache.governed("shop", not_web)] == scan(not_web) == ["api-0"]
+    # The same selector, another object: the same entry, not matched again.
+    assert cache.governed("shop", LabelSelector(match_labels={"app": "web"})) is first
+    assert cache.governed("staging", web) == ()
+    cache.on_event("ADDED", pod_body(pod("web-1", "10.0.0.3")))
+    assert sorted(p.name for p in cache.governed("shop", web)) == ["web-0", "web-1"]
+    cache.forget("shop", "web-0")
+    assert [p.name for p in cache.governed("shop", web)] == ["web-1"]

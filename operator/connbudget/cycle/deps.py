@@ -16,7 +16,13 @@ from typing import Any, Protocol
 from connbudget.kube.api import EvictionResult, Scale
 from connbudget.model.actions import IdleBackend
 from connbudget.model.observations import LastStatement, PodInfo, PoolerSample, ServerSample
-from connbudget.model.spec import AttributionMode, BudgetSpec, ObjectRef, SecretRef
+from connbudget.model.spec import (
+    AttributionMode,
+    BudgetSpec,
+    LabelSelector,
+    ObjectRef,
+    SecretRef,
+)
 from connbudget.policy import attribution, culprits, evidence
 from connbudget.policy.census import Census
 from connbudget.report.metrics import Metrics
@@ -91,6 +97,9 @@ class Deps:
     # Every pod the operator sees, by address, and a namespace's by name (None: only the pods of
     # the budget's namespace, from ``pods``).
     pod_index: Callable[[str], attribution.PodIndex] | None = None
+    # The pods of a namespace a selector matches, kept until the pods change (None: each pass
+    # matches the selector against every pod of the namespace, from ``pods``).
+    governed: Callable[[str, LabelSelector], Sequence[PodInfo]] | None = None
     # Drops a pod the API server says is gone from the watch cache (None: nothing to drop).
     forget_pod: Callable[[str, str], None] | None = None
     # Attributes and counts a sample against a pod index, shared by the budgets that ask for the

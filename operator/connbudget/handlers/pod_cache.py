@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 from connbudget.kube.api import Kube
 from connbudget.kube.pods import pod_info_from_body
 from connbudget.model.observations import PodInfo
+from connbudget.model.spec import LabelSelector
 from connbudget.policy.attribution import PodIndex
+from connbudget.policy.usage import is_governed
 
 log = logging.getLogger("connbudget.pods")
+GOVERNED_CACHE_SIZE = 10_000  # selectors kept (one per budget, about)
 
 
 class PodCache:
@@ -33,6 +36,9 @@ class PodCache:
         self._version = 0
         self._by_ip: tuple[int, dict[str, list[PodInfo]]] = (-1, {})
         self._indexes: dict[str, tuple[int, PodIndex]] = {}
+        # (namespace, selector key) -> (version, the pods it matches): budgets pass every poll
+        # and the pods rarely change, so a selector is matched once per change of the pods.
+        self._governed: dict[tuple[str, Hashable], tuple[int, tuple[PodInfo, ...]]] = {}
 
     def on_event(self, event: str | None, body: Mapping[str, Any]) -> None:
         """A pod as the watch delivered it (``DELETED``, or anything else: added or changed)."""
@@ -53,6 +59,20 @@ class PodCache:
             pods.pop(uid)
             self._seen_at.pop(uid, None)
             self._version += 1
+
+    def governed(self, namespace: str, selector: LabelSelector) -> tuple[PodInfo, ...]:
+        """The pods of ``namespace`` that ``selector`` matches (``policy.usage.is_governed``)."""
+        key = (namespace, selector.key())
+        cached = self._governed.get(key)
+        if cached is not None and cached[0] == self._version:
+            return cached[1]
+        if cached is None and len(self._governed) >= GOVERNED_CACHE_SIZE:
+            self._governed.clear()  # selectors of budgets long gone: start again
+        pods = tuple(
+            p for p in self.pods.get(namespace, {}).values() if is_governed(p, selector, namespace)
+        )
+        self._governed[key] = (self._version, pods)
+        return pods
 
     def of(self, namespace: str) -> list[PodInfo]:
         """The pods of ``namespace``."""

@@ -90,6 +90,7 @@ class Reconciler:
         self._api_errors: dict[Key, str] = {}  # the last API error said, per budget
         self.budgets: dict[Key, Budget] = {}
         self.status = StatusWriter(kube, self.budgets, monotonic=monotonic)
+        self._made_deps: dict[Key, tuple[BudgetRef, cycle.Deps]] = {}
         self.runtimes: dict[Key, cycle.Runtime] = {}
         # A sample shared by budgets is attributed and counted once for those of one namespace.
         self.censuses = cycle.Censuses()
@@ -173,6 +174,7 @@ class Reconciler:
     def _forget(self, key: Key) -> None:
         self.status.forget(key)
         self.runtimes.pop(key, None)
+        self._made_deps.pop(key, None)
 
     # --- leadership ---------------------------------------------------------------------------
 
@@ -285,6 +287,14 @@ class Reconciler:
         await _cancel_bounded(tasks.pop(key, None))
 
     def _deps(self, ref: BudgetRef) -> cycle.Deps:
+        """A budget's dependencies, made once per budget (and again if it was made anew)."""
+        key = (ref.namespace, ref.name)
+        made = self._made_deps.get(key)
+        if made is None or made[0] != ref:
+            made = self._made_deps[key] = (ref, self._make_deps(ref))
+        return made[1]
+
+    def _make_deps(self, ref: BudgetRef) -> cycle.Deps:
         async def post_event(type_: str, reason: str, message: str, series: str | None) -> None:
             try:
                 await self.kube.post_event(
@@ -316,6 +326,7 @@ class Reconciler:
             now=time.time,
             write_status=write_status,
             pod_index=self.pods.index,
+            governed=self.pods.governed,
             forget_pod=self.pods.forget,
             may_act=lambda: self._may_act((ref.namespace, ref.name)),
             census=self.censuses.take,

@@ -77,6 +77,10 @@ class LabelSelector:
     match_labels: Mapping[str, str] = field(default_factory=dict)
     match_expressions: tuple[LabelRequirement, ...] = ()
 
+    def key(self) -> tuple[tuple[tuple[str, str], ...], tuple[LabelRequirement, ...]]:
+        """A hashable value equal for selectors that select the same (a cache key)."""
+        return tuple(sorted(self.match_labels.items())), self.match_expressions
+
     def matches(self, labels: Mapping[str, str]) -> bool:
         """Tell whether ``labels`` satisfy every label and every requirement of this selector."""
         if any(labels.get(k) != v for k, v in self.match_labels.items()):
