@@ -205,3 +205,46 @@ def test_a_selector_is_matched_once_per_change_of_the_pods() -> None:
     assert sorted(p.name for p in cache.governed("shop", web)) == ["web-0", "web-1"]
     cache.forget("shop", "web-0")
     assert [p.name for p in cache.governed("shop", web)] == ["web-1"]
+
+
+def test_a_budgets_series_are_kept_set_and_dropped_with_it() -> None:
+    from prometheus_client import generate_latest
+
+    from connbudget.policy.usage import Usage
+    from connbudget.report.metrics import Metrics
+
+    def usage(connections: int, by_state: dict[str, int]) -> Usage:
+        return Usage(
+            connections=connections,
+            budget=80,
+            warning_line=64,
+            server_max_connections=100,
+            reserved=3,
+            server_total=connections,
+            leaked=0,
+            unattributed=0,
+            by_owner=(),
+            by_state=by_state,
+        )
+
+    metrics = Metrics()
+
+    def lines() -> set[str]:
+        text = generate_latest(metrics.registry).decode()
+        return {ln for ln in text.splitlines() if 'budget="web"' in ln and "_created" not in ln}
+
+    metrics.record_usage("shop", "web", usage(10, {"idle": 7, "active": 3}), None)
+    metrics.record_probe("shop", "web", 0.01)
+    metrics.record_usage("shop", "web", usage(12, {"idle": 12}), 30.0)
+    got = lines()
+    assert 'connbudget_connections{budget="web",namespace="shop",state="idle"} 12.0' in got
+    assert 'connbudget_connections{budget="web",namespace="shop",state="active"} 0.0' in got
+    assert 'connbudget_usage_ratio{budget="web",namespace="shop"} 0.15' in got
+    assert 'connbudget_seconds_to_full{budget="web",namespace="shop"} 30.0' in got
+    assert 'connbudget_probe_duration_seconds_count{budget="web",namespace="shop"} 1.0' in got
+    metrics.forget("shop", "web")
+    assert lines() == set()
+    metrics.record_usage("shop", "web", usage(5, {"idle": 5}), None)  # made again
+    got = lines()
+    assert 'connbudget_budget_connections{budget="web",namespace="shop"} 80.0' in got
+    assert 'connbudget_connections{budget="web",namespace="shop",state="idle"} 5.0' in got

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
@@ -109,6 +110,7 @@ class Metrics:
             registry=r,
         )
         self._states: dict[tuple[str, str], set[str]] = {}
+        self._budget_series: dict[tuple[str, str], _BudgetSeries] = {}
         self._actions: dict[tuple[str, str], set[tuple[str, str]]] = {}
         self._reasons: dict[tuple[str, str], set[str]] = {}
         self._owners: dict[tuple[str, str], set[str]] = {}
@@ -128,22 +130,40 @@ class Metrics:
         seconds_to_full: float | None,
     ) -> None:
         key = (namespace, budget)
+        series = self._series(namespace, budget)
         by_state = usage.by_state
-        for state in self._states.get(key, set()) - set(by_state):
-            self.connections.labels(namespace, budget, state).set(0)
+        states = series.states
+        for state in set(states) - set(by_state):
+            states[state].set(0)
         for state, n in by_state.items():
-            self.connections.labels(namespace, budget, state).set(n)
-        self._states.setdefault(key, set()).update(by_state)
-        self.budget.labels(namespace, budget).set(usage.budget)
-        self.usage_ratio.labels(namespace, budget).set(
-            usage.connections / usage.budget if usage.budget else 0.0
-        )
-        self.leaked.labels(namespace, budget).set(usage.leaked)
-        self.unattributed.labels(namespace, budget).set(usage.unattributed)
-        self.server_max.labels(namespace, budget).set(usage.server_max_connections)
-        self.seconds_to_full.labels(namespace, budget).set(
-            float("nan") if seconds_to_full is None else seconds_to_full
-        )
+            child = states.get(state)
+            if child is None:
+                child = states[state] = self.connections.labels(namespace, budget, state)
+                self._states.setdefault(key, set()).add(state)
+            child.set(n)
+        series.budget.set(usage.budget)
+        series.usage_ratio.set(usage.connections / usage.budget if usage.budget else 0.0)
+        series.leaked.set(usage.leaked)
+        series.unattributed.set(usage.unattributed)
+        series.server_max.set(usage.server_max_connections)
+        series.seconds_to_full.set(float("nan") if seconds_to_full is None else seconds_to_full)
+
+    def _series(self, namespace: str, budget: str) -> _BudgetSeries:
+        """A budget's own series, looked up once (``labels()`` takes a lock and builds a key at
+        every call; a budget sets these at every poll)."""
+        key = (namespace, budget)
+        series = self._budget_series.get(key)
+        if series is None:
+            series = self._budget_series[key] = _BudgetSeries(
+                budget=self.budget.labels(namespace, budget),
+                usage_ratio=self.usage_ratio.labels(namespace, budget),
+                leaked=self.leaked.labels(namespace, budget),
+                unattributed=self.unattributed.labels(namespace, budget),
+                server_max=self.server_max.labels(namespace, budget),
+                seconds_to_full=self.seconds_to_full.labels(namespace, budget),
+                probe_duration=self.probe_duration.labels(namespace, budget),
+            )
+        return series
 
     def record_owners(
         self,
@@ -183,7 +203,7 @@ class Metrics:
         self.terminated.labels(namespace, budget).inc(n)
 
     def record_probe(self, namespace: str, budget: str, seconds: float) -> None:
-        self.probe_duration.labels(namespace, budget).observe(seconds)
+        self._series(namespace, budget).probe_duration.observe(seconds)
 
     def record_probe_error(self, namespace: str, budget: str, reason: str) -> None:
         self._reasons.setdefault((namespace, budget), set()).add(reason)
@@ -198,6 +218,7 @@ class Metrics:
     def forget(self, namespace: str, budget: str) -> None:
         """Drop every series of a deleted budget."""
         key = (namespace, budget)
+        self._budget_series.pop(key, None)
         for state in self._states.pop(key, set()):
             self.connections.remove(namespace, budget, state)
         for action, result in self._actions.pop(key, set()):
@@ -221,6 +242,20 @@ class Metrics:
         ):
             with contextlib.suppress(KeyError):
                 g.remove(namespace, budget)
+
+
+@dataclass
+class _BudgetSeries:
+    """The children of one budget's series, as ``labels()`` returned them."""
+
+    budget: Gauge
+    usage_ratio: Gauge
+    leaked: Gauge
+    unattributed: Gauge
+    server_max: Gauge
+    seconds_to_full: Gauge
+    probe_duration: Histogram
+    states: dict[str, Gauge] = field(default_factory=dict)  # connbudget_connections{state}
 
 
 class _Throttled(Collector):
