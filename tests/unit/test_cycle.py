@@ -17,6 +17,7 @@ from connbudget.kube.api import EvictionResult, Scale, SecretProblem
 from connbudget.model.actions import IdleBackend
 from connbudget.model.observations import LastStatement, PodInfo, PoolerSample, ServerSample
 from connbudget.model.spec import ObjectRef, SecretRef, parse_spec
+from connbudget.policy.usage import is_governed
 from connbudget.probe.errors import ProbeError, ProbeFailure
 from connbudget.report.metrics import Metrics
 from connbudget.report.status import parse_time as status_time
@@ -130,6 +131,8 @@ def make_deps(
         bind_monitor=bind,
         sample_poolers=poolers,
         pods=lambda ns: list(pods),
+        # As the reconciler passes it (its pod cache matches a selector once per change).
+        governed=lambda ns, selector: [p for p in pods if is_governed(p, selector, ns)],
         post_event=post,
         metrics=Metrics(),
         now=lambda: now,

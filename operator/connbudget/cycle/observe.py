@@ -110,10 +110,10 @@ async def observe(
         )
     deps.metrics.record_probe(namespace, name, time.perf_counter() - started)
 
+    all_pods = deps.pods(namespace)
     if deps.governed is not None:
         governed = tuple(deps.governed(namespace, spec.selector))
     else:
-        all_pods = deps.pods(namespace)
         governed = tuple(p for p in all_pods if usage.is_governed(p, spec.selector, namespace))
     blockers: list[Problem] = []
     if not governed and await _pods_not_yet_watched(deps, namespace, spec.selector.to_query()):
