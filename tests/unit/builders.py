@@ -133,8 +133,10 @@ def leaking(
     in_transaction: dict[str, int] | None = None,
     after: float = 3.0,
     rate: float = 5.0,
+    sustained: bool = True,
 ) -> OwnerEvidence:
-    """The evidence of a leaking owner, its abandoned connections per pod."""
+    """The evidence of a leaking owner, its abandoned connections per pod (``sustained``: on
+    the evidence a calm budget asks for, else named under pressure only)."""
     by_pod = dict(abandoned or {})
     for name, n in (in_transaction or {}).items():
         by_pod[name] = by_pod.get(name, 0) + n
@@ -151,6 +153,7 @@ def leaking(
         connections=sum(by_pod.values()),
         abandoned_by_pod=by_pod,
         in_transaction_by_pod=dict(in_transaction or {}),
+        sustained=sustained,
     )
 
 
@@ -204,4 +207,5 @@ def run(
         owners=judged,
         termination_possible=termination_possible,
         blocked=blocked,
+        sampled_at=smp.sampled_at,
     )

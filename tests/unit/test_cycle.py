@@ -14,7 +14,7 @@ from prometheus_client import generate_latest
 
 from connbudget import cycle
 from connbudget.kube.api import EvictionResult, Scale, SecretProblem
-from connbudget.model.actions import IdleBackend
+from connbudget.model.actions import IdleBackend, Termination
 from connbudget.model.observations import LastStatement, PodInfo, PoolerSample, ServerSample
 from connbudget.model.spec import ObjectRef, SecretRef, parse_spec
 from connbudget.policy.usage import is_governed
@@ -86,6 +86,7 @@ class FakeMonitor:
     def __init__(self, result: ServerSample | ProbeError, query: str = "SELECT 1") -> None:
         self.result = result
         self.terminated: list[int] = []
+        self.not_permitted: set[int] = set()  # pids the monitoring role may not signal
         self.query = query  # what every backend last ran
         self.asked: list[int] = []
         self.not_before: list[float | None] = []  # what each sample() was asked for
@@ -96,12 +97,14 @@ class FakeMonitor:
             raise self.result
         return self.result
 
-    async def terminate(
-        self, backends: Iterable[IdleBackend], *, min_idle_seconds: float
-    ) -> list[int]:
+    async def terminate(self, backends: Iterable[IdleBackend]) -> Termination:
         pids = [b.pid for b in backends]
-        self.terminated += pids
-        return pids
+        ended = [p for p in pids if p not in self.not_permitted]
+        self.terminated += ended
+        return Termination(
+            terminated=tuple(ended),
+            not_permitted=tuple(p for p in pids if p in self.not_permitted),
+        )
 
     async def statements(self, backends: Iterable[tuple[int, float]]) -> list[LastStatement]:
         chosen = list(backends)
@@ -220,8 +223,9 @@ def test_a_breach_terminates_and_evicts_and_reports_it() -> None:
     kube, monitor = FakeKube(), FakeMonitor(leaking())
     deps, events = make_deps(kube, monitor, [WEB1, WEB2])
     out = run_cycle(deps, old_status=OVER_STATUS)
-    # web-2's idle leaked connections are terminated; web-1's are not, it is being evicted.
-    assert len(monitor.terminated) == 30
+    # web-2's idle leaked connections are terminated, as many as the budget needs (90 counted,
+    # the warning line at 64); web-1's are not, it is being evicted.
+    assert len(monitor.terminated) == 90 - 64 + 1
     assert kube.calls == [("evict", "web-1")]
     assert out["remediation"]["restartCause"] == "IdleInTransaction"
     web = next(o for o in out["usage"]["byOwner"] if o["owner"] == "Deployment/web")
@@ -433,9 +437,7 @@ def test_budgets_created_apart_probe_at_the_same_slots_and_share_them() -> None:
 
 def test_a_role_without_pg_signal_backend_is_permission_denied() -> None:
     class Refusing(FakeMonitor):
-        async def terminate(
-            self, backends: Iterable[IdleBackend], *, min_idle_seconds: float
-        ) -> list[int]:
+        async def terminate(self, backends: Iterable[IdleBackend]) -> Termination:
             raise ProbeError(
                 ProbeFailure.PERMISSION_DENIED,
                 "permission denied (grant pg_signal_backend to the monitoring role)",
@@ -470,8 +472,9 @@ def test_a_pooler_target_without_scale_is_a_condition_and_no_action() -> None:
     out = run_cycle(deps, spec=spec, old_status=OVER_STATUS)
     ready = next(c for c in out["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "PoolerTargetInvalid")
-    assert kube.calls == []
-    assert monitor.terminated == []
+    # The pooler's part waits; a direct leak is still held.
+    assert not [c for c in kube.calls if c[0] == "scale"]
+    assert monitor.terminated
     assert "ProbeFailed" in {r for _, r, _ in events}
 
 
@@ -519,12 +522,14 @@ def test_what_the_operator_terminates_is_counted_back_into_the_forecast() -> Non
     runtime = cycle.Runtime()
     spec = {**SPEC, "remediation": {**SPEC["remediation"], "steps": ["TerminateIdle"]}}
     run_cycle(deps, spec=spec, runtime=runtime)
-    assert len(monitor.terminated) == 60  # the idle leaked ones; not those in a transaction
-    assert runtime.removed == 60
+    # Idle leaked ones (not those in a transaction), as many as the budget needs: 90 counted,
+    # the warning line at 64.
+    assert len(monitor.terminated) == 27
+    assert runtime.removed == 27
     assert runtime.history[-1][1] == 90  # the sample it was decided on: nothing removed yet
     runtime.last_probe_at = None
     run_cycle(deps, spec=spec, runtime=runtime)
-    assert runtime.history[-1][1] == 90 + 60
+    assert runtime.history[-1][1] == 90 + 27
     assert runtime.next_poll_seconds == 1  # a leak: polled every second
 
 

@@ -58,7 +58,7 @@ def play(
     conns: list[Conn], *, until: float, every: float = 1.0, ev: Evidence | None = None
 ) -> Iterator[tuple[float, Judged]]:
     """Poll the connections every ``every`` seconds from T0 to ``until``; yield each judgement."""
-    ev = ev or Evidence()
+    ev = Evidence() if ev is None else ev
     t = T0
     while t <= until:
         seen = [s for c in conns if (s := c.seen_at(t)) is not None]
@@ -120,10 +120,10 @@ def test_a_pool_learns_its_gaps_and_is_never_terminable_within_them() -> None:
 
 
 def test_an_owner_that_pauses_between_two_queries_is_abandoned_only_after_the_pause() -> None:
-    conns = leak(5.0, seconds=40)
+    conns = leak(5.0, seconds=50)
     for c in conns:
         c.uses.append(c.uses[0] + 2.0)  # every request: a query, 2 s idle, a second query
-    got = last(play(conns, until=T0 + 30))["Deployment/web"]
+    got = last(play(conns, until=T0 + 40))["Deployment/web"]
     assert got.cls is OwnerClass.LEAKING
     assert got.max_gap is not None
     assert got.abandon_after >= ABANDON_GAP_FACTOR * 2.0
@@ -163,10 +163,10 @@ def test_old_connections_seen_at_start_are_not_a_sustained_leak() -> None:
 
 
 def test_idle_in_transaction_leaks_are_counted_apart() -> None:
-    conns = leak(3.0, seconds=30)
+    conns = leak(3.0, seconds=40)
     for c in conns:
         c.state_at_rest = "idle in transaction"
-    got = last(play(conns, until=T0 + 25))["Deployment/web"]
+    got = last(play(conns, until=T0 + 35))["Deployment/web"]
     assert got.cls is OwnerClass.LEAKING
     assert got.abandoned_in_transaction == got.abandoned > 0
 

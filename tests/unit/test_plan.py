@@ -113,11 +113,48 @@ def run_usage(server_total: int) -> usage.Usage:
     )
 
 
-def test_leaked_backends_are_terminated_whatever_the_budget_says() -> None:
+def test_no_connection_is_terminated_for_its_idle_age_alone_without_pressure() -> None:
+    # Measured before: a non-leaking owner's connection idle beyond leakDetection.idleSeconds
+    # was terminated even at 2 of 80 connections (an always-on idle timeout).
     d = run(spec(), [WEB1], [idle_group(WEB1, [400.0, 350.0, 5.0])])
     assert d.level is Level.WITHIN
-    assert terminated(d) == [("web-1", 400.0), ("web-1", 350.0)]
+    assert terminated(d) == []
     assert d.memory.episode_since is None
+
+
+def test_a_breach_acted_on_terminates_only_what_the_budget_needs() -> None:
+    # 90 connections, warning line 64: 27 must go; 40 of a workload not judged are idle 400 s.
+    groups = [idle_group(WEB1, [400.0 + i for i in range(40)]), active_group(WEB2, 50)]
+    d = run(spec(), [WEB1, WEB2], groups, memory=OVER)
+    assert d.level is Level.OVER
+    got = terminated(d)
+    assert len(got) == 90 - 64 + 1
+    assert [i for _, i in got] == sorted((400.0 + i for i in range(40)), reverse=True)[:27]
+
+
+def test_a_pools_connection_is_never_taken_while_a_leaks_remains() -> None:
+    pool = pod("pool-1", "10.0.0.5", owner="pool")
+    owners = [
+        leaking(abandoned={"web-1": 5}, sustained=False),
+        pooling("Deployment/pool", max_gap=30.0),
+    ]
+
+    def breach(busy: int) -> list[tuple[str, float]]:
+        groups = [idle_group(WEB1, [10.0] * 5), idle_group(pool, [900.0] * 10)]
+        groups.append(active_group(WEB2, busy))
+        return terminated(run(spec(), [WEB1, WEB2, pool], groups, memory=OVER, owners=owners))
+
+    # 3 must go (66 connections, warning line 64): the leak's, though idle far shorter.
+    assert breach(51) == [("web-1", 10.0)] * 3
+    # 32 must go, 15 can: the leak's first, then the pool's.
+    assert breach(80) == [("web-1", 10.0)] * 5 + [("pool-1", 900.0)] * 10
+
+
+def test_a_leak_named_under_pressure_only_is_not_terminated_once_calm() -> None:
+    ev = leaking(abandoned={"web-1": 3}, sustained=False)
+    d = run(spec(), [WEB1], [idle_group(WEB1, [8.0, 5.0, 4.0])], owners=[ev])
+    assert d.level is Level.WITHIN
+    assert terminated(d) == []  # calm: only a sustained leak is ended at its own pace
 
 
 def test_active_and_idle_in_transaction_backends_are_never_terminated() -> None:
@@ -133,9 +170,19 @@ def test_a_pools_connections_are_never_terminated_within_its_reuse_gaps() -> Non
     owners = [leaking(abandoned={"web-1": 80}), pooling("Deployment/pool", max_gap=90.0)]
     d = run(spec(), [WEB1, pool], groups, memory=OVER, owners=owners)
     assert {p for p, _ in terminated(d)} == {"web-1"}
-    # Only once idle beyond idleSeconds and three times its longest gap (270 s).
-    old = run(spec(), [pool], [idle_group(pool, [269.0, 301.0])], owners=owners[1:])
+    # Only once idle beyond idleSeconds and three times its longest gap (270 s), and only in a
+    # breach acted on.
+    busy = active_group(WEB2, 85)
+    old = run(
+        spec(),
+        [pool, WEB2],
+        [idle_group(pool, [269.0, 301.0]), busy],
+        owners=owners[1:],
+        memory=OVER,
+    )
     assert terminated(old) == [("pool-1", 301.0)]
+    calm = run(spec(), [pool], [idle_group(pool, [269.0, 301.0])], owners=owners[1:])
+    assert terminated(calm) == []
 
 
 def test_pods_outside_the_selector_are_never_touched() -> None:

@@ -34,17 +34,26 @@ async def judge(seen: Observation, spec: BudgetSpec, namespace: str, runtime: Ru
     """Follow the governed backends one more poll, classify their owners, count the budget."""
     sample = seen.sample
     floor = float(spec.remediation.terminate_idle.min_idle_seconds)
+    governed = [p.name for p in seen.governed]
     runtime.evidence.observe(
         at=sample.sampled_at,
         seen=evidence.seen_backends(
             attributed=seen.governed_groups,
             sampled_at=sample.sampled_at,
-            governed=frozenset(p.name for p in seen.governed),
+            governed=frozenset(governed),
         ),
         floor=floor,
     )
+    # Under pressure a leak is named on less evidence (waiting would let it fill the server).
+    pressure = usage.under_pressure(
+        spec=spec,
+        sample=sample,
+        census=seen.census,
+        governed=governed,
+        history=runtime.history,
+    )
     owners = runtime.evidence.judge(
-        at=sample.sampled_at, floor=floor, idle_seconds=spec.leak_idle_seconds
+        at=sample.sampled_at, floor=floor, idle_seconds=spec.leak_idle_seconds, pressure=pressure
     )
     shapes = await _where_leaks(seen.monitor, runtime, owners, seen.index, at=sample.sampled_at)
     use = usage.compute_usage(
@@ -52,7 +61,7 @@ async def judge(seen: Observation, spec: BudgetSpec, namespace: str, runtime: Ru
         namespace=namespace,
         sample=sample,
         census=seen.census,
-        governed=[p.name for p in seen.governed],
+        governed=governed,
         pooled=seen.pooler_clients,
         pods=seen.index.by_name,
         owners=owners,

@@ -98,7 +98,9 @@ async def observe(
     except ProbeError as e:
         deps.metrics.record_probe_error(namespace, name, e.failure.value)
         runtime.history.clear()  # a gap in the samples: the old rate says nothing now
-        runtime.evidence.clear()  # nor does a backend seen before the gap
+        # Nor does a backend seen before the gap; what the owners taught (their reuse gaps)
+        # still holds: a pool that reconnects after an outage is the same pool.
+        runtime.evidence.forget_backends()
         runtime.culprits.clear()
         if e.failure in (ProbeFailure.AUTHENTICATION_FAILED, ProbeFailure.DSN_INVALID):
             # The Secret may be fixed any moment: read it again at the next poll.

@@ -69,6 +69,9 @@ async def run_cycle(
         return None
     if isinstance(seen, Problem):
         return await reporting.degraded(runtime, deps, old_status, generation, now, seen)
+    if not runtime.evidence_seeded:
+        runtime.evidence.seed(status.reuse_gaps_from_status(old_status), at=seen.sample.sampled_at)
+        runtime.evidence_seeded = True
     judged = await judge(seen, spec, namespace, runtime)
     remembered = status.memory_from_status(old_status)
     paused = is_paused(annotations)
@@ -125,7 +128,9 @@ def _decide(
     paused: bool,
 ) -> plan.Decision:
     """The pure decision, from what was observed and judged and what the status remembers."""
-    blockers = seen.blockers
+    # A pooler's problem stops the pooler's part only: a direct leak is still held.
+    pooler_problem = seen.pooler.problem
+    blockers = tuple(p for p in seen.blockers if p is not pooler_problem)
     return plan.decide(
         spec=spec,
         namespace=namespace,
@@ -143,6 +148,8 @@ def _decide(
         blocked="; ".join(p.message for p in blockers) if blockers else None,
         termination_possible=not runtime.termination_denied,
         pooler_owner=seen.pooler.owner,
+        pooler_blocked=pooler_problem.message if pooler_problem is not None else None,
+        sampled_at=seen.sample.sampled_at,
     )
 
 

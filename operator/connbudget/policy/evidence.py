@@ -12,12 +12,26 @@ the server (it must wait out the pool's gaps). Following each backend by identit
 ``backend_start``) and watching its ``state_change`` move tells them apart:
 
 - a backend *used again* shows the gap it sat idle before reuse; the longest gap an owner's
-  connections show is how long that owner may leave a connection idle and still want it;
+  connections show is how long that owner may leave a connection idle and still want it (kept
+  across a failed probe, and seeded from the status after an operator restart or a change of
+  leader: a pool that reconnects after an outage is the same pool);
 - a backend idle longer than that (and than a floor the spec sets) is *abandoned*;
-- an owner whose abandoned connections keep arriving (at least ``LEAK_MIN_CONNECTIONS`` opened over
-  at least ``LEAK_MIN_SPAN_SECONDS`` within ``LEAK_WINDOW_SECONDS``) is *leaking*, at the rate they
-  arrive; an owner whose connections are reused and not abandoned is *pooling*; any other is
-  *steady* (not enough evidence either way).
+- a connection opened while its own pod already held an abandoned one, and abandoned itself, is
+  an *arrival*: the one thing a pool does not do and a leak always does. A pool lends an idle
+  connection before it opens another, so the connections it opens in a warm-up burst, a reconnect
+  storm after an outage or a failover, a rollout's new pods, or its spare idle connections
+  (psycopg_pool ``min_size``, HikariCP ``minimumIdle``, node-postgres after a burst) are none;
+  a leak opens a new connection while its old ones sit unused, again and again, and its count
+  keeps growing (or keeps being replaced after terminations);
+- an owner whose arrivals keep coming is *leaking*, at the rate its abandoned connections are
+  opened: at least ``LEAK_MIN_CONNECTIONS`` arrivals, spread over ``SUSTAINED_SPAN_SECONDS``
+  while the budget is calm (a proven, sustained leak: it may be terminated without pressure), or
+  over ``LEAK_MIN_SPAN_SECONDS`` under pressure (usage at the warning line, or the server filling:
+  waiting would let the leak fill it). Once leaking, an owner stays leaking while abandoned
+  connections keep being opened within ``LEAK_WINDOW_SECONDS`` (its terminated connections are
+  replaced by new abandoned ones: a leak held by terminations shows few arrivals). An owner whose
+  connections are reused and not leaking is *pooling*; any other is *steady* (not enough
+  evidence either way).
 
 What it accepts: a gap is measured as the distance between two ``state_change`` times, so it
 includes the next query's run time (an over-estimate, which errs on the side of the pool); a gap
@@ -26,6 +40,7 @@ shorter than a poll is seen as one longer gap; a backend that lived less than a 
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,9 +54,12 @@ LEAK_WINDOW_SECONDS = 60.0
 # Fewer abandoned connections than this in the window is no sustained leak: a worker or two that
 # opened a connection and went quiet is not a leak.
 LEAK_MIN_CONNECTIONS = 5
-# ... and they must have been opened over at least this long: a pool opens its connections in a
-# burst when it starts (psycopg_pool's min_size, SQLAlchemy's pool warming), a leak keeps opening.
+# ... and arrive over at least this long under pressure: the moments a poll sees are not the
+# moments connections open.
 LEAK_MIN_SPAN_SECONDS = 1.0
+# ... and over at least this long while the budget is calm: only a sustained leak is acted on
+# without pressure (a worker or a pool's sub-pools, warming up one by one, stop arriving).
+SUSTAINED_SPAN_SECONDS = 20.0
 # Reuse gaps are remembered this long: a pool's longest gap (a quiet worker) may be minutes.
 GAP_MEMORY_SECONDS = 900.0
 # An owner's connection is abandoned once idle this many times its longest reuse gap, plus the
@@ -92,12 +110,27 @@ class _Track:
     last_seen: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Ended:
+    """A backend no longer seen that was idle (in a waiting state) at least the floor when last
+    seen: it may have been abandoned, and still counts as the leak's output within the window."""
+
+    ended_at: float  # the poll that no longer saw it
+    start: float  # backend_start
+    pod: str
+    state: str
+    changed_at: float
+    last_seen: float
+
+
 @dataclass
 class _OwnerLog:
     gaps: deque[tuple[float, float]] = field(default_factory=deque)  # (seen at, gap seconds)
-    # (ended at, backend_start, pod) of abandoned backends that have ended (terminated, or
-    # closed at last): they still count as the leak's output within the window.
-    ended: deque[tuple[float, float, str]] = field(default_factory=deque)
+    ended: deque[_Ended] = field(default_factory=deque)
+    # A prior for the longest gap (from the status, after a restart or a change of leader), and
+    # until when it holds: the gaps the owner showed before are still how it behaves.
+    prior_gap: float | None = None
+    prior_until: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,6 +147,11 @@ class OwnerEvidence:
     max_gap: float | None  # the longest reuse gap seen (None: no reuse seen)
     reuses: int  # reuses seen within the gap memory
     connections: int  # its backends open now (of governed pods)
+    # connections opened in the window while their pod held an abandoned one (see _arrivals)
+    arrivals: int = 0
+    # leaking on the evidence a calm budget asks for (a proven, sustained leak): its abandoned
+    # connections are terminated without pressure
+    sustained: bool = False
     suspect: bool = False  # many fresh connections used once so far: watch it closely
     abandoned_by_pod: Mapping[str, int] = field(default_factory=dict)
     in_transaction_by_pod: Mapping[str, int] = field(default_factory=dict)
@@ -168,20 +206,46 @@ class Evidence:
     def __init__(self) -> None:
         self._tracks: dict[tuple[int, float], _Track] = {}
         self._owners: dict[str, _OwnerLog] = {}
+        self._leaking: set[str] = set()  # owners judged leaking at the last judgement
+        self._sustained: set[str] = set()  # ... of them, on the evidence of a calm budget
 
     def __len__(self) -> int:
         return len(self._tracks)
 
     def clear(self) -> None:
+        """Forget everything (the budget's spec or database changed)."""
         self._tracks.clear()
         self._owners.clear()
+        self._leaking.clear()
+        self._sustained.clear()
+
+    def forget_backends(self) -> None:
+        """Forget the backends followed and what ended, not what the owners taught: after a gap
+        in the samples (a failed probe, a restart of the server) a backend seen before says
+        nothing, but a pool that reconnects is the same pool, with the same reuse gaps."""
+        self._tracks.clear()
+        self._leaking.clear()
+        self._sustained.clear()
+        for log in self._owners.values():
+            log.ended.clear()
+
+    def seed(self, priors: Mapping[str, float], *, at: float) -> None:
+        """Take each owner's longest reuse gap as the status kept it (``priors``: owner to
+        seconds), for ``GAP_MEMORY_SECONDS`` from ``at``: an operator restart or a new leader
+        does not make a pool's reconnect burst or its idle gaps look like a leak."""
+        for owner, gap in priors.items():
+            log = self._owners.setdefault(owner, _OwnerLog())
+            if log.prior_gap is None or gap > log.prior_gap:
+                log.prior_gap = gap
+            log.prior_until = at + GAP_MEMORY_SECONDS
 
     def observe(self, *, at: float, seen: Iterable[Seen], floor: float) -> None:
         """Take one poll's backends (``at``: the sample's time, on the server's clock).
 
         A backend seen before whose ``state_change`` moved on after it sat idle was used again:
-        the gap is recorded for its owner. A backend no longer seen has ended; if it was
-        abandoned when last seen, its start still counts as the leak's output in the window.
+        the gap is recorded for its owner. A backend no longer seen has ended; if it sat in a
+        waiting state at least ``floor`` when last seen, it is kept for the window: it may have
+        been abandoned (judged with the owner's abandon age when judged).
         """
         current: dict[tuple[int, float], _Track] = {}
         for s in seen:
@@ -207,26 +271,40 @@ class Evidence:
         for key, track in self._tracks.items():
             if key in current:
                 continue
-            log = self._owners.setdefault(track.owner, _OwnerLog())
-            threshold = abandon_after(_max_gap(log), floor=floor)
             if (
                 track.state in WAITING_STATES
-                and track.last_seen - track.changed_at >= threshold
+                and track.last_seen - track.changed_at >= floor
                 and track.start >= at - LEAK_WINDOW_SECONDS
             ):
-                log.ended.append((at, track.start, track.pod))
+                log = self._owners.setdefault(track.owner, _OwnerLog())
+                log.ended.append(
+                    _Ended(
+                        ended_at=at,
+                        start=track.start,
+                        pod=track.pod,
+                        state=track.state,
+                        changed_at=track.changed_at,
+                        last_seen=track.last_seen,
+                    )
+                )
         self._tracks = current
         for owner, log in list(self._owners.items()):
             while log.gaps and log.gaps[0][0] < at - GAP_MEMORY_SECONDS:
                 log.gaps.popleft()
-            while log.ended and log.ended[0][0] < at - LEAK_WINDOW_SECONDS:
+            while log.ended and log.ended[0].ended_at < at - LEAK_WINDOW_SECONDS:
                 log.ended.popleft()
-            if not log.gaps and not log.ended:
+            if log.prior_gap is not None and log.prior_until < at:
+                log.prior_gap = None
+            if not log.gaps and not log.ended and log.prior_gap is None:
                 del self._owners[owner]
 
-    def judge(self, *, at: float, floor: float, idle_seconds: float) -> dict[str, OwnerEvidence]:
+    def judge(
+        self, *, at: float, floor: float, idle_seconds: float, pressure: bool = False
+    ) -> dict[str, OwnerEvidence]:
         """Classify every owner seen (``floor``: the spec's least idle age for a termination;
-        ``idle_seconds``: leakDetection.idleSeconds, the least for an owner that is not leaking).
+        ``idle_seconds``: leakDetection.idleSeconds, the least for an owner that is not leaking;
+        ``pressure``: usage is at the warning line or the server is filling, so a leak is named
+        on less evidence; see the module docstring).
         """
         by_owner: dict[str, list[_Track]] = {}
         for track in self._tracks.values():
@@ -239,26 +317,44 @@ class Evidence:
                 at=at,
                 floor=floor,
                 idle_seconds=idle_seconds,
+                pressure=pressure,
             )
+        self._leaking = {o for o, ev in out.items() if ev.cls is OwnerClass.LEAKING}
+        self._sustained = {o for o, ev in out.items() if ev.sustained}
         return out
 
     def _judge_owner(
-        self, owner: str, tracks: Sequence[_Track], *, at: float, floor: float, idle_seconds: float
+        self,
+        owner: str,
+        tracks: Sequence[_Track],
+        *,
+        at: float,
+        floor: float,
+        idle_seconds: float,
+        pressure: bool,
     ) -> OwnerEvidence:
         log = self._owners.get(owner) or _OwnerLog()
         max_gap = _max_gap(log)
         after = abandon_after(max_gap, floor=floor)
-        starts = [start for _, start, _ in log.ended]
+        # Every connection of the window, open or ended: (pod, start, state, changed_at, until).
+        lives = [(t.pod, t.start, t.state, t.changed_at, at) for t in tracks]
+        lives += [(e.pod, e.start, e.state, e.changed_at, e.last_seen) for e in log.ended]
+        recent = at - LEAK_WINDOW_SECONDS
+        # Abandoned connections opened within the window (open now, or ended abandoned).
+        starts: list[float] = []
         pod_starts: dict[str, int] = {}
-        for _, _, pod in log.ended:
-            pod_starts[pod] = pod_starts.get(pod, 0) + 1
+        for pod, start, state, changed_at, until in lives:
+            if state in WAITING_STATES and until - changed_at >= after and start >= recent:
+                starts.append(start)
+                pod_starts[pod] = pod_starts.get(pod, 0) + 1
+        arrivals = _arrivals(lives, after=after, since=recent)
         by_pod: dict[str, int] = {}
         in_tx_by_pod: dict[str, int] = {}
         fresh_single_use = sum(
             1
             for t in tracks
             if t.state in WAITING_STATES
-            and t.start >= at - LEAK_WINDOW_SECONDS
+            and t.start >= recent
             and t.changed_at - t.start <= FIRST_USE_SECONDS
         )
         abandoned: list[_Track] = []
@@ -269,12 +365,11 @@ class Evidence:
             by_pod[t.pod] = by_pod.get(t.pod, 0) + 1
             if t.state in IN_TRANSACTION_STATES:
                 in_tx_by_pod[t.pod] = in_tx_by_pod.get(t.pod, 0) + 1
-            if t.start >= at - LEAK_WINDOW_SECONDS:
-                starts.append(t.start)
-                pod_starts[t.pod] = pod_starts.get(t.pod, 0) + 1
-        leaking = (
-            len(starts) >= LEAK_MIN_CONNECTIONS
-            and max(starts) - min(starts) >= LEAK_MIN_SPAN_SECONDS
+        sustained = _is_leaking(
+            arrivals=arrivals, starts=starts, pressure=False, was_leaking=owner in self._sustained
+        )
+        leaking = sustained or _is_leaking(
+            arrivals=arrivals, starts=starts, pressure=pressure, was_leaking=owner in self._leaking
         )
         rate = 0.0
         span = LEAK_MIN_SPAN_SECONDS
@@ -287,7 +382,7 @@ class Evidence:
             cls = OwnerClass.LEAKING
             terminate_after = after
         else:
-            cls = OwnerClass.POOLING if log.gaps else OwnerClass.STEADY
+            cls = OwnerClass.POOLING if log.gaps or log.prior_gap is not None else OwnerClass.STEADY
             terminate_after = max(
                 float(idle_seconds), POOL_GAP_FACTOR * max_gap if max_gap is not None else 0.0
             )
@@ -302,6 +397,8 @@ class Evidence:
             max_gap=max_gap,
             reuses=len(log.gaps),
             connections=len(tracks),
+            arrivals=len(arrivals),
+            sustained=sustained,
             suspect=fresh_single_use >= LEAK_MIN_CONNECTIONS,
             rate_by_pod={p: n / span for p, n in pod_starts.items()} if leaking else {},
             abandoned_by_pod=by_pod,
@@ -312,5 +409,71 @@ class Evidence:
         )
 
 
+def _arrivals(
+    lives: Sequence[tuple[str, float, str, float, float]], *, after: float, since: float
+) -> list[tuple[float, bool]]:
+    """The arrivals among ``lives`` (pod, start, state, changed_at, until), as their start and
+    whether they were abandoned themselves: connections opened at or after ``since``, in a
+    waiting state now (or when they ended), while another of their pod sat abandoned (idle at
+    least ``after`` and still open).
+
+    A backend is idle from ``changed_at`` until ``until`` (the last poll that saw it, or now), so
+    it sits abandoned over ``[changed_at + after, until]``; a connection opened inside such an
+    interval of its pod was opened while an unused one was at hand. Sorted intervals per pod and
+    a binary search: a thousand backends cost a few milliseconds, not a million comparisons.
+    """
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for pod, _start, state, changed_at, until in lives:
+        if state in WAITING_STATES and until - changed_at >= after:
+            spans.setdefault(pod, []).append((changed_at + after, until))
+    merged: dict[str, tuple[list[float], list[float]]] = {}
+    for pod, found in spans.items():
+        lows: list[float] = []
+        highs: list[float] = []
+        for low, high in sorted(found):
+            if highs and low <= highs[-1]:
+                highs[-1] = max(highs[-1], high)
+            else:
+                lows.append(low)
+                highs.append(high)
+        merged[pod] = (lows, highs)
+    out: list[tuple[float, bool]] = []
+    for pod, start, state, changed_at, until in lives:
+        if start < since or state not in WAITING_STATES:
+            continue
+        found_pod = merged.get(pod)
+        if found_pod is None:
+            continue
+        lows, highs = found_pod
+        i = bisect.bisect_right(lows, start) - 1
+        if i >= 0 and start <= highs[i]:
+            out.append((start, until - changed_at >= after))
+    return sorted(out)
+
+
+def _is_leaking(
+    *,
+    arrivals: Sequence[tuple[float, bool]],
+    starts: Sequence[float],
+    pressure: bool,
+    was_leaking: bool,
+) -> bool:
+    """The verdict (see the module docstring). Calm: arrivals abandoned themselves, spread over
+    ``SUSTAINED_SPAN_SECONDS``. Under pressure: any arrivals, over ``LEAK_MIN_SPAN_SECONDS``
+    (a leak's newest connections are not abandoned yet, and waiting for them lets it grow). A leak
+    already named stays named while abandoned connections keep being opened (its terminated ones
+    replaced by new ones)."""
+    if was_leaking and len(starts) >= LEAK_MIN_CONNECTIONS:
+        return max(starts) - min(starts) >= LEAK_MIN_SPAN_SECONDS
+    counted = [start for start, abandoned in arrivals if pressure or abandoned]
+    if len(counted) < LEAK_MIN_CONNECTIONS:
+        return False
+    need = LEAK_MIN_SPAN_SECONDS if pressure else SUSTAINED_SPAN_SECONDS
+    return counted[-1] - counted[0] >= need
+
+
 def _max_gap(log: _OwnerLog) -> float | None:
-    return max((g for _, g in log.gaps), default=None)
+    seen = max((g for _, g in log.gaps), default=None)
+    if log.prior_gap is None:
+        return seen
+    return log.prior_gap if seen is None else max(seen, log.prior_gap)

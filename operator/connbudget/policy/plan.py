@@ -51,16 +51,12 @@ from connbudget.model.observations import PodInfo, PoolerClient, PoolerSample
 from connbudget.model.spec import BudgetSpec, RestartMethod, Step
 from connbudget.policy import forecast
 from connbudget.policy.attribution import Attributed, Via
-from connbudget.policy.evidence import OwnerClass, OwnerEvidence, abandon_after
-from connbudget.policy.usage import Usage, is_governed
+from connbudget.policy.evidence import OwnerClass, OwnerEvidence
+from connbudget.policy.usage import Usage, is_governed, is_pressured, nearly_full
 
 FAST_POLL_SECONDS = 1  # the cadence while usage is high, an owner leaks or the server fills soon
 # The forecast asks for the fast cadence when the server is full within this many polls.
 FAST_POLL_WITHIN_POLLS = 2
-# A server with no more free slots than this share of its usable ones (and at least
-# NEAR_FULL_MIN_FREE) is nearly full: acted on at once, never held for a breach window.
-NEAR_FULL_FREE_PERCENT = 5
-NEAR_FULL_MIN_FREE = 2
 # A leak grows with pod age when its oldest pod leaks at least this many times faster than its
 # youngest, and is at least this many times older: the same traffic, a different rate, so a
 # restart resets it (a leak in every request leaks as fast in a new pod; a restart is no help).
@@ -147,9 +143,7 @@ def decide_level(usage: Usage) -> Level:
 
 def is_nearly_full(usage: Usage) -> bool:
     """Tell whether the server has (almost) no usable slot left for anyone."""
-    free = usage.usable_slots - usage.server_total
-    margin = max(NEAR_FULL_MIN_FREE, math.ceil(usage.usable_slots * NEAR_FULL_FREE_PERCENT / 100))
-    return free <= margin
+    return nearly_full(usable_slots=usage.usable_slots, server_total=usage.server_total)
 
 
 def _transition(old: Level, new: Level) -> Transition | None:
@@ -171,21 +165,42 @@ def _terminate_after(owner: OwnerEvidence | None, spec: BudgetSpec) -> float:
     return owner.terminate_after
 
 
+def termination_need(
+    *, usage: Usage, history: Sequence[tuple[float, int]], next_poll_seconds: float
+) -> int:
+    """How many connections the budget needs gone: back under the warning line, with the growth
+    until the next poll counted (what the operator removed counted back, so its own terminations
+    never hide the leak's pace)."""
+    rate = forecast.growth_rate(history) or 0.0
+    growth = math.ceil(max(rate, 0.0) * next_poll_seconds)
+    return max(usage.connections - usage.warning_line + 1 + growth, 0)
+
+
 def plan_terminations(
     *,
     attributed: Sequence[Attributed],
     owners: Mapping[str, OwnerEvidence],
     spec: BudgetSpec,
     namespace: str,
+    sampled_at: float,
+    pressure: bool,
+    act: bool,
+    need: int,
     spare: frozenset[str] = frozenset(),
 ) -> tuple[IdleBackend, ...]:
-    """Choose the idle backends the evidence says are abandoned; at most ``maxPerCycle``.
+    """Choose idle backends to terminate: pressure decides how many, the evidence whose.
 
     Only ``idle`` backends (never ``active`` or ``idle in transaction``) of governed pods that are
     not terminating and not in ``spare`` (pods restarted in this cycle), each idle at least its
-    owner's ``terminate_after``; the longest idle first.
+    owner's ``terminate_after``. In the order of how surely each is abandoned: a leaking owner's,
+    the longest idle first; then, only while a breach is acted on (``act``), those of owners not
+    judged (Steady); then a pooling owner's, never while a leaking owner's remains.
+
+    Without ``pressure`` only a proven, sustained leak's abandoned connections are terminated (as
+    ``idle_session_timeout`` would, but only for the leak); under pressure those, and as many
+    more as the budget ``need``s. At most ``maxPerCycle``.
     """
-    chosen: list[IdleBackend] = []
+    ranked: list[tuple[int, IdleBackend]] = []  # 0: a sustained leak's, 1: a leak's, 2, 3
     for a in attributed:
         pod = a.pod
         if (
@@ -197,13 +212,33 @@ def plan_terminations(
             or not is_governed(pod, spec.selector, namespace)
         ):
             continue
-        after = _terminate_after(owners.get(pod.owner), spec)
-        chosen.extend(
-            IdleBackend(pid=pid, pod=pod.name, idle_seconds=idle_s, backend_start=start)
+        ev = owners.get(pod.owner)
+        if ev is not None and ev.cls is OwnerClass.LEAKING:
+            rank = 0 if ev.sustained else 1
+        elif not (pressure and act):
+            continue  # no always-on idle timeout: a healthy owner is left alone
+        else:
+            rank = 3 if ev is not None and ev.cls is OwnerClass.POOLING else 2
+        after = _terminate_after(ev, spec)
+        ranked.extend(
+            (
+                rank,
+                IdleBackend(
+                    pid=pid,
+                    pod=pod.name,
+                    idle_seconds=idle_s,
+                    backend_start=start,
+                    state_change=sampled_at - idle_s,
+                ),
+            )
             for pid, idle_s, start in a.group.idle
             if idle_s >= after
         )
-    chosen.sort(key=lambda b: (-b.idle_seconds, b.pid))
+    ranked.sort(key=lambda rb: (rb[0], -rb[1].idle_seconds, rb[1].pid))
+    sure = [b for rank, b in ranked if rank == 0]
+    # In rank order, a pool's come last: never taken while a leak's remains.
+    rest = [b for rank, b in ranked if rank > 0]
+    chosen = sure + (rest[: max(need - len(sure), 0)] if pressure else [])
     return tuple(chosen[: spec.remediation.terminate_idle.max_per_cycle])
 
 
@@ -212,16 +247,19 @@ def _pooled_offenders(
     pods: Sequence[PodInfo],
     pooler_clients: Mapping[str, Sequence[PoolerClient]],
     owners: Mapping[str, OwnerEvidence],
-    spec: BudgetSpec,
 ) -> dict[str, int]:
-    """Pods holding PgBouncer clients idle beyond their owner's abandon age (never a pool's)."""
-    floor = float(spec.remediation.terminate_idle.min_idle_seconds)
+    """Pods of leaking owners holding PgBouncer clients idle beyond the owner's abandon age.
+
+    A pod is never restarted for its pooled clients unless its owner is leaking: a healthy app
+    behind PgBouncer leaves its clients idle as long as it likes (measured: an app whose clients
+    sat idle 20 s had a pod evicted in a breach another workload caused, every cooldown).
+    """
     out: dict[str, int] = {}
     for pod in pods:
         ev = owners.get(pod.owner)
-        if ev is not None and ev.cls is OwnerClass.POOLING:
+        if ev is None or ev.cls is not OwnerClass.LEAKING:
             continue
-        after = ev.abandon_after if ev is not None else abandon_after(None, floor=floor)
+        after = ev.abandon_after
         n = sum(1 for c in pooler_clients.get(pod.name, ()) if c.idle_seconds >= after)
         if n:
             out[pod.name] = n
@@ -506,6 +544,8 @@ def decide(
     blocked: str | None = None,
     termination_possible: bool = True,
     pooler_owner: str | None = None,
+    pooler_blocked: str | None = None,
+    sampled_at: float | None = None,
 ) -> Decision:
     """Decide this cycle's level, actions and next memory (the rules: see the module docstring).
 
@@ -514,7 +554,10 @@ def decide(
     ``blocked`` what stops every action (a problem only the operator can judge) other than a
     pause; ``termination_possible`` is False when the last termination was refused;
     ``pooler_owner`` names what else sets the pooler's replicas (an autoscaler): the operator
-    then never scales it.
+    then never scales it; ``pooler_blocked`` what stops the pooler's part only (a PgBouncer pod
+    that does not answer hides its clients: no scaling, no restart for pooled clients, but a
+    direct leak is still held); ``sampled_at`` the sample's time on the server's clock (default
+    ``now``), from which each chosen backend's ``state_change`` is re-checked when terminated.
 
     In steps, each handing the next what it found: the level; the episode it continues; the
     breach's timing; the leaks in words; the actions (or the hold that stops them all); what
@@ -544,6 +587,14 @@ def decide(
     if stop is not None:
         planned = _Plan(holds=((spec.remediation.steps[0], *stop),), escalation=episode.escalation)
     else:
+        pressure = is_pressured(
+            connections=usage.connections,
+            warning_line=usage.warning_line,
+            usable_slots=usage.usable_slots,
+            server_total=usage.server_total,
+            growth_rate=forecast.growth_rate(history),
+            poll_seconds=float(spec.poll_seconds),
+        )
         planned = _plan_actions(
             spec=spec,
             namespace=namespace,
@@ -560,6 +611,12 @@ def decide(
             in_cooldown=memory.cooldown_until is not None and now < memory.cooldown_until,
             termination_possible=termination_possible,
             pooler_owner=pooler_owner,
+            pooler_blocked=pooler_blocked,
+            pressure=pressure,
+            need=termination_need(
+                usage=usage, history=history, next_poll_seconds=float(FAST_POLL_SECONDS)
+            ),
+            sampled_at=now if sampled_at is None else sampled_at,
         )
     to_full = timing.to_full
     return Decision(
@@ -669,18 +726,32 @@ def _plan_actions(
     in_cooldown: bool,
     termination_possible: bool,
     pooler_owner: str | None,
+    pooler_blocked: str | None,
+    pressure: bool,
+    need: int,
+    sampled_at: float,
 ) -> _Plan:
     """The actions of a cycle that is neither paused nor blocked, in the order of the steps:
     restarts (only when termination cannot hold), terminations (never of a pod restarted in the
     same cycle), scaling; each step's hold when it waits; the escalation for the next cycle."""
     steps = spec.remediation.steps
     terminate = Step.TERMINATE_IDLE in steps and termination_possible
+
     # What termination would remove this cycle, before any restart is decided.
-    removable = (
-        plan_terminations(attributed=attributed, owners=owners, spec=spec, namespace=namespace)
-        if terminate
-        else ()
-    )
+    def terminations(spare: frozenset[str]) -> tuple[IdleBackend, ...]:
+        return plan_terminations(
+            attributed=attributed,
+            owners=owners,
+            spec=spec,
+            namespace=namespace,
+            sampled_at=sampled_at,
+            pressure=pressure,
+            act=act,
+            need=need,
+            spare=spare,
+        )
+
+    removable = terminations(frozenset()) if terminate else ()
     restarting = _Plan()
     if act and Step.RESTART_PODS in steps:
         # More over the budget than terminations can remove, for a whole breach window, after a
@@ -695,7 +766,8 @@ def _plan_actions(
             namespace=namespace,
             now=now,
             pods=pods,
-            pooler_clients=pooler_clients,
+            # A pooler that does not answer hides its clients: none is a reason to restart.
+            pooler_clients={} if pooler_blocked is not None else pooler_clients,
             owners=owners,
             terminate=terminate,
             insufficient=insufficient,
@@ -706,13 +778,7 @@ def _plan_actions(
     if terminate:
         # Never terminate the backends of a pod that is being evicted or deleted in this cycle.
         spare = frozenset(r.pod for r in restarts if r.method is not RestartMethod.ROLLOUT_RESTART)
-        chosen = (
-            plan_terminations(
-                attributed=attributed, owners=owners, spec=spec, namespace=namespace, spare=spare
-            )
-            if spare
-            else removable
-        )
+        chosen = terminations(spare) if spare else removable
         if chosen:
             actions.append(TerminateBackends(backends=chosen))
     actions.extend(restarts)
@@ -724,7 +790,9 @@ def _plan_actions(
         scale = plan_scaling(spec=spec, usage=usage, pooler=pooler, breached=act)
         if act and not reached and scale is not None and scale.desired < scale.current:
             scale = None
-        if scale is not None and pooler_owner is not None:
+        if scale is not None and pooler_blocked is not None:
+            holds.append((Step.SCALE_POOLER, Hold.BLOCKED, f"blocked: {pooler_blocked}"))
+        elif scale is not None and pooler_owner is not None:
             holds.append(
                 (
                     Step.SCALE_POOLER,
@@ -762,9 +830,7 @@ def _restart_step(
     cause, offenders = _restart_cause(
         pods=pods,
         owners=owners,
-        pooled=_pooled_offenders(
-            pods=pods, pooler_clients=pooler_clients, owners=owners, spec=spec
-        ),
+        pooled=_pooled_offenders(pods=pods, pooler_clients=pooler_clients, owners=owners),
         spec=spec,
         termination_possible=terminate,
         insufficient=insufficient,

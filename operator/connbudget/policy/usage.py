@@ -10,11 +10,18 @@ from dataclasses import dataclass, field
 
 from connbudget.model.observations import PodInfo, PoolerClient, ServerSample
 from connbudget.model.spec import BudgetSpec, LabelSelector, Scope
+from connbudget.policy import forecast
 from connbudget.policy.attribution import Attributed
 from connbudget.policy.census import Census, OwnerCount, Totals, census_of
 from connbudget.policy.evidence import OwnerEvidence, abandon_after
 
 TOP_OWNERS = 10  # status.usage.byOwner keeps the ten biggest owners
+# A server with no more free slots than this share of its usable ones (and at least
+# NEAR_FULL_MIN_FREE) is nearly full: acted on at once, never held for a breach window.
+NEAR_FULL_FREE_PERCENT = 5
+NEAR_FULL_MIN_FREE = 2
+# Usage forecast to reach the warning line within this many polls is pressure already.
+PRESSURE_WITHIN_POLLS = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,7 +175,7 @@ def compute_usage(
     return Usage(
         connections=counted.connections,
         budget=budget,
-        warning_line=max(budget * spec.budget.warning_percent // 100, 1),
+        warning_line=warning_line(spec, budget),
         server_max_connections=sample.max_connections,
         reserved=sample.reserved,
         server_total=found.server.connections,
@@ -176,6 +183,67 @@ def compute_usage(
         unattributed=counted.unattributed,
         by_owner=tuple(by_owner),
         by_state=counted.by_state,
+    )
+
+
+def nearly_full(*, usable_slots: int, server_total: int) -> bool:
+    """Tell whether the server has (almost) no usable slot left for anyone."""
+    free = usable_slots - server_total
+    margin = max(NEAR_FULL_MIN_FREE, -(-usable_slots * NEAR_FULL_FREE_PERCENT // 100))
+    return free <= margin
+
+
+def warning_line(spec: BudgetSpec, budget: int) -> int:
+    """The connections at which the budget reports Warning."""
+    return max(budget * spec.budget.warning_percent // 100, 1)
+
+
+def under_pressure(
+    *,
+    spec: BudgetSpec,
+    sample: ServerSample,
+    census: Census,
+    governed: Sequence[str],
+    history: Sequence[tuple[float, int]],
+) -> bool:
+    """``is_pressured`` for a sample and its census, before the usage is counted in full (the
+    evidence needs to know, and the usage needs the evidence)."""
+    budget = spec.budget.resolve(
+        server_max_connections=sample.max_connections, reserved=sample.reserved
+    )
+    return is_pressured(
+        connections=_scope_totals(spec, sample, census, governed).connections,
+        warning_line=warning_line(spec, budget),
+        usable_slots=max(sample.max_connections - sample.reserved, 0),
+        server_total=census.server.connections,
+        growth_rate=forecast.growth_rate(history),
+        poll_seconds=float(spec.poll_seconds),
+    )
+
+
+def is_pressured(
+    *,
+    connections: int,
+    warning_line: int,
+    usable_slots: int,
+    server_total: int,
+    growth_rate: float | None,
+    poll_seconds: float,
+) -> bool:
+    """Whether a budget is under pressure: usage at the warning line, the server nearly full, or
+    the recent growth reaching the warning line within ``PRESSURE_WITHIN_POLLS`` polls.
+
+    Pressure is what lets the evidence name a leak on less evidence, and what lets terminations
+    reach beyond a proven, sustained leak (``policy.evidence``, ``policy.plan``): without it
+    nothing but a sustained leak's abandoned connections is ever terminated.
+    """
+    if connections >= warning_line:
+        return True
+    if nearly_full(usable_slots=usable_slots, server_total=server_total):
+        return True
+    return (
+        growth_rate is not None
+        and connections + growth_rate * PRESSURE_WITHIN_POLLS * poll_seconds >= warning_line
     )
 
 

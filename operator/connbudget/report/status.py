@@ -95,6 +95,19 @@ def merge_conditions(
     return out
 
 
+def reuse_gaps_from_status(status: Mapping[str, Any] | None) -> dict[str, float]:
+    """Each owner's longest reuse gap as the status kept it (``byOwner[].maxReuseGapSeconds``):
+    the prior a new evidence starts from after an operator restart or a change of leader."""
+    out: dict[str, float] = {}
+    for row in ((status or {}).get("usage") or {}).get("byOwner") or []:
+        if not isinstance(row, Mapping):
+            continue
+        owner, gap = row.get("owner"), row.get("maxReuseGapSeconds")
+        if isinstance(owner, str) and isinstance(gap, int | float) and gap >= 0:
+            out[owner] = float(gap)
+    return out
+
+
 def memory_from_status(status: Mapping[str, Any] | None) -> Memory:
     """Read the decision memory back from a status (after an operator restart, say)."""
     status = status or {}
