@@ -26,9 +26,17 @@ What it accepts, erring always on the side of hiding:
   escapes a quote in a plain ``'...'`` string, so where such a string ends depends on a setting the
   text does not carry. A plain string whose quote follows an odd run of backslashes is read both
   ways by nobody: everything from its opening to the end is dropped.
-- Tags come from comments only (sqlcommenter ``key='value'`` pairs, Rails Marginalia
-  ``key:value`` pairs), never from inside a literal, and only the keys in ``TAG_KEYS``: they name
-  code (a route pattern, a controller), where ``traceparent`` and friends are per request.
+- Tags come from comments only (sqlcommenter ``key='value'`` pairs, Rails Marginalia and
+  QueryLogs ``key:value`` pairs), never from inside a literal, and only the keys in ``TAG_KEYS``:
+  they name code (a route pattern, a controller), where ``traceparent`` and friends are per
+  request and an app's own keys (``request_id``, ``tenant_id``, ``password``) may hold anything.
+- A comment is the app's text, not PostgreSQL's: nothing stops it from holding a literal
+  (``/* action:reset password=hunter2 */``), and a URL-decoded value can be any text at all
+  (``%27%20OR%20password%3D...``). So a tag's value is shown only when it can name code and
+  nothing else (``tag_value``: a bounded token of safe characters, a route cut before its query
+  string, no word naming a credential, nothing random-looking); any other shows as
+  ``TAG_WITHHELD``, which the fingerprint keeps (the shape says a tag was withheld) but never a
+  character of what it withheld.
 """
 
 from __future__ import annotations
@@ -48,10 +56,27 @@ STATEMENT_LIMIT = 200
 # Characters of a normalised statement that take part in its fingerprint when PostgreSQL gives no
 # query_id: long enough that two statements differing only past the cut are rare.
 FINGERPRINT_TEXT_LIMIT = 10_000
-# The tags kept, in this order (sqlcommenter's and Marginalia's keys that name code, not requests).
-TAG_KEYS = ("route", "controller", "action", "framework", "application")
-# Characters of a tag value kept: a route pattern or a controller name, not a document.
+# The tags kept, in this order: the keys of sqlcommenter (Django's middleware, Rails' QueryLogs,
+# Express, ...) and Rails' Marginalia that name code, not a request or a connection.
+TAG_KEYS = (
+    "route",
+    "controller",
+    "namespaced_controller",  # QueryLogs: admin/users
+    "controller_with_namespace",  # Marginalia: Admin::UsersController
+    "action",
+    "job",
+    "line",  # Marginalia: the file and line that ran the statement
+    "source_location",  # QueryLogs: the same
+    "framework",
+    "application",
+    "app_name",  # Django's sqlcommenter: the URL namespace's app
+    "db_driver",
+)
+# Characters of a tag value at most: a route pattern or a controller name, not a document.
 TAG_VALUE_LIMIT = 100
+# What a known tag shows when its value is no name of code (see ``tag_value``): the shape says a
+# tag was withheld, never what it held.
+TAG_WITHHELD = "(withheld)"
 # Hex characters of the sha256 kept as a fingerprint: 64 bits, unique among a server's shapes.
 FINGERPRINT_HEX_CHARS = 16
 # Statement shapes shown per group of backends (CLI, status): the few that matter.
@@ -64,11 +89,12 @@ LIST = "(...)"
 
 @dataclass(frozen=True, kw_only=True)
 class Statement:
-    """The shape of a statement, safe to show: literals replaced, tags bounded and printable."""
+    """The shape of a statement, safe to show: literals replaced, tags safe tokens or withheld."""
 
     fingerprint: str  # 16 lowercase hex chars: stable id of (shape, kept tags)
     text: str  # normalised statement, <= STATEMENT_LIMIT chars (ends with "…" when cut)
-    tags: Mapping[str, str] = field(hash=False)  # kept tags only, in TAG_KEYS order
+    # Known tags only, in TAG_KEYS order; a value is a safe token (``tag_value``) or TAG_WITHHELD.
+    tags: Mapping[str, str] = field(hash=False)
 
 
 # --- lexer --------------------------------------------------------------------------------------
@@ -269,16 +295,125 @@ def normalise(query: str, *, limit: int = STATEMENT_LIMIT) -> str:
 
 # --- tags ---------------------------------------------------------------------------------------
 
+# A sqlcommenter pair: key='value', both URL-encoded, ' in the value escaped with a backslash.
 _SQLCOMMENTER_PAIR = r"\s*([^\s=,']+)\s*=\s*'((?:[^'\\]|\\.)*+)'\s*"
 _SQLCOMMENTER = re.compile(rf"{_SQLCOMMENTER_PAIR}(?:,{_SQLCOMMENTER_PAIR})*", re.DOTALL)
 _SQLCOMMENTER_PAIRS = re.compile(_SQLCOMMENTER_PAIR, re.DOTALL)
-_MARGINALIA_PAIR = r"\s*[A-Za-z_][A-Za-z0-9_]*:[^,]*"
-_MARGINALIA = re.compile(rf"{_MARGINALIA_PAIR}(?:,{_MARGINALIA_PAIR})*", re.DOTALL)
+# A Marginalia (or ActiveRecord QueryLogs :legacy) pair: key:value, the value as it is or, with
+# Marginalia's quote_values, 'value' with ' escaped by a backslash. Possessive: linear in the body.
+_MARGINALIA_KEY = re.compile(r"\s*+([A-Za-z_][A-Za-z0-9_]*+)\s*+:", re.ASCII)
+_MARGINALIA_QUOTED = re.compile(r"\s*+'((?:[^'\\]|\\.)*+)'\s*+(?=,|\Z)", re.DOTALL)
 _BACKSLASH_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
 
+# What a kept value may hold. ASCII only: no look-alike letters, no bidirectional controls.
+# A token names code (a controller, an action, a job, a framework and its version, a driver).
+_TOKEN = re.compile(r"[A-Za-z0-9_.:/@-]++", re.ASCII)
+# A path names a route pattern (Django's ``^sync/$`` and ``users/<int:id>/``, Flask's
+# ``<int:id>``, Express's and Rails' ``:id(.:format)`` and ``*path``, OpenAPI's ``{id}``) or a file.
+_PATH = re.compile(r"[A-Za-z0-9_.:/@~^$*+<>{}()\[\]-]++", re.ASCII)
+# Where a URL's path ends: a query string, a fragment, a path parameter (``;jsessionid=``).
+_PATH_END = re.compile(r"[?#;]")
+# A Ruby caller line (Marginalia's ``line``, QueryLogs' ``source_location``): the file and line
+# kept, the method after them (``:in `index'``) not.
+_SOURCE_LINE = re.compile(r"([^\s:]++:[0-9]++)(?::in\s.*)?", re.DOTALL | re.ASCII)
+_SOURCE_KEYS = frozenset({"line", "source_location"})
+# Words, camelCase split too: ``apiKey`` is ``api`` and ``Key``.
+_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+", re.ASCII)
+_ALNUM_RUN = re.compile(r"[A-Za-z0-9]++", re.ASCII)
+_LONG_NUMBER = re.compile(r"[0-9]{6}", re.ASCII)
+_UUID = re.compile(r"[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}", re.ASCII)
+# Parts of a value that name a credential: a value that holds one is where an app that put a
+# request's data in a tag would have put the password. Anywhere in the value:
+CREDENTIAL_STEMS = (
+    "passw",
+    "secret",
+    "token",
+    "credential",
+    "apikey",
+    "bearer",
+    "authent",
+    "authoriz",
+    "privatekey",
+    "accesskey",
+    "sessionid",
+)
+# As a whole word only (``authors``, ``monkey`` and ``passenger`` name code, not credentials):
+CREDENTIAL_WORDS = frozenset(
+    {"pass", "pw", "pwd", "key", "keys", "auth", "oauth", "authn", "authz", "otp", "totp", "jwt"}
+    | {"sig", "signature", "cvv", "cvc"}
+)
+# A run of letters and digits this long, mixed the way a random token mixes them (digits in
+# several places, or many), is a token, not a name of code (``S3UploadsController`` is one).
+_RANDOM_RUN = 16
+_RANDOM_SWITCHES = 3  # changes between letters and digits
+_RANDOM_DIGITS = 5
+_SWITCH = re.compile(r"[A-Za-z](?=[0-9])|[0-9](?=[A-Za-z])", re.ASCII)
 
-def _tag_value(value: str) -> str:
-    return _printable(value).strip()[:TAG_VALUE_LIMIT]
+
+def _looks_like_a_credential(value: str) -> bool:
+    """Whether ``value`` names a credential or looks like one (a key, a token, a card number)."""
+    lower = value.lower()
+    if any(stem in lower for stem in CREDENTIAL_STEMS):
+        return True
+    if any(word.lower() in CREDENTIAL_WORDS for word in _WORD.findall(value)):
+        return True
+    if _LONG_NUMBER.search(value) or _UUID.search(value):
+        return True
+    return any(_random_looking(run) for run in _ALNUM_RUN.findall(value))
+
+
+def _random_looking(run: str) -> bool:
+    if len(run) < _RANDOM_RUN or run.isalpha() or run.isdigit():
+        return False
+    digits = sum(ch.isdigit() for ch in run)
+    return digits >= _RANDOM_DIGITS or len(_SWITCH.findall(run)) >= _RANDOM_SWITCHES
+
+
+def tag_value(key: str, value: str) -> str | None:
+    """Return what is shown of tag ``key``'s (decoded) ``value``; None: nothing, withhold it.
+
+    Kept only when it can name code and nothing else: a token (``_TOKEN``), or for ``route`` a
+    path (``_PATH``) cut before its query string, fragment or path parameters, or for ``line``
+    and ``source_location`` the file and line; at most ``TAG_VALUE_LIMIT`` characters, and nothing
+    that names a credential or looks like one. Never cut to fit: a value too long is withheld,
+    since the cut could fall inside a secret.
+
+    Args:
+        key: a key of ``TAG_KEYS`` (any other is never shown: None).
+        value: the value as the app meant it (URL-decoded, unescaped).
+
+    Returns:
+        The value to show, or None.
+    """
+    if key not in TAG_KEYS:
+        return None
+    allowed = _TOKEN
+    if key == "route":
+        value = _PATH_END.split(value, 1)[0]
+        allowed = _PATH
+    elif key in _SOURCE_KEYS:
+        if (m := _SOURCE_LINE.fullmatch(value.strip())) is not None:
+            value = m.group(1)
+        allowed = _PATH
+    value = value.strip()
+    if not value or len(value) > TAG_VALUE_LIMIT or allowed.fullmatch(value) is None:
+        return None
+    return None if _looks_like_a_credential(value) else value
+
+
+def safe_tags(tags: Mapping[str, str]) -> dict[str, str]:
+    """Return ``tags`` as they may be shown: the rules of ``tag_value`` applied to each.
+
+    For tags read back from where anyone may have written them (a status). Idempotent: tags this
+    module made come back unchanged.
+    """
+    shown: dict[str, str] = {}
+    for key in TAG_KEYS:
+        if key in tags:
+            value = tags[key]
+            kept = TAG_WITHHELD if value == TAG_WITHHELD else tag_value(key, value)
+            shown[key] = TAG_WITHHELD if kept is None else kept
+    return shown
 
 
 def _sqlcommenter_decode(raw: str) -> str:
@@ -288,23 +423,48 @@ def _sqlcommenter_decode(raw: str) -> str:
     return urllib.parse.unquote(unescaped, errors="replace")
 
 
-def _comment_tags(body: str) -> dict[str, str]:
-    """Tags of one comment body in either format; {} for any other comment."""
-    found: dict[str, str] = {}
+def _marginalia_pairs(body: str) -> list[tuple[str, str]] | None:
+    """The pairs of a Marginalia comment body; None when the body is not one."""
+    pairs: list[tuple[str, str]] = []
+    pos = 0
+    while True:
+        if (key := _MARGINALIA_KEY.match(body, pos)) is None:
+            return None
+        pos = key.end()
+        if (quoted := _MARGINALIA_QUOTED.match(body, pos)) is not None:
+            value = _BACKSLASH_ESCAPE.sub(r"\1", quoted.group(1))
+            pos = quoted.end()
+        else:
+            comma = body.find(",", pos)
+            end = len(body) if comma < 0 else comma
+            value = body[pos:end]
+            pos = end
+        pairs.append((key.group(1), value))
+        if pos == len(body):
+            return pairs
+        pos += 1  # the comma: a value stops at one or at the end
+
+
+def _comment_pairs(body: str) -> list[tuple[str, str]]:
+    """The (key, value) pairs of one comment body in either format, decoded; [] for prose."""
     if _SQLCOMMENTER.fullmatch(body):
-        for m in _SQLCOMMENTER_PAIRS.finditer(body):
-            found[_sqlcommenter_decode(m.group(1))] = _sqlcommenter_decode(m.group(2))
-    elif _MARGINALIA.fullmatch(body):
-        for pair in body.split(","):
-            key, _, value = pair.partition(":")
-            found[key.strip()] = value
-    return {k: v for k in TAG_KEYS if (v := _tag_value(found.get(k, "")))}
+        return [
+            (_sqlcommenter_decode(m.group(1)), _sqlcommenter_decode(m.group(2)))
+            for m in _SQLCOMMENTER_PAIRS.finditer(body)
+        ]
+    return _marginalia_pairs(body) or []
 
 
 def _tags_of(scan: _Scan) -> dict[str, str]:
     merged: dict[str, str] = {}
     for body in scan.comments:
-        merged.update(_comment_tags(body))
+        for key, value in _comment_pairs(body):
+            # An unknown key is dropped without a word: traceparent and friends are on every
+            # statement of a traced app, and a key can itself be the secret.
+            if key not in TAG_KEYS or not value.strip():
+                continue
+            kept = tag_value(key, value)
+            merged[key] = TAG_WITHHELD if kept is None else kept
     return {k: merged[k] for k in TAG_KEYS if k in merged}
 
 
@@ -313,8 +473,9 @@ def parse_tags(query: str) -> dict[str, str]:
 
     Only the keys of ``TAG_KEYS``, in that order: ``traceparent``, ``tracestate`` and the like
     change with every request and would split one place in the code into as many shapes as there
-    were requests. Values are URL-decoded (sqlcommenter), at most ``TAG_VALUE_LIMIT`` characters,
-    printable. Comments are found as PostgreSQL finds them: text inside a literal is no comment.
+    were requests, and a key of the app's own may name anything. A value is URL-decoded
+    (sqlcommenter) and kept only as ``tag_value`` allows; any other is ``TAG_WITHHELD``, never a
+    part of it. Comments are found as PostgreSQL finds them: text inside a literal is no comment.
 
     Args:
         query: a statement as ``pg_stat_activity.query`` shows it.
@@ -329,7 +490,7 @@ def parse_tags(query: str) -> dict[str, str]:
 
 
 def _fingerprint(base: str, tags: Mapping[str, str]) -> str:
-    # Values are printable (no newline), so the newline separates the parts unambiguously.
+    # Values are safe tokens (no newline), so the newline separates the parts unambiguously.
     parts = [base, *(f"{k}={tags[k]}" for k in TAG_KEYS if k in tags)]
     digest = hashlib.sha256("\n".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
     return digest[:FINGERPRINT_HEX_CHARS]
