@@ -500,6 +500,8 @@ def test_a_route_that_decodes_to_anything_but_a_path_is_withheld(comment: str) -
         pytest.param("%2Fcallback%23access_token%3Dhunter2", "/callback", id="fragment"),
         pytest.param("%2Fcart%3Bjsessionid%3Dhunter2", "/cart", id="path-parameter"),
         pytest.param("%3Ftoken%3Dhunter2", WITHHELD, id="only-a-query-string"),
+        # A regular expression's group is no query string: withheld, not cut into "^users/(".
+        pytest.param("%5Eusers%2F%28%3FP%3Cpk%3E%5B0-9%5D%2B%29%2F%24", WITHHELD, id="regex-group"),
     ],
 )
 def test_a_route_loses_its_query_string(route: str, kept: str) -> None:

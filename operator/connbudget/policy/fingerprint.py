@@ -389,7 +389,10 @@ def tag_value(key: str, value: str) -> str | None:
         return None
     allowed = _TOKEN
     if key == "route":
-        value = _PATH_END.split(value, 1)[0]
+        if (end := _PATH_END.search(value)) is not None:
+            if value.startswith("(?", end.start() - 1):
+                return None  # a regular expression's group (re_path's (?P<pk>...)), no query
+            value = value[: end.start()]
         allowed = _PATH
     elif key in _SOURCE_KEYS:
         if (m := _SOURCE_LINE.fullmatch(value.strip())) is not None:
