@@ -2,7 +2,9 @@
 
 A restart or a scaling is recorded in status (with its cooldown) before it is carried out, and
 nothing is done when that write fails. Every action asks first whether this replica may still act
-(it leads for sure). Dry-run only reports what would be done.
+(it leads for sure). Dry-run only reports what would be done. A termination re-checks each backend
+in the statement that acts (``probe.queries.TERMINATE_IDLE``) and leaves alone, and says so, the
+backends the monitoring role may not signal.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from connbudget.cycle.deps import Deps, MonitorLike, Runtime
+from connbudget.cycle.deps import NOT_SIGNALABLE_KEPT, Deps, MonitorLike, Runtime
 from connbudget.cycle.reporting import series
 from connbudget.kube.api import EvictionResult, KubeError
 from connbudget.model.actions import Action, RestartPod, ScalePooler, TerminateBackends
@@ -25,7 +27,11 @@ from connbudget.report.events import NORMAL, WARNING, EventReason
 
 log = logging.getLogger("connbudget.cycle")
 
-IDLE_RECHECK_SLACK_SECONDS = 0.5  # rounding between the probe's idle ages and the re-check
+# Why a chosen backend was not terminated although still idle (no name, no SQL).
+NOT_SIGNALABLE = "the monitoring role may not signal"
+NOT_SIGNALABLE_HINT = (
+    "only a superuser may signal a superuser's backends; another role's need pg_signal_backend"
+)
 
 
 async def record_intent(
@@ -75,6 +81,20 @@ class Done:
     restarted: bool = False  # a pod or a workload was restarted
     gone: tuple[str, ...] = ()  # pods to restart that the API server no longer has
     termination_denied: bool = False  # a termination was refused for lack of permissions
+    # (pid, backend_start) of chosen backends left alone: the monitoring role may not signal them.
+    not_signalable: frozenset[tuple[int, float]] = frozenset()
+
+
+@dataclass(frozen=True)
+class _Carried:
+    """What carrying out one action did: its result, Event reason and message, and more."""
+
+    result: str
+    reason: EventReason
+    message: str
+    terminated: int = 0  # backends terminated
+    denied: bool = False  # refused for lack of permissions
+    not_signalable: frozenset[tuple[int, float]] = frozenset()
 
 
 async def carry_out(
@@ -93,6 +113,7 @@ async def carry_out(
     terminated = 0
     restarted = termination_denied = False
     gone: list[str] = []
+    not_signalable: set[tuple[int, float]] = set()
     why = "; ".join(decision.reasons)
     episode = series(runtime)
     for action in decision.actions:
@@ -118,15 +139,23 @@ async def carry_out(
             )
             continue
         try:
-            result, reason, message, n = await _execute(action, spec, namespace, monitor, deps, now)
+            if isinstance(action, TerminateBackends):
+                carried = await _terminate(action, monitor)
+            else:
+                carried = await _execute(action, spec, namespace, deps, now)
         except (ProbeError, KubeError) as e:
-            result, reason, n = "Failed", EventReason.ACTION_FAILED, 0
-            message = f"could not {events.describe(action)}: {e}"
-            if (isinstance(e, ProbeError) and e.failure is ProbeFailure.PERMISSION_DENIED) or (
-                isinstance(e, KubeError) and e.status == 403
-            ):
-                denied = message
-                termination_denied = termination_denied or isinstance(action, TerminateBackends)
+            carried = _Carried(
+                "Failed",
+                EventReason.ACTION_FAILED,
+                f"could not {events.describe(action)}: {e}",
+                denied=(isinstance(e, ProbeError) and e.failure is ProbeFailure.PERMISSION_DENIED)
+                or (isinstance(e, KubeError) and e.status == 403),
+            )
+        result, message, n = carried.result, carried.message, carried.terminated
+        if carried.denied:
+            denied = message
+            termination_denied = termination_denied or isinstance(action, TerminateBackends)
+        not_signalable |= carried.not_signalable
         if isinstance(action, TerminateBackends):
             terminated += n
         elif result == "Succeeded":
@@ -135,7 +164,7 @@ async def carry_out(
             gone.append(action.pod)
         event_type = NORMAL if result == "Succeeded" else WARNING
         await deps.post_event(
-            event_type, reason.value, message + (f" ({why})" if why else ""), episode
+            event_type, carried.reason.value, message + (f" ({why})" if why else ""), episode
         )
         deps.metrics.record_action(namespace, name, step, result)
         if n:
@@ -164,43 +193,63 @@ async def carry_out(
         restarted=restarted,
         gone=tuple(gone),
         termination_denied=termination_denied,
+        not_signalable=frozenset(not_signalable),
+    )
+
+
+async def _terminate(action: TerminateBackends, monitor: MonitorLike) -> _Carried:
+    """Terminate the chosen backends; the statement re-checks each (``queries.TERMINATE_IDLE``).
+
+    Backends the monitoring role may not signal are left alone and counted in the message; when
+    none was terminated and some were such, the termination was refused for lack of permissions
+    (as a role without ``pg_signal_backend`` is), and the plan stops counting on termination.
+    """
+    done = await monitor.terminate(action.backends)
+    ended, refused = set(done.terminated), set(done.not_permitted)
+    keys = frozenset((b.pid, b.backend_start) for b in action.backends if b.pid in refused)
+    unused = len(action.backends) - len(ended) - len(refused)  # used again, or gone
+    if not ended and refused:
+        return _Carried(
+            "Failed",
+            EventReason.ACTION_FAILED,
+            f"could not {events.describe(action)}: {NOT_SIGNALABLE} "
+            + ("them" if not unused else f"{len(refused)} of them ({unused} no longer idle)")
+            + f"; {NOT_SIGNALABLE_HINT}",
+            denied=True,
+            not_signalable=keys,
+        )
+    if not ended:
+        return _Carried(
+            "Skipped",
+            EventReason.IDLE_TERMINATED,
+            f"none of the {len(action.backends)} chosen backends was still idle",
+        )
+    terminated = TerminateBackends(backends=tuple(b for b in action.backends if b.pid in ended))
+    left = [f"{unused} no longer idle"] if unused else []
+    left += [f"{len(refused)} that {NOT_SIGNALABLE}"] if refused else []
+    return _Carried(
+        "Succeeded",
+        EventReason.IDLE_TERMINATED,
+        events.describe(terminated).replace("terminate", "terminated", 1)
+        + (f" ({' and '.join(left)}, left alone)" if left else ""),
+        terminated=len(terminated.backends),
+        not_signalable=keys,
     )
 
 
 async def _execute(
-    action: Action, spec: BudgetSpec, namespace: str, monitor: MonitorLike, deps: Deps, now: float
-) -> tuple[str, EventReason, str, int]:
-    """Carry out one action: its result, Event reason, message and how many backends it ended."""
-    if isinstance(action, TerminateBackends):
-        # Each was idle at least this long at the probe; one that ran a query since is not now.
-        min_idle = min(b.idle_seconds for b in action.backends) - IDLE_RECHECK_SLACK_SECONDS
-        done = set(await monitor.terminate(action.backends, min_idle_seconds=max(min_idle, 0.0)))
-        if not done:
-            return (
-                "Skipped",
-                EventReason.IDLE_TERMINATED,
-                f"none of the {len(action.backends)} chosen backends was still idle",
-                0,
-            )
-        ended = TerminateBackends(backends=tuple(b for b in action.backends if b.pid in done))
-        skipped = len(action.backends) - len(ended.backends)
-        return (
-            "Succeeded",
-            EventReason.IDLE_TERMINATED,
-            events.describe(ended).replace("terminate", "terminated", 1)
-            + (f" ({skipped} no longer idle, left alone)" if skipped else ""),
-            len(ended.backends),
-        )
+    action: RestartPod | ScalePooler, spec: BudgetSpec, namespace: str, deps: Deps, now: float
+) -> _Carried:
+    """Carry out a restart or a scaling: its result, Event reason and message."""
     if isinstance(action, RestartPod):
         if action.method is RestartMethod.ROLLOUT_RESTART:
             await deps.kube.rollout_restart(
                 namespace, action.owner_kind, action.owner_name, now=now, dry_run=False
             )
-            return (
+            return _Carried(
                 "Succeeded",
                 EventReason.WORKLOAD_RESTARTED,
                 f"restarted {action.owner_kind}/{action.owner_name} (pod {action.pod} leaked)",
-                0,
             )
         if action.method is RestartMethod.DELETE:
             res = await deps.kube.delete_pod(namespace, action.pod, action.uid, dry_run=False)
@@ -209,18 +258,17 @@ async def _execute(
             res = await deps.kube.evict_pod(namespace, action.pod, action.uid, dry_run=False)
             reason = EventReason.POD_EVICTED
         if res is EvictionResult.BLOCKED:
-            return (
+            return _Carried(
                 "Blocked",
                 EventReason.RESTART_BLOCKED,
                 f"eviction of pod {action.pod} refused by a PodDisruptionBudget; retrying "
                 f"after the cooldown ({spec.remediation.cooldown_seconds}s), never bypassing it",
-                0,
             )
         if res is EvictionResult.GONE:
-            return "Skipped", reason, f"pod {action.pod} was already gone", 0
-        return "Succeeded", reason, f"{events.describe(action)}: done", 0
+            return _Carried("Skipped", reason, f"pod {action.pod} was already gone")
+        return _Carried("Succeeded", reason, f"{events.describe(action)}: done")
     await deps.kube.patch_scale(namespace, action.target, action.desired, dry_run=False)
-    return "Succeeded", EventReason.POOLER_SCALED, events.describe(action), 0
+    return _Carried("Succeeded", EventReason.POOLER_SCALED, events.describe(action))
 
 
 def settle(
@@ -240,10 +288,16 @@ def settle(
     run: a probe that waited on a stalled server took seconds off it, and two evictions came
     28.8 s apart under a 30 s cooldown). Pods to restart that the API server no longer has (the
     watch missed it) spend no cooldown (``remembered``: the memory the decision started from),
-    and the pod cache forgets them.
+    and the pod cache forgets them. Backends the monitoring role may not signal are remembered
+    (``Runtime.not_signalable``), so that they are not chosen again.
     """
     runtime.removed += done.terminated
     runtime.termination_denied = done.termination_denied
+    if done.not_signalable:
+        kept = runtime.not_signalable | done.not_signalable
+        if len(kept) > NOT_SIGNALABLE_KEPT:  # over the cap: only this pass's are kept
+            kept = set(sorted(done.not_signalable)[:NOT_SIGNALABLE_KEPT])
+        runtime.not_signalable = kept
     if done.restarted:
         runtime.history.clear()
     memory = decision.memory

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from connbudget.kube.api import EvictionResult, Scale
-from connbudget.model.actions import IdleBackend
+from connbudget.model.actions import IdleBackend, Termination
 from connbudget.model.observations import LastStatement, PodInfo, PoolerSample, ServerSample
 from connbudget.model.spec import (
     AttributionMode,
@@ -28,6 +28,7 @@ from connbudget.policy.census import Census
 from connbudget.report.metrics import Metrics
 
 HISTORY_LENGTH = 64  # samples kept for the growth-rate forecast, at most its last 30 s (judge)
+NOT_SIGNALABLE_KEPT = 1000  # backends remembered as not signalable, per budget
 
 
 class KubeCalls(Protocol):
@@ -63,9 +64,7 @@ class KubeCalls(Protocol):
 class MonitorLike(Protocol):
     async def sample(self, *, not_before: float | None = None) -> ServerSample: ...
 
-    async def terminate(
-        self, backends: Iterable[IdleBackend], *, min_idle_seconds: float
-    ) -> list[int]: ...
+    async def terminate(self, backends: Iterable[IdleBackend]) -> Termination: ...
 
     async def statements(self, backends: Iterable[tuple[int, float]]) -> list[LastStatement]: ...
 
@@ -128,6 +127,10 @@ class Runtime:
     removed: int = 0
     # The last termination was refused (permission): termination cannot hold the budget.
     termination_denied: bool = False
+    # (pid, backend_start) of backends a termination left alone because the monitoring role may
+    # not signal them (a superuser's): choosing them again would be refused again. At most
+    # NOT_SIGNALABLE_KEPT, set by ``act.settle``.
+    not_signalable: set[tuple[int, float]] = field(default_factory=set)
     # Events of one episode (from one recovery to the next) and reason are one Event.
     episode: int = 0
     # The owners the evidence said were leaking at the last poll.

@@ -12,10 +12,28 @@ from connbudget.model.spec import ObjectRef, RestartMethod
 
 @dataclass(frozen=True, kw_only=True)
 class IdleBackend:
+    """A backend chosen for termination, as the probe saw it.
+
+    ``pid`` and ``backend_start`` say which backend it is (a pid is reused); ``state_change`` is
+    when it last changed state (epoch seconds, the server's clock): a backend whose state changed
+    after that was used again since the probe and is left alone.
+    """
+
     pid: int
     pod: str
     idle_seconds: float
     backend_start: float
+    state_change: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Termination:
+    """What terminating backends did: the pids terminated, and the pids left alone because the
+    monitoring role may not signal them (a superuser's backend, or another role's without
+    ``pg_signal_backend``). A chosen backend in neither was used again, or had gone."""
+
+    terminated: tuple[int, ...] = ()
+    not_permitted: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

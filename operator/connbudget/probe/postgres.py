@@ -25,7 +25,7 @@ from psycopg import conninfo
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
 
-from connbudget.model.actions import IdleBackend
+from connbudget.model.actions import IdleBackend, Termination
 from connbudget.model.observations import (
     PROBE_APPLICATION_NAME,
     LastStatement,
@@ -373,22 +373,25 @@ class Monitor:
         self._detailed, self._held = decoded.sample, decoded.held
         return decoded.sample
 
-    async def terminate(
-        self, backends: Iterable[IdleBackend], *, min_idle_seconds: float
-    ) -> list[int]:
-        """Terminate the given backends if they are still the same and still idle; return pids."""
+    async def terminate(self, backends: Iterable[IdleBackend]) -> Termination:
+        """Terminate each given backend that is still the same, still idle and not used since the
+        probe (``queries.TERMINATE_IDLE``); backends the monitoring role may not signal are left
+        alone and named in ``not_permitted``."""
         chosen = list(backends)
         if not chosen:
-            return []
+            return Termination()
         rows = await self._run(
             queries.TERMINATE_IDLE,
             {
                 "pids": [b.pid for b in chosen],
                 "starts": [b.backend_start for b in chosen],
-                "min_idle": float(min_idle_seconds),
+                "changes": [b.state_change for b in chosen],
             },
         )
-        return [int(pid) for pid, ok in rows if ok]
+        return Termination(
+            terminated=tuple(int(pid) for pid, permitted, ok in rows if permitted and ok),
+            not_permitted=tuple(int(pid) for pid, permitted, _ in rows if not permitted),
+        )
 
     async def statements(self, backends: Iterable[tuple[int, float]]) -> list[LastStatement]:
         """The last statement of each ``(pid, backend_start)`` still open (others are left out)."""

@@ -74,17 +74,36 @@ FROM (
 WARM_UP: Final[LiteralString] = "SELECT count(*) FROM pg_stat_get_activity(NULL)"
 
 
-# Terminate backends only if they are still the same backends (pid and start time) and still idle
-# for at least the given seconds: between the probe and this call a backend may have become busy.
+# Terminate each chosen backend only if it is still what the probe saw: the same backend (pid and
+# start time), still idle, and not used since (its state_change no later than the one the probe
+# read, 1 ms for the floats' rounding). Each backend is checked against its own state_change:
+# against the batch's smallest idle age, a backend used again after the probe and idle again for
+# that long was terminated. A backend the monitoring role may not signal is left alone: for one,
+# pg_terminate_backend raises an ERROR that ends the whole statement, and nothing is terminated.
+# PostgreSQL's rule (signalfuncs.c, pg_signal_backend): a superuser may signal any backend; another
+# role only a backend whose role is not a superuser, and whose role or pg_signal_backend it has the
+# privileges of (pg_has_role USAGE: has_privs_of_role); a backend with no role is a superuser's.
+# One row per backend still idle and unchanged: its pid, whether the role may signal it, and
+# whether it was signalled (false for one that ended on its own meanwhile).
 TERMINATE_IDLE: Final[LiteralString] = """
-SELECT a.pid, pg_terminate_backend(a.pid)
-FROM unnest(%(pids)s::int[], %(starts)s::float8[]) AS t(pid, started)
-JOIN pg_stat_activity a
-  ON a.pid = t.pid
- AND abs(extract(epoch FROM a.backend_start) - t.started) < 0.001
-WHERE a.backend_type = 'client backend'
-  AND a.state = 'idle'
-  AND a.state_change <= now() - make_interval(secs => %(min_idle)s)
+SELECT c.pid, c.permitted, CASE WHEN c.permitted THEN pg_terminate_backend(c.pid) ELSE false END
+FROM (
+    SELECT a.pid,
+           coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false)
+           OR (a.usesysid IS NOT NULL
+               AND NOT coalesce(r.rolsuper, false)
+               AND (pg_has_role('pg_signal_backend', 'USAGE')
+                    OR (r.oid IS NOT NULL AND pg_has_role(r.oid, 'USAGE')))) AS permitted
+    FROM unnest(%(pids)s::int[], %(starts)s::float8[], %(changes)s::float8[])
+             AS t(pid, started, changed)
+    JOIN pg_stat_activity a
+      ON a.pid = t.pid
+     AND abs(extract(epoch FROM a.backend_start) - t.started) < 0.001
+    LEFT JOIN pg_roles r ON r.oid = a.usesysid
+    WHERE a.backend_type = 'client backend'
+      AND a.state = 'idle'
+      AND date_part('epoch', a.state_change) <= t.changed + 0.001
+) c
 """
 
 # The last statement of a few backends (the abandoned connections of a leaking workload), by pid
