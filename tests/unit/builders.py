@@ -185,6 +185,7 @@ def run(
     owners: list[OwnerEvidence] | None = None,
     termination_possible: bool = True,
     blocked: str | None = None,
+    fragile: frozenset[str] = frozenset(),
 ) -> Decision:
     """Attribute, count and decide, as the cycle does (``owners``: the evidence, given)."""
     smp = sample(groups)
@@ -208,4 +209,5 @@ def run(
         termination_possible=termination_possible,
         blocked=blocked,
         sampled_at=smp.sampled_at,
+        fragile=fragile,
     )

@@ -24,13 +24,13 @@ from connbudget.cycle.observe import (
     read_credentials,
 )
 from connbudget.kube.api import KubeError, SecretProblem
-from connbudget.model.actions import ScalePooler
+from connbudget.model.actions import ScalePooler, TerminateBackends
 from connbudget.model.conditions import Reason
 from connbudget.model.spec import BudgetSpec, SpecError, is_paused, parse_spec
 from connbudget.policy import plan
 from connbudget.probe.errors import ProbeError
 from connbudget.report import status
-from connbudget.report.events import EventReason
+from connbudget.report.events import WARNING, EventReason
 
 
 async def run_cycle(
@@ -75,6 +75,7 @@ async def run_cycle(
     judged = await judge(seen, spec, namespace, runtime)
     remembered = status.memory_from_status(old_status)
     paused = is_paused(annotations)
+    await _watch_the_remedy(runtime, deps, seen, now)
     decision = _decide(spec, namespace, now, seen, judged, runtime, remembered, paused=paused)
     runtime.next_poll_seconds = decision.next_poll_seconds
     await _report_judgement(namespace, name, seen, judged, decision, runtime, deps)
@@ -96,6 +97,11 @@ async def run_cycle(
     )
     await act.record_intent(decision, old_status, outcome, deps, now)
     done = await act.carry_out(decision, spec, namespace, name, seen.monitor, deps, runtime, now)
+    if done.terminated:
+        runtime.remedy.terminated(
+            (p for a in decision.actions if isinstance(a, TerminateBackends) for p in a.targets),
+            at=now,
+        )
     decision = act.settle(done, decision, remembered, spec, namespace, runtime, deps)
     blockers = seen.blockers
     if done.denied is not None:
@@ -150,7 +156,24 @@ def _decide(
         pooler_owner=seen.pooler.owner,
         pooler_blocked=pooler_problem.message if pooler_problem is not None else None,
         sampled_at=seen.sample.sampled_at,
+        fragile=runtime.remedy.dies_on_termination(),
     )
+
+
+async def _watch_the_remedy(runtime: Runtime, deps: Deps, seen: Observation, now: float) -> None:
+    """Whether the governed pods' containers restarted after the operator terminated their
+    connections (``policy.remedy``); an Event for each owner found to die on termination."""
+    for owner in runtime.remedy.observe(seen.governed, at=now):
+        await deps.post_event(
+            WARNING,
+            EventReason.TERMINATION_RESTARTS_PODS.value,
+            f"{owner}'s containers restarted after its connections were terminated: its client "
+            "library dies when the server closes a connection (node-postgres: listen for "
+            "'error' on every client and on the pool). Its connections are no longer "
+            "terminated; its pods are restarted through the Eviction API when the budget "
+            "needs room.",
+            None,
+        )
 
 
 async def _report_judgement(

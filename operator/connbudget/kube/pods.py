@@ -55,4 +55,9 @@ def pod_info_from_body(body: Mapping[str, Any]) -> PodInfo:
         phase=str(status.get("phase", "")),
         ready=ready,
         terminating=bool(meta.get("deletionTimestamp")),
+        restarts=sum(
+            int(c.get("restartCount") or 0)
+            for c in status.get("containerStatuses") or []
+            if isinstance(c, Mapping)
+        ),
     )

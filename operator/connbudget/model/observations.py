@@ -111,6 +111,7 @@ class PodInfo:
     phase: str = "Running"
     ready: bool = True
     terminating: bool = False
+    restarts: int = 0  # its containers' restartCount, summed
 
     @property
     def owner(self) -> str:

@@ -96,6 +96,7 @@ class RestartCause(enum.StrEnum):
     POOLED_CLIENTS = "PooledClients"
     LEAK_GROWS_WITH_AGE = "LeakGrowsWithAge"
     TERMINATION_INSUFFICIENT = "TerminationInsufficient"
+    DIES_ON_TERMINATION = "DiesOnTermination"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,6 +188,7 @@ def plan_terminations(
     act: bool,
     need: int,
     spare: frozenset[str] = frozenset(),
+    fragile: frozenset[str] = frozenset(),
 ) -> tuple[IdleBackend, ...]:
     """Choose idle backends to terminate: pressure decides how many, the evidence whose.
 
@@ -198,7 +200,8 @@ def plan_terminations(
 
     Without ``pressure`` only a proven, sustained leak's abandoned connections are terminated (as
     ``idle_session_timeout`` would, but only for the leak); under pressure those, and as many
-    more as the budget ``need``s. At most ``maxPerCycle``.
+    more as the budget ``need``s. At most ``maxPerCycle``. Never a connection of a ``fragile``
+    owner (its pods restart when one is terminated: ``policy.remedy``).
     """
     ranked: list[tuple[int, IdleBackend]] = []  # 0: a sustained leak's, 1: a leak's, 2, 3
     for a in attributed:
@@ -209,6 +212,7 @@ def plan_terminations(
             or pod is None
             or pod.terminating
             or pod.name in spare
+            or pod.owner in fragile
             or not is_governed(pod, spec.selector, namespace)
         ):
             continue
@@ -275,6 +279,7 @@ def _restart_cause(
     termination_possible: bool,
     insufficient: bool,
     now: float,
+    fragile: frozenset[str] = frozenset(),
 ) -> tuple[RestartCause | None, dict[str, int]]:
     """Why termination cannot hold the budget, and the offending pods with their leaked counts."""
     leaking = [o for o in owners.values() if o.cls is OwnerClass.LEAKING]
@@ -294,6 +299,10 @@ def _restart_cause(
     in_tx = held(leaking, lambda o: o.in_transaction_by_pod)
     if in_tx:
         return RestartCause.IDLE_IN_TRANSACTION, in_tx
+    # Its pods restart when its connections are terminated: a graceful restart hurts less.
+    dying = held([o for o in leaking if o.owner in fragile], lambda o: o.abandoned_by_pod)
+    if dying:
+        return RestartCause.DIES_ON_TERMINATION, dying
     if not termination_possible or Step.TERMINATE_IDLE not in spec.remediation.steps:
         abandoned = held(leaking, lambda o: o.abandoned_by_pod)
         if abandoned:
@@ -546,6 +555,7 @@ def decide(
     pooler_owner: str | None = None,
     pooler_blocked: str | None = None,
     sampled_at: float | None = None,
+    fragile: frozenset[str] = frozenset(),
 ) -> Decision:
     """Decide this cycle's level, actions and next memory (the rules: see the module docstring).
 
@@ -557,7 +567,10 @@ def decide(
     then never scales it; ``pooler_blocked`` what stops the pooler's part only (a PgBouncer pod
     that does not answer hides its clients: no scaling, no restart for pooled clients, but a
     direct leak is still held); ``sampled_at`` the sample's time on the server's clock (default
-    ``now``), from which each chosen backend's ``state_change`` is re-checked when terminated.
+    ``now``), from which each chosen backend's ``state_change`` is re-checked when terminated;
+    ``fragile`` the owners whose pods restart when their connections are terminated
+    (``policy.remedy``): theirs are never terminated, their pods restarted when a breach is
+    acted on.
 
     In steps, each handing the next what it found: the level; the episode it continues; the
     breach's timing; the leaks in words; the actions (or the hold that stops them all); what
@@ -617,6 +630,7 @@ def decide(
                 usage=usage, history=history, next_poll_seconds=float(FAST_POLL_SECONDS)
             ),
             sampled_at=now if sampled_at is None else sampled_at,
+            fragile=fragile,
         )
     to_full = timing.to_full
     return Decision(
@@ -730,6 +744,7 @@ def _plan_actions(
     pressure: bool,
     need: int,
     sampled_at: float,
+    fragile: frozenset[str],
 ) -> _Plan:
     """The actions of a cycle that is neither paused nor blocked, in the order of the steps:
     restarts (only when termination cannot hold), terminations (never of a pod restarted in the
@@ -749,6 +764,7 @@ def _plan_actions(
             act=act,
             need=need,
             spare=spare,
+            fragile=fragile,
         )
 
     removable = terminations(frozenset()) if terminate else ()
@@ -772,6 +788,7 @@ def _plan_actions(
             terminate=terminate,
             insufficient=insufficient,
             in_cooldown=in_cooldown,
+            fragile=fragile,
         )
     restarts = tuple(a for a in restarting.actions if isinstance(a, RestartPod))
     actions: list[Action] = []
@@ -824,6 +841,7 @@ def _restart_step(
     terminate: bool,
     insufficient: bool,
     in_cooldown: bool,
+    fragile: frozenset[str],
 ) -> _Plan:
     """The restarts of a breach being acted on: why termination cannot hold (if it cannot), the
     worst offenders within the limits, or the hold (cooldown, pods too young) that stops them."""
@@ -835,6 +853,7 @@ def _restart_step(
         termination_possible=terminate,
         insufficient=insufficient,
         now=now,
+        fragile=fragile,
     )
     if cause is None:
         return _Plan()
@@ -869,5 +888,9 @@ _CAUSE_TEXT = {
     ),
     RestartCause.TERMINATION_INSUFFICIENT: (
         "terminations cannot bring usage back within the budget"
+    ),
+    RestartCause.DIES_ON_TERMINATION: (
+        "its pods restart when its connections are terminated (the client library dies on a "
+        "server-side close), so they are restarted gracefully instead"
     ),
 }

@@ -37,6 +37,7 @@ class EventReason(enum.StrEnum):
     PROBE_FAILED = "ProbeFailed"
     SPEC_INVALID = "SpecInvalid"
     ACTION_FAILED = "ActionFailed"
+    TERMINATION_RESTARTS_PODS = "TerminationRestartsPods"
 
 
 def usage_text(u: Usage) -> str:

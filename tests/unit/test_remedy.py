@@ -1,0 +1,92 @@
+"""Knowing what the remedy does: container restarts that follow the operator's terminations.
+
+Measured before: a node-postgres leak without an ``error`` listener was held by crash-looping the
+app (28 container restarts in 180 s, serving 35 % of the time), and the operator never noticed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from connbudget.kube.pods import pod_info_from_body
+from connbudget.model.actions import RestartPod, TerminateBackends
+from connbudget.model.observations import PodInfo
+from connbudget.policy import plan
+from connbudget.policy.remedy import CRASH_WINDOW_SECONDS, REMEMBER_SECONDS, RemedyWatch
+from unit.builders import NOW, idle_group, leaking, pod, run, spec
+
+WEB1, WEB2 = pod("web-1", "10.0.0.1"), pod("web-2", "10.0.0.2")
+OVER = plan.Memory(level=plan.Level.OVER, breach_since=NOW - 20)
+
+
+def restarted(p: PodInfo, n: int) -> PodInfo:
+    return dataclasses.replace(p, restarts=n)
+
+
+def test_restarts_after_terminations_twice_mean_the_owner_dies_on_termination() -> None:
+    watch = RemedyWatch()
+    assert watch.observe([WEB1, WEB2], at=NOW) == ()
+    watch.terminated(["web-1"], at=NOW + 1)
+    assert watch.observe([restarted(WEB1, 1), WEB2], at=NOW + 5) == ()  # once may be the app's
+    watch.terminated(["web-1", "web-2"], at=NOW + 20)
+    assert watch.observe([restarted(WEB1, 1), restarted(WEB2, 1)], at=NOW + 24) == (
+        "Deployment/web",
+    )
+    assert watch.dies_on_termination() == {"Deployment/web"}
+    # Said once; still known.
+    watch.terminated(["web-1"], at=NOW + 30)
+    assert watch.observe([restarted(WEB1, 2), restarted(WEB2, 1)], at=NOW + 33) == ()
+    assert watch.dies_on_termination() == {"Deployment/web"}
+    # It holds REMEMBER_SECONDS: a fix rolled out gets tried again afterwards.
+    watch.observe([restarted(WEB1, 2), restarted(WEB2, 1)], at=NOW + 34 + REMEMBER_SECONDS)
+    assert watch.dies_on_termination() == frozenset()
+
+
+def test_restarts_without_a_termination_before_them_are_the_apps_own() -> None:
+    watch = RemedyWatch()
+    watch.observe([WEB1], at=NOW)
+    for i in range(1, 5):
+        watch.observe([restarted(WEB1, i)], at=NOW + 10 * i)
+    assert watch.dies_on_termination() == frozenset()
+    # ... and so are restarts long after a termination.
+    watch.terminated(["web-1"], at=NOW + 100)
+    watch.observe([restarted(WEB1, 5)], at=NOW + 101 + CRASH_WINDOW_SECONDS)
+    watch.terminated(["web-1"], at=NOW + 200)
+    watch.observe([restarted(WEB1, 6)], at=NOW + 201 + CRASH_WINDOW_SECONDS)
+    assert watch.dies_on_termination() == frozenset()
+
+
+def test_a_pod_gone_is_forgotten() -> None:
+    watch = RemedyWatch()
+    watch.observe([WEB1], at=NOW)
+    watch.terminated(["web-1"], at=NOW)
+    watch.observe([], at=NOW + 1)
+    # A new pod of the same name starts at 0 restarts: nothing to compare with.
+    watch.observe([restarted(WEB1, 3)], at=NOW + 2)
+    assert watch.dies_on_termination() == frozenset()
+
+
+def test_the_restart_count_is_read_from_every_container() -> None:
+    body = {
+        "metadata": {"name": "web-1", "namespace": "shop", "uid": "u"},
+        "status": {
+            "containerStatuses": [{"restartCount": 3}, {"restartCount": 2}, {}],
+        },
+    }
+    assert pod_info_from_body(body).restarts == 5
+
+
+def test_a_leak_that_dies_on_termination_is_never_terminated_and_is_restarted_instead() -> None:
+    groups = [idle_group(WEB1, [40.0] * 50 + [1.0] * 35)]
+    owners = [leaking(abandoned={"web-1": 50})]
+    calm = run(spec(), [WEB1], [idle_group(WEB1, [40.0] * 10)], owners=owners)
+    assert any(isinstance(a, TerminateBackends) for a in calm.actions)  # as a rule...
+    fragile = frozenset({"Deployment/web"})
+    d = run(spec(), [WEB1], groups, memory=OVER, owners=owners, fragile=fragile)
+    assert not any(isinstance(a, TerminateBackends) for a in d.actions)  # ... but not this one
+    assert [a.pod for a in d.actions if isinstance(a, RestartPod)] == ["web-1"]
+    assert d.restart_cause is plan.RestartCause.DIES_ON_TERMINATION
+    calm_fragile = run(
+        spec(), [WEB1], [idle_group(WEB1, [40.0] * 10)], owners=owners, fragile=fragile
+    )
+    assert calm_fragile.actions == ()  # no breach: nothing at all
