@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from connbudget.model.actions import IdleBackend
+from connbudget.model.actions import IdleBackend, Termination
 from connbudget.model.observations import BackendGroup, ServerSample
 from connbudget.probe.postgres import Monitor
 from sandbox.core import Sandbox
@@ -214,21 +214,28 @@ def test_hostile_backends_are_terminated_by_pid_and_nothing_else_happens(
 ) -> None:
     sample = sample_once(sandbox.db.monitor_dsn)
     targets = [
-        IdleBackend(pid=pid, pod="hostile", idle_seconds=idle, backend_start=start)
+        IdleBackend(
+            pid=pid,
+            pod="hostile",
+            idle_seconds=idle,
+            backend_start=start,
+            state_change=sample.sampled_at - idle,
+        )
         for g in hostile_groups(sample)
         for pid, idle, start in g.idle
     ]
     assert len(targets) == len(HOSTILE)
 
-    async def main() -> list[int]:
+    async def main() -> Termination:
         m = Monitor(sandbox.db.monitor_dsn)
         try:
-            return await m.terminate(targets, min_idle_seconds=0)
+            return await m.terminate(targets)
         finally:
             await m.close()
 
     done = asyncio.run(main())
-    assert sorted(done) == sorted(t.pid for t in targets)
+    assert sorted(done.terminated) == sorted(t.pid for t in targets)
+    assert done.not_permitted == ()
     for s in hostile_sessions:
         with contextlib.suppress(OSError):
             s.proc.communicate(b"SELECT 1;\n", timeout=10)  # psql notices the lost connection

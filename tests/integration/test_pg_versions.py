@@ -37,8 +37,10 @@ REUSED: list[Callable[[Sandbox], None]] = [
     test_terminate_predicates.test_an_active_backend_is_protected_by_the_state_predicate,
     test_terminate_predicates.test_a_backend_used_again_since_the_probe_is_protected_by_the_state_change_predicate,
     test_terminate_predicates.test_a_reused_pid_is_protected_by_the_backend_start_predicate,
+    test_terminate_predicates.test_a_backend_used_again_is_protected_beside_a_long_idle_one_in_the_same_batch,
+    test_terminate_predicates.test_a_superusers_backend_is_left_alone_and_the_rest_of_the_batch_terminated,
     test_probe.test_terminate_ends_only_backends_still_idle_and_unchanged,
-    test_probe.test_terminating_without_pg_signal_backend_is_permission_denied,
+    test_probe.test_backends_a_role_without_pg_signal_backend_may_not_signal_are_left_alone,
     test_probe.test_budgets_sharing_a_database_share_one_connection,
     test_probe.test_the_monitor_keeps_seeing_when_the_server_is_full,
     test_probe.test_wrong_password_is_reported_without_the_password,
@@ -89,7 +91,7 @@ def test_every_probe_statement_runs_as_the_monitoring_role(pg: VersionServer) ->
             assert len(row) == 8
         assert m.execute(queries.WARM_UP).fetchone() is not None
         assert m.execute(queries.COUNT_FLOOR).fetchone() is not None
-        nothing = m.execute(queries.TERMINATE_IDLE, {"pids": [], "starts": [], "min_idle": 0.0})
+        nothing = m.execute(queries.TERMINATE_IDLE, {"pids": [], "starts": [], "changes": []})
         assert nothing.fetchall() == []
         none = m.execute(queries.STATEMENTS, {"pids": [], "starts": []}).fetchone()
         assert none == ([],)
@@ -222,17 +224,20 @@ def test_the_monitoring_role_has_only_what_the_probe_needs(pg: VersionServer) ->
                 m.execute("SELECT * FROM app_secret")
             with pytest.raises(errors.InsufficientPrivilege):
                 m.execute("CREATE TABLE monitor_owned (x int)")
-            # pg_signal_backend never reaches a superuser's backend.
+            # pg_signal_backend never reaches a superuser's backend ...
+            with pytest.raises(errors.InsufficientPrivilege):
+                m.execute("SELECT pg_terminate_backend(%s)", (su_pid,))
+            # ... which the termination statement leaves alone, and says so (not an error).
             row = m.execute(
-                "SELECT extract(epoch FROM backend_start)::float8 FROM pg_stat_activity"
-                " WHERE pid = %s",
+                "SELECT extract(epoch FROM backend_start)::float8,"
+                " date_part('epoch', state_change) FROM pg_stat_activity WHERE pid = %s",
                 (su_pid,),
             ).fetchone()
             assert row is not None
-            with pytest.raises(errors.InsufficientPrivilege):
-                m.execute(
-                    queries.TERMINATE_IDLE, {"pids": [su_pid], "starts": [row[0]], "min_idle": 0.0}
-                )
+            left = m.execute(
+                queries.TERMINATE_IDLE, {"pids": [su_pid], "starts": [row[0]], "changes": [row[1]]}
+            ).fetchall()
+            assert left == [(su_pid, False, False)]
             app.execute("DROP TABLE app_secret")
         assert su.execute("SELECT 1").fetchone() == (1,)
     assert flags == (False, False, False, False, False)

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from connbudget.model.actions import IdleBackend
+from connbudget.model.actions import IdleBackend, Termination
 from connbudget.model.observations import ServerSample
 from connbudget.probe.errors import ProbeError, ProbeFailure
 from connbudget.probe.pgbouncer import sample_poolers
@@ -62,7 +62,7 @@ def test_sample_groups_client_backends_and_leaves_the_probe_out(sandbox: Sandbox
 def test_terminate_ends_only_backends_still_idle_and_unchanged(sandbox: Sandbox) -> None:
     db = sandbox.db
 
-    async def main(busy_pid: int) -> tuple[list[int], ServerSample]:
+    async def main(busy_pid: int) -> tuple[Termination, ServerSample]:
         m = Monitor(db.monitor_dsn)
         try:
             s = await m.sample()
@@ -70,7 +70,14 @@ def test_terminate_ends_only_backends_still_idle_and_unchanged(sandbox: Sandbox)
                 g for g in s.groups if g.application_name == "probe-test-t" and g.state == "idle"
             )
             targets = [
-                IdleBackend(pid=p, pod="x", idle_seconds=i, backend_start=t) for p, i, t in g.idle
+                IdleBackend(
+                    pid=p,
+                    pod="x",
+                    idle_seconds=i,
+                    backend_start=t,
+                    state_change=s.sampled_at - i,
+                )
+                for p, i, t in g.idle
             ]
             # The busy backend is offered too, as if it had been idle at the probe: it must stay.
             busy_start = (
@@ -79,9 +86,15 @@ def test_terminate_ends_only_backends_still_idle_and_unchanged(sandbox: Sandbox)
                 else 0.0
             )
             targets.append(
-                IdleBackend(pid=busy_pid, pod="x", idle_seconds=99, backend_start=busy_start)
+                IdleBackend(
+                    pid=busy_pid,
+                    pod="x",
+                    idle_seconds=99,
+                    backend_start=busy_start,
+                    state_change=s.sampled_at - 99,
+                )
             )
-            done = await m.terminate(targets, min_idle_seconds=0)
+            done = await m.terminate(targets)
             # pg_terminate_backend signals; the backends leave pg_stat_activity a moment later.
             for _ in range(50):
                 after = await m.sample()
@@ -98,7 +111,8 @@ def test_terminate_ends_only_backends_still_idle_and_unchanged(sandbox: Sandbox)
         busy.execute("BEGIN")
         busy.execute("SELECT 1")
         done, after = asyncio.run(main(busy_pid))
-        assert sorted(done) == sorted(c.info.backend_pid for c in conns[1:])
+        assert sorted(done.terminated) == sorted(c.info.backend_pid for c in conns[1:])
+        assert done.not_permitted == ()
         assert groups_of(after, "probe-test-t") == {"idle in transaction": 1}
         assert busy.execute("SELECT 1").fetchone() == (1,)
 
@@ -138,32 +152,34 @@ def test_a_malformed_dsn_is_reported_without_its_content(dsn: str) -> None:
     assert "s3cret-Value" not in str(err)
 
 
-def test_terminating_without_pg_signal_backend_is_permission_denied(sandbox: Sandbox) -> None:
+def test_backends_a_role_without_pg_signal_backend_may_not_signal_are_left_alone(
+    sandbox: Sandbox,
+) -> None:
+    # pg_terminate_backend raises an ERROR for another role's backend without pg_signal_backend:
+    # the statement leaves it alone and says so, and the cycle reports the termination refused.
     db = sandbox.db
     with psycopg.connect(db.superuser_dsn, autocommit=True) as su:
         su.execute("DROP ROLE IF EXISTS watcher_only")
         su.execute("CREATE ROLE watcher_only LOGIN PASSWORD 'w-pass' IN ROLE pg_monitor")
     dsn = db.dsn("watcher_only", "w-pass", db.pg_port, "app")
 
-    async def main() -> ProbeError:
+    async def main() -> tuple[int, Termination]:
         m = Monitor(dsn)
         try:
             s = await m.sample()
             g = next(g for g in s.groups if g.application_name == "probe-test-p" and g.idle)
             p, i, t = g.idle[0]
-            with pytest.raises(ProbeError) as err:
-                await m.terminate(
-                    [IdleBackend(pid=p, pod="x", idle_seconds=i, backend_start=t)],
-                    min_idle_seconds=0,
-                )
-            return err.value
+            chosen = IdleBackend(
+                pid=p, pod="x", idle_seconds=i, backend_start=t, state_change=s.sampled_at - i
+            )
+            return p, await m.terminate([chosen])
         finally:
             await m.close()
 
-    with connections(db.app_dsn, 1, "probe-test-p"):
-        err = asyncio.run(main())
-    assert err.failure is ProbeFailure.PERMISSION_DENIED
-    assert "pg_signal_backend" in str(err)
+    with connections(db.app_dsn, 1, "probe-test-p") as (conn,):
+        pid, done = asyncio.run(main())
+        assert done == Termination(not_permitted=(pid,))
+        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_budgets_sharing_a_database_share_one_connection(sandbox: Sandbox) -> None:
