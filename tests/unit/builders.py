@@ -186,6 +186,7 @@ def run(
     termination_possible: bool = True,
     blocked: str | None = None,
     fragile: frozenset[str] = frozenset(),
+    not_signalable: frozenset[tuple[int, float]] = frozenset(),
 ) -> Decision:
     """Attribute, count and decide, as the cycle does (``owners``: the evidence, given)."""
     smp = sample(groups)
@@ -210,4 +211,5 @@ def run(
         blocked=blocked,
         sampled_at=smp.sampled_at,
         fragile=fragile,
+        not_signalable=not_signalable,
     )

@@ -530,3 +530,12 @@ def test_per_pod_rates_of_a_leak_are_measured() -> None:
         c.pod = "web-2"
     judged = last(play(fast + slow, until=T0 + 35))["Deployment/web"]
     assert judged.rate_by_pod["web-1"] > 3 * judged.rate_by_pod["web-2"] > 0
+
+
+def test_a_backend_a_termination_was_refused_for_is_never_chosen_again() -> None:
+    group = idle_group(WEB1, [40.0, 30.0])
+    ev = leaking(abandoned={"web-1": 2})
+    assert len(terminated(run(spec(), [WEB1], [group], owners=[ev]))) == 2
+    pid, _, start = group.idle[0]
+    d = run(spec(), [WEB1], [group], owners=[ev], not_signalable=frozenset({(pid, start)}))
+    assert terminated(d) == [("web-1", 30.0)]

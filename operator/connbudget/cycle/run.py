@@ -157,6 +157,7 @@ def _decide(
         pooler_blocked=pooler_problem.message if pooler_problem is not None else None,
         sampled_at=seen.sample.sampled_at,
         fragile=runtime.remedy.dies_on_termination(),
+        not_signalable=runtime.not_signalable,
     )
 
 

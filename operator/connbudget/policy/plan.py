@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from connbudget.model.actions import Action, IdleBackend, RestartPod, ScalePooler, TerminateBackends
@@ -189,6 +189,7 @@ def plan_terminations(
     need: int,
     spare: frozenset[str] = frozenset(),
     fragile: frozenset[str] = frozenset(),
+    not_signalable: Collection[tuple[int, float]] = frozenset(),
 ) -> tuple[IdleBackend, ...]:
     """Choose idle backends to terminate: pressure decides how many, the evidence whose.
 
@@ -201,7 +202,8 @@ def plan_terminations(
     Without ``pressure`` only a proven, sustained leak's abandoned connections are terminated (as
     ``idle_session_timeout`` would, but only for the leak); under pressure those, and as many
     more as the budget ``need``s. At most ``maxPerCycle``. Never a connection of a ``fragile``
-    owner (its pods restart when one is terminated: ``policy.remedy``).
+    owner (its pods restart when one is terminated: ``policy.remedy``), nor a backend a
+    termination was refused for (``not_signalable``: the monitoring role may not signal it).
     """
     ranked: list[tuple[int, IdleBackend]] = []  # 0: a sustained leak's, 1: a leak's, 2, 3
     for a in attributed:
@@ -236,7 +238,7 @@ def plan_terminations(
                 ),
             )
             for pid, idle_s, start in a.group.idle
-            if idle_s >= after
+            if idle_s >= after and (pid, start) not in not_signalable
         )
     ranked.sort(key=lambda rb: (rb[0], -rb[1].idle_seconds, rb[1].pid))
     sure = [b for rank, b in ranked if rank == 0]
@@ -556,6 +558,7 @@ def decide(
     pooler_blocked: str | None = None,
     sampled_at: float | None = None,
     fragile: frozenset[str] = frozenset(),
+    not_signalable: Collection[tuple[int, float]] = frozenset(),
 ) -> Decision:
     """Decide this cycle's level, actions and next memory (the rules: see the module docstring).
 
@@ -570,7 +573,7 @@ def decide(
     ``now``), from which each chosen backend's ``state_change`` is re-checked when terminated;
     ``fragile`` the owners whose pods restart when their connections are terminated
     (``policy.remedy``): theirs are never terminated, their pods restarted when a breach is
-    acted on.
+    acted on; ``not_signalable`` the backends a termination was refused for, never chosen again.
 
     In steps, each handing the next what it found: the level; the episode it continues; the
     breach's timing; the leaks in words; the actions (or the hold that stops them all); what
@@ -631,6 +634,7 @@ def decide(
             ),
             sampled_at=now if sampled_at is None else sampled_at,
             fragile=fragile,
+            not_signalable=not_signalable,
         )
     to_full = timing.to_full
     return Decision(
@@ -745,6 +749,7 @@ def _plan_actions(
     need: int,
     sampled_at: float,
     fragile: frozenset[str],
+    not_signalable: Collection[tuple[int, float]],
 ) -> _Plan:
     """The actions of a cycle that is neither paused nor blocked, in the order of the steps:
     restarts (only when termination cannot hold), terminations (never of a pod restarted in the
@@ -765,6 +770,7 @@ def _plan_actions(
             need=need,
             spare=spare,
             fragile=fragile,
+            not_signalable=not_signalable,
         )
 
     removable = terminations(frozenset()) if terminate else ()
