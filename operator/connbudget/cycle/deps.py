@@ -23,7 +23,7 @@ from connbudget.model.spec import (
     ObjectRef,
     SecretRef,
 )
-from connbudget.policy import attribution, culprits, evidence
+from connbudget.policy import attribution, culprits, evidence, remedy
 from connbudget.policy.census import Census
 from connbudget.report.metrics import Metrics
 
@@ -120,6 +120,11 @@ class Runtime:
     next_poll_seconds: float | None = None
     # Each governed backend followed across polls: who leaks, who pools (policy.evidence).
     evidence: evidence.Evidence = field(default_factory=evidence.Evidence)
+    # Whether the evidence has taken the owners' reuse gaps the status kept (once per runtime:
+    # after an operator restart or a change of leader, a pool is not new).
+    evidence_seeded: bool = False
+    # What the operator's terminations did to the governed pods (policy.remedy).
+    remedy: remedy.RemedyWatch = field(default_factory=remedy.RemedyWatch)
     # What leaking owners' abandoned connections last ran (policy.culprits).
     culprits: culprits.Culprits = field(default_factory=culprits.Culprits)
     # Connections the operator removed itself (terminated), added back into the forecast's
