@@ -35,13 +35,21 @@ async def judge(seen: Observation, spec: BudgetSpec, namespace: str, runtime: Ru
     sample = seen.sample
     floor = float(spec.remediation.terminate_idle.min_idle_seconds)
     governed = [p.name for p in seen.governed]
+    mine = frozenset(governed)
     runtime.evidence.observe(
         at=sample.sampled_at,
-        seen=evidence.seen_backends(
-            attributed=seen.governed_groups,
-            sampled_at=sample.sampled_at,
-            governed=frozenset(governed),
-        ),
+        seen=[
+            *evidence.seen_backends(
+                attributed=seen.governed_groups, sampled_at=sample.sampled_at, governed=mine
+            ),
+            # PgBouncer clients are judged by evidence as direct backends are.
+            *evidence.seen_pooled(
+                clients=seen.pooler_clients,
+                pods=seen.index.by_name,
+                sampled_at=sample.sampled_at,
+                governed=mine,
+            ),
+        ],
         floor=floor,
     )
     # Under pressure a leak is named on less evidence (waiting would let it fill the server).

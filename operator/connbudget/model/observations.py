@@ -79,6 +79,7 @@ class PoolerClient:
     application_name: str = ""
     idle_seconds: float = 0.0  # since the client's last request
     connected_at: float | None = None  # epoch seconds (None: not known)
+    port: int | None = None  # the client's port: with addr and connected_at, its identity
 
 
 @dataclass(frozen=True, kw_only=True)

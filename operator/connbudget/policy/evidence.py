@@ -42,11 +42,12 @@ from __future__ import annotations
 
 import bisect
 import enum
+import zlib
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from connbudget.model.observations import BackendGroup
+from connbudget.model.observations import BackendGroup, PodInfo, PoolerClient
 from connbudget.policy.attribution import Attributed, Via
 
 # Leak evidence and rates are computed over this much recent time (seconds).
@@ -97,6 +98,7 @@ class Seen:
     changed_at: float  # state_change (the server's clock, epoch seconds)
     pod: str
     owner: str  # Kind/name of the pod's workload
+    pooled: bool = False  # a PgBouncer client, not a backend: judged, never terminated
 
 
 @dataclass(slots=True)
@@ -108,6 +110,7 @@ class _Track:
     state: str
     changed_at: float
     last_seen: float
+    pooled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +194,45 @@ def _seen_of(g: BackendGroup, sampled_at: float, pod: str, owner: str) -> Iterab
         )
 
 
+# A PgBouncer client whose last request is at least this old is idle (PgBouncer prints whole
+# seconds); a waiting one, or one with a request under way, is not.
+POOLED_IDLE_SECONDS = 1.0
+
+
+def seen_pooled(
+    *,
+    clients: Mapping[str, Sequence[PoolerClient]],
+    pods: Mapping[str, PodInfo],
+    sampled_at: float,
+    governed: frozenset[str],
+) -> list[Seen]:
+    """The PgBouncer clients of the ``governed`` pods (``clients`` by pod name), one by one, as
+    backends are: a client is followed by its address, port and connect time, and its last
+    request moving on is a reuse. So a pod's pooled clients are judged by evidence as its direct
+    backends are, never leaked by their idle age alone."""
+    out: list[Seen] = []
+    for name, mine in clients.items():
+        pod = pods.get(name)
+        if pod is None or name not in governed:
+            continue
+        for c in mine:
+            if c.connected_at is None:
+                continue
+            idle = c.state != "waiting" and c.idle_seconds >= POOLED_IDLE_SECONDS
+            out.append(
+                Seen(
+                    pid=-1 - (zlib.crc32(f"{c.addr}:{c.port}".encode()) & 0x7FFFFFFF),
+                    backend_start=c.connected_at,
+                    state="idle" if idle else "active",
+                    changed_at=sampled_at - c.idle_seconds,
+                    pod=name,
+                    owner=pod.owner,
+                    pooled=True,
+                )
+            )
+    return out
+
+
 def abandon_after(max_gap: float | None, *, floor: float) -> float:
     """Idle seconds after which a connection of an owner whose longest reuse gap is ``max_gap``
     is abandoned: longer than any gap the owner showed before using a connection again (so a
@@ -267,6 +309,7 @@ class Evidence:
                 state=s.state,
                 changed_at=s.changed_at,
                 last_seen=at,
+                pooled=s.pooled,
             )
         for key, track in self._tracks.items():
             if key in current:
@@ -350,15 +393,16 @@ class Evidence:
         arrivals = _arrivals(lives, after=after, since=recent)
         by_pod: dict[str, int] = {}
         in_tx_by_pod: dict[str, int] = {}
+        direct = [t for t in tracks if not t.pooled]
         fresh_single_use = sum(
             1
-            for t in tracks
+            for t in direct
             if t.state in WAITING_STATES
             and t.start >= recent
             and t.changed_at - t.start <= FIRST_USE_SECONDS
         )
         abandoned: list[_Track] = []
-        for t in tracks:
+        for t in direct:
             if t.state not in WAITING_STATES or at - t.changed_at < after:
                 continue
             abandoned.append(t)
@@ -396,7 +440,7 @@ class Evidence:
             terminate_after=terminate_after,
             max_gap=max_gap,
             reuses=len(log.gaps),
-            connections=len(tracks),
+            connections=len(direct),
             arrivals=len(arrivals),
             sustained=sustained,
             suspect=fresh_single_use >= LEAK_MIN_CONNECTIONS,

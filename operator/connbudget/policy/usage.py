@@ -13,7 +13,7 @@ from connbudget.model.spec import BudgetSpec, LabelSelector, Scope
 from connbudget.policy import forecast
 from connbudget.policy.attribution import Attributed
 from connbudget.policy.census import Census, OwnerCount, Totals, census_of
-from connbudget.policy.evidence import OwnerEvidence, abandon_after
+from connbudget.policy.evidence import OwnerClass, OwnerEvidence
 
 TOP_OWNERS = 10  # status.usage.byOwner keeps the ten biggest owners
 # A server with no more free slots than this share of its usable ones (and at least
@@ -139,7 +139,6 @@ def compute_usage(
             for name, groups in found.by_pod.items()
             if is_governed(groups[0].pod, spec.selector, namespace)
         ]
-    floor = float(spec.remediation.terminate_idle.min_idle_seconds)
     budget = spec.budget.resolve(
         server_max_connections=sample.max_connections, reserved=sample.reserved
     )
@@ -163,8 +162,13 @@ def compute_usage(
         tally.pods.add(pod.name)
         tally.pooled += len(clients)
         judged = owners.get(pod.owner)
-        after = judged.abandon_after if judged is not None else abandon_after(None, floor=floor)
-        if is_governed(pod, spec.selector, namespace):
+        # Never leaked by idle age alone: only a leaking owner's clients idle past its abandon age.
+        if (
+            judged is not None
+            and judged.cls is OwnerClass.LEAKING
+            and is_governed(pod, spec.selector, namespace)
+        ):
+            after = judged.abandon_after
             n = sum(1 for c in clients if c.idle_seconds >= after)
             tally.pooled_leaked += n
             pooled_leaked += n

@@ -93,6 +93,13 @@ def _idle_seconds(request_time: object, now: float) -> float:
     return 0.0 if t is None else max(now - t, 0.0)
 
 
+def _port(value: object) -> int | None:
+    try:
+        return int(str(value))
+    except ValueError:
+        return None
+
+
 def summarise(
     pools: Iterable[dict[str, Any]], clients: Iterable[dict[str, Any]], *, now: float
 ) -> tuple[int, int, list[PoolerClient]]:
@@ -113,6 +120,7 @@ def summarise(
             idle_seconds=_idle_seconds(c.get("request_time"), now),
             # PgBouncer prints whole seconds: the start check allows for it (attribution).
             connected_at=_epoch(c.get("connect_time")),
+            port=_port(c.get("port")),
         )
         for c in clients
         if c.get("database") != "pgbouncer"

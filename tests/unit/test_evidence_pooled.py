@@ -1,0 +1,97 @@
+"""PgBouncer clients are judged by evidence as direct backends are, never leaked by age alone.
+
+Measured before (simulated with the operator's own code): a healthy app reaching the database
+only through PgBouncer, whose clients sit idle 20 s, had a pod evicted (``PooledClients``) in a
+breach another workload caused, every cooldown.
+"""
+
+from __future__ import annotations
+
+from connbudget.model.observations import PoolerClient
+from connbudget.policy import usage
+from connbudget.policy.evidence import Evidence, OwnerClass, seen_pooled
+from unit.builders import NOW, NS, leaking, pod, pooling, sample, spec
+
+WEB1 = pod("web-1", "10.0.0.1")
+PODS = {WEB1.name: WEB1}
+
+
+def client(port: int, *, connected: float, last_request: float, at: float) -> PoolerClient:
+    return PoolerClient(
+        addr="10.0.0.1",
+        user="app",
+        database="app",
+        state="active",
+        idle_seconds=max(at - last_request, 0.0),
+        connected_at=connected,
+        port=port,
+    )
+
+
+def judge_every_second(
+    clients_at: list[list[PoolerClient]], *, pressure: bool
+) -> list[dict[str, OwnerClass]]:
+    ev = Evidence()
+    out = []
+    for i, clients in enumerate(clients_at):
+        at = NOW + i
+        seen = seen_pooled(
+            clients={"web-1": clients}, pods=PODS, sampled_at=at, governed=frozenset({"web-1"})
+        )
+        ev.observe(at=at, seen=seen, floor=3.0)
+        out.append(
+            {
+                o: e.cls
+                for o, e in ev.judge(at=at, floor=3.0, idle_seconds=300, pressure=pressure).items()
+            }
+        )
+    return out
+
+
+def test_pooled_clients_reused_every_20_s_are_a_pool_never_a_leak() -> None:
+    timeline = []
+    for i in range(120):
+        at = NOW + i
+        timeline.append(
+            [
+                client(
+                    40_000 + k, connected=NOW, last_request=NOW + 20 * ((i - k) // 20) + k, at=at
+                )
+                for k in range(8)
+            ]
+        )
+    classes = judge_every_second(timeline, pressure=True)
+    assert all(c.get("Deployment/web") is not OwnerClass.LEAKING for c in classes)
+    assert classes[-1]["Deployment/web"] is OwnerClass.POOLING
+
+
+def test_a_leak_through_pgbouncer_is_told_by_its_arrivals() -> None:
+    timeline = []
+    for i in range(30):
+        at = NOW + i
+        # A new client every second, one request, never used again.
+        timeline.append(
+            [
+                client(50_000 + k, connected=NOW + k, last_request=NOW + k, at=at)
+                for k in range(i + 1)
+            ]
+        )
+    classes = judge_every_second(timeline, pressure=True)
+    assert classes[-1]["Deployment/web"] is OwnerClass.LEAKING
+
+
+def test_pooled_clients_of_an_owner_not_leaking_are_never_counted_leaked() -> None:
+    s = spec()
+    idle = [
+        client(60_000 + k, connected=NOW - 600, last_request=NOW - 400, at=NOW) for k in range(5)
+    ]
+    for owner, leaked in ((pooling("Deployment/web"), 0), (leaking(), 5)):
+        u = usage.compute_usage(
+            spec=s,
+            namespace=NS,
+            sample=sample([]),
+            pooled={"web-1": idle},
+            pods=PODS,
+            owners={owner.owner: owner},
+        )
+        assert u.leaked == leaked + owner.abandoned
