@@ -539,3 +539,25 @@ def test_a_backend_a_termination_was_refused_for_is_never_chosen_again() -> None
     pid, _, start = group.idle[0]
     d = run(spec(), [WEB1], [group], owners=[ev], not_signalable=frozenset({(pid, start)}))
     assert terminated(d) == [("web-1", 30.0)]
+
+
+def test_an_idle_in_transaction_leak_is_restarted_under_pressure_before_it_crosses() -> None:
+    # Measured before: an idle-in-transaction leak (node-postgres, 0.5/s) was named 19 s after
+    # it began but acted on only after 15 s over the budget, with 85 backends in open
+    # transactions: termination is no remedy, so waiting for a breach only lets it cross.
+    groups = [active_group(WEB1, 66, state="idle in transaction", in_state=60.0)]
+    ev = leaking(in_transaction={"web-1": 66})
+    d = run(spec(), [WEB1], groups, owners=[ev])
+    assert d.level is Level.WARNING  # 66 of 80: at the warning line, not over
+    assert [r.pod for r in restarts(d)] == ["web-1"]
+    assert d.restart_cause is plan.RestartCause.IDLE_IN_TRANSACTION
+    calm = run(spec(), [WEB1], [active_group(WEB1, 20, state="idle in transaction")], owners=[ev])
+    assert restarts(calm) == []  # no pressure: nothing
+
+
+def test_an_ordinary_leak_under_pressure_is_terminated_not_restarted() -> None:
+    groups = [idle_group(WEB1, [40.0] * 66)]
+    d = run(spec(), [WEB1], groups, owners=[leaking(abandoned={"web-1": 66})])
+    assert d.level is Level.WARNING
+    assert restarts(d) == []
+    assert len(terminated(d)) == 66

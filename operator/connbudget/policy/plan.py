@@ -28,7 +28,9 @@ The rules, and the failure each prevents:
   would roll back whatever they hold; a restart lets the app close them), termination is not
   allowed or not permitted, its leaked clients sit in PgBouncer, its leak grows with pod age
   (the oldest pod leaks fastest under the same traffic), or the breach lasted ``breachSeconds``
-  and more than terminations can remove. A pooling owner's pods are never
+  and more than terminations can remove. Where termination is no remedy (the leak sits idle in a
+  transaction, or its pods die when their connections are terminated: ``policy.remedy``), the
+  restart comes under pressure, before the breach, not after it. A pooling owner's pods are never
   offenders, and a pod restarted in a cycle never has its backends terminated in the same cycle.
 - **Disruption limits.** Restarts and pooler scaling wait out ``cooldownSeconds`` (kept in status,
   so an operator restart does not reset it); at most ``maxPodsPerCycle`` pods, none younger than
@@ -282,6 +284,7 @@ def _restart_cause(
     insufficient: bool,
     now: float,
     fragile: frozenset[str] = frozenset(),
+    early: bool = False,
 ) -> tuple[RestartCause | None, dict[str, int]]:
     """Why termination cannot hold the budget, and the offending pods with their leaked counts."""
     leaking = [o for o in owners.values() if o.cls is OwnerClass.LEAKING]
@@ -305,6 +308,8 @@ def _restart_cause(
     dying = held([o for o in leaking if o.owner in fragile], lambda o: o.abandoned_by_pod)
     if dying:
         return RestartCause.DIES_ON_TERMINATION, dying
+    if early:
+        return None, {}  # the other causes wait for a breach acted on
     if not termination_possible or Step.TERMINATE_IDLE not in spec.remediation.steps:
         abandoned = held(leaking, lambda o: o.abandoned_by_pod)
         if abandoned:
@@ -775,11 +780,16 @@ def _plan_actions(
 
     removable = terminations(frozenset()) if terminate else ()
     restarting = _Plan()
-    if act and Step.RESTART_PODS in steps:
+    # Where termination is no remedy (a leak idle in a transaction, or one whose pods die when
+    # their connections are terminated), waiting for a breach lets it cross the budget: under
+    # pressure, restart before it does.
+    early = pressure and not act and _restart_is_the_remedy(owners, fragile)
+    if (act or early) and Step.RESTART_PODS in steps:
         # More over the budget than terminations can remove, for a whole breach window, after a
         # cycle of the steps before restarts: termination cannot hold it.
         insufficient = (
-            sustained
+            act
+            and sustained
             and escalation >= steps.index(Step.RESTART_PODS)
             and usage.connections - len(removable) > usage.budget
         )
@@ -795,6 +805,7 @@ def _plan_actions(
             insufficient=insufficient,
             in_cooldown=in_cooldown,
             fragile=fragile,
+            early=early,
         )
     restarts = tuple(a for a in restarting.actions if isinstance(a, RestartPod))
     actions: list[Action] = []
@@ -836,6 +847,16 @@ def _plan_actions(
     )
 
 
+def _restart_is_the_remedy(owners: Mapping[str, OwnerEvidence], fragile: frozenset[str]) -> bool:
+    """Whether a leaking owner can be held only by restarting its pods: its leaked connections
+    sit idle in a transaction, or its pods die when their connections are terminated."""
+    return any(
+        o.cls is OwnerClass.LEAKING
+        and (o.abandoned_in_transaction > 0 or (o.owner in fragile and o.abandoned > 0))
+        for o in owners.values()
+    )
+
+
 def _restart_step(
     *,
     spec: BudgetSpec,
@@ -848,9 +869,12 @@ def _restart_step(
     insufficient: bool,
     in_cooldown: bool,
     fragile: frozenset[str],
+    early: bool = False,
 ) -> _Plan:
-    """The restarts of a breach being acted on: why termination cannot hold (if it cannot), the
-    worst offenders within the limits, or the hold (cooldown, pods too young) that stops them."""
+    """The restarts of a breach being acted on (``early``: of a budget under pressure, before a
+    breach, only for the causes termination cannot help): why termination cannot hold (if it
+    cannot), the worst offenders within the limits, or the hold (cooldown, pods too young) that
+    stops them."""
     cause, offenders = _restart_cause(
         pods=pods,
         owners=owners,
@@ -860,6 +884,7 @@ def _restart_step(
         insufficient=insufficient,
         now=now,
         fragile=fragile,
+        early=early,
     )
     if cause is None:
         return _Plan()
