@@ -23,7 +23,7 @@ from connbudget.model.spec import (
     ObjectRef,
     SecretRef,
 )
-from connbudget.policy import attribution, culprits, evidence, remedy
+from connbudget.policy import attribution, culprits, evidence, ledger, remedy
 from connbudget.policy.census import Census
 from connbudget.report.metrics import Metrics
 
@@ -106,6 +106,9 @@ class Deps:
     census: CensusTaker | None = None
     # Whether this replica may act now (it leads for sure); asked before every action.
     may_act: Callable[[], bool] = lambda: True
+    # What every budget of this replica terminated and restarted lately, shared by them all, so
+    # budgets whose selectors overlap do not act twice (None: each budget on its own).
+    ledger: ledger.Ledger | None = None
 
 
 @dataclass

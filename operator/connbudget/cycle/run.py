@@ -24,7 +24,7 @@ from connbudget.cycle.observe import (
     read_credentials,
 )
 from connbudget.kube.api import KubeError, SecretProblem
-from connbudget.model.actions import ScalePooler, TerminateBackends
+from connbudget.model.actions import RestartPod, ScalePooler, TerminateBackends
 from connbudget.model.conditions import Reason
 from connbudget.model.spec import BudgetSpec, SpecError, is_paused, parse_spec
 from connbudget.policy import plan
@@ -76,7 +76,9 @@ async def run_cycle(
     remembered = status.memory_from_status(old_status)
     paused = is_paused(annotations)
     await _watch_the_remedy(runtime, deps, seen, now)
-    decision = _decide(spec, namespace, now, seen, judged, runtime, remembered, paused=paused)
+    decision = _decide(
+        spec, namespace, now, seen, judged, runtime, remembered, paused=paused, deps=deps, name=name
+    )
     runtime.next_poll_seconds = decision.next_poll_seconds
     await _report_judgement(namespace, name, seen, judged, decision, runtime, deps)
 
@@ -97,11 +99,7 @@ async def run_cycle(
     )
     await act.record_intent(decision, old_status, outcome, deps, now)
     done = await act.carry_out(decision, spec, namespace, name, seen.monitor, deps, runtime, now)
-    if done.terminated:
-        runtime.remedy.terminated(
-            (p for a in decision.actions if isinstance(a, TerminateBackends) for p in a.targets),
-            at=now,
-        )
+    _remember_what_was_done(done, decision, runtime, deps, f"{namespace}/{name}", now)
     decision = act.settle(done, decision, remembered, spec, namespace, runtime, deps)
     blockers = seen.blockers
     if done.denied is not None:
@@ -132,8 +130,11 @@ def _decide(
     remembered: plan.Memory,
     *,
     paused: bool,
+    deps: Deps,
+    name: str,
 ) -> plan.Decision:
-    """The pure decision, from what was observed and judged and what the status remembers."""
+    """The pure decision, from what was observed and judged, what the status remembers and what
+    the other budgets of this replica did lately (the ledger)."""
     # A pooler's problem stops the pooler's part only: a direct leak is still held.
     pooler_problem = seen.pooler.problem
     blockers = tuple(p for p in seen.blockers if p is not pooler_problem)
@@ -158,7 +159,35 @@ def _decide(
         sampled_at=seen.sample.sampled_at,
         fragile=runtime.remedy.dies_on_termination(),
         not_signalable=runtime.not_signalable,
+        claimed=deps.ledger.recently_terminated(at=now) if deps.ledger else frozenset(),
+        restarts_held=(
+            deps.ledger.restarts_held(at=now, me=f"{namespace}/{name}") if deps.ledger else None
+        ),
     )
+
+
+def _remember_what_was_done(
+    done: act.Done,
+    decision: plan.Decision,
+    runtime: Runtime,
+    deps: Deps,
+    budget: str,
+    now: float,
+) -> None:
+    """What the pass did, for the remedy's watch (whose pods lost connections) and for the other
+    budgets of this replica (``policy.ledger``): the backends terminated, the owners restarted."""
+    if decision.dry_run:
+        return
+    ended = [b for a in decision.actions if isinstance(a, TerminateBackends) for b in a.backends]
+    if done.terminated and ended:
+        runtime.remedy.terminated({b.pod for b in ended}, at=now)
+        if deps.ledger is not None:
+            deps.ledger.terminated(((b.pid, b.backend_start) for b in ended), at=now)
+    until = decision.memory.cooldown_until
+    if done.restarted and deps.ledger is not None and until is not None:
+        for a in decision.actions:
+            if isinstance(a, RestartPod):
+                deps.ledger.restarted(f"{a.owner_kind}/{a.owner_name}", until=until, by=budget)
 
 
 async def _watch_the_remedy(runtime: Runtime, deps: Deps, seen: Observation, now: float) -> None:

@@ -23,6 +23,7 @@ from connbudget.handlers.pod_cache import PodCache
 from connbudget.handlers.status_writer import StatusConflict, StatusWriter
 from connbudget.kube.api import BudgetRef, Kube, KubeError
 from connbudget.model.observations import PoolerSample
+from connbudget.policy import ledger
 from connbudget.policy.shards import shard_of
 from connbudget.probe.pgbouncer import sample_poolers
 from connbudget.probe.postgres import MonitorPool
@@ -94,6 +95,8 @@ class Reconciler:
         self.runtimes: dict[Key, cycle.Runtime] = {}
         # A sample shared by budgets is attributed and counted once for those of one namespace.
         self.censuses = cycle.Censuses()
+        # What every budget of this replica terminated and restarted lately (policy.ledger).
+        self.ledger = ledger.Ledger()
         self.workers: dict[Key, asyncio.Task[None]] = {}
         self.standby: dict[Key, asyncio.Task[None]] = {}  # keep connections open, act on nothing
         # The shards this replica leads, each with whether it may act on it right now (the
@@ -330,6 +333,7 @@ class Reconciler:
             forget_pod=self.pods.forget,
             may_act=lambda: self._may_act((ref.namespace, ref.name)),
             census=self.censuses.take,
+            ledger=self.ledger,
         )
 
     async def _work(self, key: Key) -> None:

@@ -179,6 +179,21 @@ def termination_need(
     return max(usage.connections - usage.warning_line + 1 + growth, 0)
 
 
+def _already_removed(
+    attributed: Sequence[Attributed], claimed: Collection[tuple[int, float]]
+) -> int:
+    """How many of the backends the budget counts another budget terminated moments ago."""
+    if not claimed:
+        return 0
+    return sum(
+        1
+        for a in attributed
+        if a.via is not Via.POOLER
+        for pid, _, start in a.group.backends
+        if (pid, start) in claimed
+    )
+
+
 def plan_terminations(
     *,
     attributed: Sequence[Attributed],
@@ -359,19 +374,25 @@ def _plan_restarts(
     spec: BudgetSpec,
     namespace: str,
     now: float,
-) -> tuple[tuple[RestartPod, ...], int]:
-    """Restarts of the worst offenders (most leaked connections first) within the limits, and how
-    many offenders were too young to restart."""
+    held: Mapping[str, float],
+) -> tuple[tuple[RestartPod, ...], int, tuple[str, ...]]:
+    """Restarts of the worst offenders (most leaked connections first) within the limits, how
+    many offenders were too young to restart, and the owners of offenders ``held`` (restarted by
+    another budget, waiting out its cooldown)."""
     rp = spec.remediation.restart_pods
     out: list[RestartPod] = []
     owners_done: set[str] = set()
     too_young = 0
+    waiting: set[str] = set()
     eligible = [
         p
         for p in pods
         if p.name in offenders and not p.terminating and is_governed(p, spec.selector, namespace)
     ]
     for pod in sorted(eligible, key=lambda p: (-offenders[p.name], p.name)):
+        if pod.owner in held:
+            waiting.add(pod.owner)
+            continue
         if now - pod.created_at < rp.min_pod_age_seconds:
             too_young += 1
             continue
@@ -392,7 +413,7 @@ def _plan_restarts(
                 owner_name=pod.owner_name or pod.name,
             )
         )
-    return tuple(out), too_young
+    return tuple(out), too_young, tuple(sorted(waiting))
 
 
 def plan_scaling(
@@ -564,6 +585,8 @@ def decide(
     sampled_at: float | None = None,
     fragile: frozenset[str] = frozenset(),
     not_signalable: Collection[tuple[int, float]] = frozenset(),
+    claimed: Collection[tuple[int, float]] = frozenset(),
+    restarts_held: Mapping[str, float] | None = None,
 ) -> Decision:
     """Decide this cycle's level, actions and next memory (the rules: see the module docstring).
 
@@ -578,7 +601,10 @@ def decide(
     ``now``), from which each chosen backend's ``state_change`` is re-checked when terminated;
     ``fragile`` the owners whose pods restart when their connections are terminated
     (``policy.remedy``): theirs are never terminated, their pods restarted when a breach is
-    acted on; ``not_signalable`` the backends a termination was refused for, never chosen again.
+    acted on; ``not_signalable`` the backends a termination was refused for, never chosen again;
+    ``claimed`` the backends another budget terminated moments ago (``policy.ledger``: not
+    chosen again, and counted as removed) and ``restarts_held`` the owners another budget
+    restarted, with the end of its cooldown (their pods wait for it).
 
     In steps, each handing the next what it found: the level; the episode it continues; the
     breach's timing; the leaks in words; the actions (or the hold that stops them all); what
@@ -634,12 +660,17 @@ def decide(
             pooler_owner=pooler_owner,
             pooler_blocked=pooler_blocked,
             pressure=pressure,
-            need=termination_need(
-                usage=usage, history=history, next_poll_seconds=float(FAST_POLL_SECONDS)
+            need=max(
+                termination_need(
+                    usage=usage, history=history, next_poll_seconds=float(FAST_POLL_SECONDS)
+                )
+                - _already_removed(attributed, claimed),
+                0,
             ),
             sampled_at=now if sampled_at is None else sampled_at,
             fragile=fragile,
-            not_signalable=not_signalable,
+            not_signalable={*not_signalable, *claimed} if claimed else not_signalable,
+            restarts_held=restarts_held or {},
         )
     to_full = timing.to_full
     return Decision(
@@ -755,6 +786,7 @@ def _plan_actions(
     sampled_at: float,
     fragile: frozenset[str],
     not_signalable: Collection[tuple[int, float]],
+    restarts_held: Mapping[str, float],
 ) -> _Plan:
     """The actions of a cycle that is neither paused nor blocked, in the order of the steps:
     restarts (only when termination cannot hold), terminations (never of a pod restarted in the
@@ -805,6 +837,7 @@ def _plan_actions(
             insufficient=insufficient,
             in_cooldown=in_cooldown,
             fragile=fragile,
+            held=restarts_held,
             early=early,
         )
     restarts = tuple(a for a in restarting.actions if isinstance(a, RestartPod))
@@ -869,6 +902,7 @@ def _restart_step(
     insufficient: bool,
     in_cooldown: bool,
     fragile: frozenset[str],
+    held: Mapping[str, float],
     early: bool = False,
 ) -> _Plan:
     """The restarts of a breach being acted on (``early``: of a budget under pressure, before a
@@ -888,8 +922,8 @@ def _restart_step(
     )
     if cause is None:
         return _Plan()
-    planned, too_young = _plan_restarts(
-        offenders=offenders, pods=pods, spec=spec, namespace=namespace, now=now
+    planned, too_young, waiting = _plan_restarts(
+        offenders=offenders, pods=pods, spec=spec, namespace=namespace, now=now, held=held
     )
     reasons = (f"restarting because {_CAUSE_TEXT[cause]}",)
     if planned and in_cooldown:
@@ -897,6 +931,14 @@ def _restart_step(
         return _Plan(holds=(hold,), reasons=reasons)
     if planned:
         return _Plan(actions=planned, reasons=reasons, restart_cause=cause)
+    if waiting:
+        until = max(held[o] for o in waiting)
+        hold = (
+            Step.RESTART_PODS,
+            Hold.COOLDOWN,
+            f"{', '.join(waiting)} restarted by another budget: waits {until - now:.0f}s more",
+        )
+        return _Plan(holds=(hold,), reasons=reasons)
     if too_young:
         young = spec.remediation.restart_pods.min_pod_age_seconds
         hold = (
