@@ -121,13 +121,12 @@ def _cut(text: str, width: int) -> str:
 
 
 def _leak(item: Mapping[str, Any]) -> Leak | None:
-    # A statement is normalised again: whoever wrote the status, no literal is printed.
+    # A statement is normalised again and tags checked again: whoever wrote the status, no
+    # literal and no secret-looking tag is printed.
     statement = fingerprint.normalise(_text(item.get("statement")))
-    tags = {
-        _text(k): _text(v)[: fingerprint.TAG_VALUE_LIMIT]
-        for k, v in _mapping(item.get("tags")).items()
-        if _text(k) and _text(v)
-    }
+    tags = fingerprint.safe_tags(
+        {_text(k): _text(v) for k, v in _mapping(item.get("tags")).items() if _text(k) and _text(v)}
+    )
     if not statement and not tags:
         return None
     share = _number(item.get("share"))

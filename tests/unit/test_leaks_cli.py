@@ -557,3 +557,11 @@ def test_run_as_a_kubectl_plugin_it_calls_itself_kubectl_connbudget(
         cli.main()
     assert e.value.code == 0
     assert capsys.readouterr().out.startswith("usage: kubectl connbudget leaks ")
+
+
+def test_tags_read_back_from_a_status_are_checked_again() -> None:
+    from connbudget.leaks import _leak
+
+    leak = _leak({"statement": "SELECT 1", "tags": {"action": "reset password=hunter2"}})
+    assert leak is not None
+    assert "hunter2" not in str(leak.tags)
