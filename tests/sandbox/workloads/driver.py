@@ -15,8 +15,13 @@ Three kinds of traffic, each off unless set (environment):
   ``ABANDON_AFTER`` seconds (default 0.5), after the first query and before the answer: a client
   that gave up, as browsers and proxies do. Under Django 5.0.1's ASGI handler each one leaks the
   request's connection (ticket #35059).
-Of lane and rate requests, ``INFLIGHT_FRACTION`` (default 0.2) hold their connection idle
+- ``BURST_SIZE_MAX`` concurrent requests (at least ``BURST_SIZE_MIN``, default 1) every
+  ``BURST_EVERY_MIN``..``BURST_EVERY_MAX`` seconds (default 30..110): sparse bursts, as an app
+  serving a few users does, so a pool opens several connections at once and leaves them idle.
+Of lane, rate and burst requests, ``INFLIGHT_FRACTION`` (default 0.2) hold their connection idle
 ``INFLIGHT_IDLE_MIN``..``INFLIGHT_IDLE_MAX`` seconds (default 1..3) between two queries.
+``QUIET_AFTER`` and ``QUIET_SECONDS``: no lane, rate or burst request is sent from that many seconds
+after the start for that long (a quiet hour, compressed); the lanes then all resume at once.
 
 Other settings: ``TARGET_HOST`` (default 127.0.0.1), ``TARGET_PORT`` (8000), ``DRIVE_PATH``
 (``/work``), ``LEAK_PATH`` (``/awork``), ``REQUEST_TIMEOUT`` (30 s), ``READY_TIMEOUT`` (120 s to
@@ -67,6 +72,10 @@ class Driver:
             env_float("INFLIGHT_IDLE_MIN", 1.0),
             env_float("INFLIGHT_IDLE_MAX", 3.0),
         )
+        self.burst_size = (env_int("BURST_SIZE_MIN", 1), env_int("BURST_SIZE_MAX", 0))
+        self.burst_every = (env_float("BURST_EVERY_MIN", 30.0), env_float("BURST_EVERY_MAX", 110.0))
+        self.quiet = (env_float("QUIET_AFTER", -1.0), env_float("QUIET_SECONDS", 0.0))
+        self.started = time.monotonic()
         self.abandon_after = env_float("ABANDON_AFTER", 0.5)
         self.timeout = env_float("REQUEST_TIMEOUT", 30.0)
         self.ready_timeout = env_float("READY_TIMEOUT", 120.0)
@@ -86,7 +95,21 @@ class Driver:
             "inflight_fraction": self.inflight_fraction,
             "inflight_idle": list(self.inflight_idle),
             "abandon_after": self.abandon_after,
+            "burst_size": list(self.burst_size),
+            "burst_every": list(self.burst_every),
+            "quiet": list(self.quiet),
         }
+
+    def wait_quiet(self) -> None:
+        """Wait out the quiet period, if now is in it."""
+        after, seconds = self.quiet
+        if after < 0 or seconds <= 0:
+            return
+        begins = self.started + after
+        ends = begins + seconds
+        now = time.monotonic()
+        if begins <= now < ends:
+            self.stop.wait(ends - now)
 
     def _idle(self) -> float:
         if self.rng.random() < self.inflight_fraction:
@@ -158,6 +181,7 @@ class Driver:
 
     def lane(self, end: float) -> None:
         while not self.stop.is_set() and time.monotonic() < end:
+            self.wait_quiet()
             self.request("lane")
             self.stop.wait(min(self.rng.uniform(*self.gap), max(0.0, end - time.monotonic())))
 
@@ -166,9 +190,23 @@ class Driver:
         target = self.abandon if send == "leak" else lambda: self.request("rate")
         next_at = time.monotonic()
         while not self.stop.is_set() and next_at < end:
+            if send != "leak":
+                self.wait_quiet()
+                next_at = max(next_at, time.monotonic())  # no catching up after a quiet period
             threading.Thread(target=target, daemon=True).start()
             next_at += 1.0 / rate
             self.stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def bursts(self, end: float) -> None:
+        """Every drawn gap, a few requests at once, each in its own thread."""
+        low, high = self.burst_size
+        while not self.stop.is_set() and time.monotonic() < end:
+            self.wait_quiet()
+            for _ in range(self.rng.randint(min(low, high), high)):
+                threading.Thread(target=self.request, args=("burst",), daemon=True).start()
+            self.stop.wait(
+                min(self.rng.uniform(*self.burst_every), max(0.0, end - time.monotonic()))
+            )
 
     def run(self) -> None:
         if not allowed_target(self.host):
@@ -178,7 +216,8 @@ class Driver:
             log("target_unready", seconds=self.ready_timeout)
         else:
             log("target_ready")
-            end = time.monotonic() + self.seconds
+            self.started = time.monotonic()
+            end = self.started + self.seconds
             workers = [
                 threading.Thread(target=self.lane, args=(end,), daemon=True)
                 for _ in range(self.lanes)
@@ -189,6 +228,8 @@ class Driver:
                         target=self.open_loop, args=(self.rate, end, "rate"), daemon=True
                     )
                 )
+            if self.burst_size[1] > 0:
+                workers.append(threading.Thread(target=self.bursts, args=(end,), daemon=True))
             if self.leak_rate > 0:
                 workers.append(
                     threading.Thread(
