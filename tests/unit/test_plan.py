@@ -561,3 +561,19 @@ def test_an_ordinary_leak_under_pressure_is_terminated_not_restarted() -> None:
     assert d.level is Level.WARNING
     assert restarts(d) == []
     assert len(terminated(d)) == 66
+
+
+def test_a_breach_another_workload_causes_costs_the_governed_healthy_pods_nothing() -> None:
+    # The budget counts the whole database (its default scope); a workload outside the selector
+    # fills it. The governed app's connections, idle long and never judged, would free slots the
+    # other workload takes at once: measured before, they were terminated and its pod evicted.
+    groups = [idle_group(WORKER, [30.0] * 85), idle_group(WEB1, [900.0] * 6)]
+    long_over = Memory(
+        level=Level.OVER, breach_since=NOW - 120, episode_since=NOW - 100, escalation=2
+    )
+    d = run(spec(), [WEB1, WORKER], groups, memory=long_over)
+    assert d.level is Level.OVER
+    assert d.actions == ()
+    # The same connections when the governed pods make the breach themselves: some go.
+    own = run(spec(), [WEB1], [idle_group(WEB1, [900.0] * 91)], memory=long_over)
+    assert len(terminated(own)) == 91 - 64 + 1

@@ -179,6 +179,17 @@ def termination_need(
     return max(usage.connections - usage.warning_line + 1 + growth, 0)
 
 
+def _governed_connections(
+    attributed: Sequence[Attributed], spec: BudgetSpec, namespace: str
+) -> int:
+    """The backends of the governed pods themselves (not their clients in a pooler)."""
+    return sum(
+        a.group.count
+        for a in attributed
+        if a.via is not Via.POOLER and is_governed(a.pod, spec.selector, namespace)
+    )
+
+
 def _already_removed(
     attributed: Sequence[Attributed], claimed: Collection[tuple[int, float]]
 ) -> int:
@@ -204,6 +215,7 @@ def plan_terminations(
     pressure: bool,
     act: bool,
     need: int,
+    own_need: int | None = None,
     spare: frozenset[str] = frozenset(),
     fragile: frozenset[str] = frozenset(),
     not_signalable: Collection[tuple[int, float]] = frozenset(),
@@ -218,10 +230,13 @@ def plan_terminations(
 
     Without ``pressure`` only a proven, sustained leak's abandoned connections are terminated (as
     ``idle_session_timeout`` would, but only for the leak); under pressure those, and as many
-    more as the budget ``need``s. At most ``maxPerCycle``. Never a connection of a ``fragile``
+    more as the budget ``need``s (of a workload not leaking, no more than ``own_need``: what the
+    governed pods hold beyond the warning line themselves; default ``need``). At most
+    ``maxPerCycle``. Never a connection of a ``fragile``
     owner (its pods restart when one is terminated: ``policy.remedy``), nor a backend a
     termination was refused for (``not_signalable``: the monitoring role may not signal it).
     """
+    own_need = need if own_need is None else own_need
     ranked: list[tuple[int, IdleBackend]] = []  # 0: a sustained leak's, 1: a leak's, 2, 3
     for a in attributed:
         pod = a.pod
@@ -260,8 +275,15 @@ def plan_terminations(
     ranked.sort(key=lambda rb: (rb[0], -rb[1].idle_seconds, rb[1].pid))
     sure = [b for rank, b in ranked if rank == 0]
     # In rank order, a pool's come last: never taken while a leak's remains.
-    rest = [b for rank, b in ranked if rank > 0]
-    chosen = sure + (rest[: max(need - len(sure), 0)] if pressure else [])
+    leaks = [b for rank, b in ranked if rank == 1]
+    others = [b for rank, b in ranked if rank > 1]
+    chosen = list(sure)
+    if pressure:
+        chosen += leaks[: max(need - len(chosen), 0)]
+        # A workload not leaking gives up connections only for the part of the breach the
+        # governed pods make themselves: a breach another workload causes would take the
+        # slots they free at once, and the healthy app would have paid for nothing.
+        chosen += others[: max(min(need, own_need) - len(chosen), 0)]
     return tuple(chosen[: spec.remediation.terminate_idle.max_per_cycle])
 
 
@@ -335,10 +357,10 @@ def _restart_cause(
     if aging:
         return RestartCause.LEAK_GROWS_WITH_AGE, aging
     if insufficient:
-        abandoned = held(
-            [o for o in owners.values() if o.cls is not OwnerClass.POOLING],
-            lambda o: o.abandoned_by_pod,
-        )
+        # Only a leaking owner's pods: an owner the evidence has not judged may be a healthy app
+        # whose idle connections wait for their next request (a breach another workload caused
+        # is no reason to restart it).
+        abandoned = held(leaking, lambda o: o.abandoned_by_pod)
         if abandoned:
             return RestartCause.TERMINATION_INSUFFICIENT, abandoned
     return None, {}
@@ -667,6 +689,13 @@ def decide(
                 - _already_removed(attributed, claimed),
                 0,
             ),
+            own_need=max(
+                _governed_connections(attributed, spec, namespace)
+                - usage.warning_line
+                + 1
+                - _already_removed(attributed, claimed),
+                0,
+            ),
             sampled_at=now if sampled_at is None else sampled_at,
             fragile=fragile,
             not_signalable={*not_signalable, *claimed} if claimed else not_signalable,
@@ -783,6 +812,7 @@ def _plan_actions(
     pooler_blocked: str | None,
     pressure: bool,
     need: int,
+    own_need: int,
     sampled_at: float,
     fragile: frozenset[str],
     not_signalable: Collection[tuple[int, float]],
@@ -805,6 +835,7 @@ def _plan_actions(
             pressure=pressure,
             act=act,
             need=need,
+            own_need=own_need,
             spare=spare,
             fragile=fragile,
             not_signalable=not_signalable,
