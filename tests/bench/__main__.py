@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import exhaustion, latency, probecost, report, shards
+from bench import exhaustion, harm, latency, probecost, report, shards
 from bench import footprint as fleet_bench
 from bench.common import ROOT, Kube, Server, machine, say
 from sandbox.core import Sandbox
@@ -86,6 +86,12 @@ def main(argv: list[str]) -> int:
         default=None,
         help="leak rates of the exhaustion scenario (connections per second; default 1 7 20)",
     )
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        default=None,
+        help="run only these scenarios of the harm phase (e.g. start, pg-restart, leak-7)",
+    )
     parser.add_argument("--skip-soak", action="store_true", help="leave out the load and soak")
     parser.add_argument("--soak-minutes", type=float, default=10.0)
     parser.add_argument(
@@ -142,6 +148,16 @@ def main(argv: list[str]) -> int:
     try:
         kube = Kube(sb)
         kube.install_crd()
+        if "harm" in phases:
+            chosen = set(args.scenario or [])
+            results["harm"] = harm.run_phase(
+                sb,
+                kube,
+                quick=quick,
+                out_dir=work,
+                only=lambda s: not chosen or s.key in chosen,
+            )
+            save()
         if "exhaustion" in phases:
             results["exhaustion"] = exhaustion.run(
                 sb,

@@ -19,7 +19,7 @@ from bench.exhaustion import SATURATED
 from bench.footprint import footprint_setup
 
 CHARTS = "tests/bench/charts"
-PHASES = ("exhaustion", "latency", "probe", "footprint", "load", "shards")
+PHASES = ("harm", "exhaustion", "latency", "probe", "footprint", "load", "shards")
 
 
 def to_json(value: object) -> object:
@@ -77,6 +77,7 @@ def render(r: dict[str, Any]) -> str:
     header = len(out)
     targets: list[tuple[str, str, str]] = []
     sections = {
+        "harm": _harm,
         "exhaustion": _exhaustion,
         "latency": _latency,
         "probe": _probe,
@@ -110,6 +111,55 @@ def render(r: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(out[:header] + summary + out[header:]) + "\n"
+
+
+def _harm(h: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[str]:
+    """Do no harm: every scenario's damage, from the workloads', PostgreSQL's and the audit log."""
+    out = [
+        "## Do no harm: healthy apps through their lifecycle, leaks beside them",
+        "",
+        "Each scenario on its own PostgreSQL 15 (`max_connections` 100) and namespace, with the "
+        "three-field ConnectionBudget (budget 80) and its own operator (see `tests/bench/harm.py` "
+        "for the apps' habits and the events). Damage is counted from the workloads' own logs, "
+        "PostgreSQL's log (terminations outside a shutdown of the server) and the API server's "
+        "audit log (evictions), never from the operator's; a healthy request failed because of "
+        "the operator only on a connection the operator terminated.",
+        "",
+        "| scenario | guard | healthy backends terminated | healthy requests failed (by the "
+        "operator) | healthy pods evicted / restarted | false LeakDetected | refused | peak |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, s in h.get("scenarios", {}).items():
+        out.append(
+            f"| {key}: {s['label']} | {s['guard']} | {s['healthy_terminated']} | "
+            f"{s['healthy_failed']} ({s['healthy_failed_by_operator']}) | "
+            f"{s['healthy_evicted']} / {s['healthy_restarted']} | {s['false_leak_events']} | "
+            f"{s['refused']} | {s['peak']} |"
+        )
+    out.append("")
+    leaks = [(k, s) for k, s in h.get("scenarios", {}).items() if s.get("leak")]
+    if leaks:
+        out += [
+            "| leak scenario | requests | answered | paused (broken) | leak's backends "
+            "terminated | container restarts | restartCause |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for key, s in leaks:
+            lk = s["leak"]
+            out.append(
+                f"| {key} | {lk['requests']} | {lk['answered']} | {lk['paused']} "
+                f"({lk['paused_broken']}) | {lk['terminated']} | {lk['container_restarts']} | "
+                f"{s['restart_cause'] or '-'} |"
+            )
+        out.append("")
+    apps = sorted({a["label"] for s in h.get("scenarios", {}).values() for a in s["apps"].values()})
+    if apps:
+        out += ["Workloads played: " + "; ".join(apps) + ".", ""]
+    for key, err in h.get("errors", {}).items():
+        out += [f"Scenario {key} did not complete: {err}", ""]
+    for target, figure, met in h.get("targets", []):
+        targets.append((target, figure, _verdict(met)))
+    return out
 
 
 def _verdict(met: bool | None) -> str:
