@@ -577,3 +577,21 @@ def test_a_breach_another_workload_causes_costs_the_governed_healthy_pods_nothin
     # The same connections when the governed pods make the breach themselves: some go.
     own = run(spec(), [WEB1], [idle_group(WEB1, [900.0] * 91)], memory=long_over)
     assert len(terminated(own)) == 91 - 64 + 1
+
+
+def test_a_leaks_connections_that_may_be_paused_requests_go_last_and_only_for_the_budget() -> None:
+    # The leaking app's own requests pause up to 8 s between two queries (its longest reuse
+    # gap): a connection idle less than that may be one of them, and killing it breaks the
+    # request. Those beyond every pause go first; those that may be paused only to get back
+    # within the budget itself, never for the warning line.
+    ev = dataclasses.replace(
+        leaking(abandoned={"web-1": 6}, sustained=False), max_gap=8.0, terminate_after=13.0
+    )
+    idles = [20.0, 12.0, 10.0, 7.0, 5.0, 4.0]
+
+    def chosen(busy: int) -> list[float]:
+        groups = [idle_group(WEB1, idles), active_group(WEB2, busy)]
+        return [i for _, i in terminated(run(spec(), [WEB1, WEB2], groups, owners=[ev]))]
+
+    assert chosen(64) == [20.0, 12.0, 10.0]  # 70 connections: under the line, none paused
+    assert chosen(79) == [20.0, 12.0, 10.0, 7.0, 5.0]  # 85: within the budget needs 5

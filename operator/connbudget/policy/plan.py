@@ -53,7 +53,7 @@ from connbudget.model.observations import PodInfo, PoolerClient, PoolerSample
 from connbudget.model.spec import BudgetSpec, RestartMethod, Step
 from connbudget.policy import forecast
 from connbudget.policy.attribution import Attributed, Via
-from connbudget.policy.evidence import OwnerClass, OwnerEvidence
+from connbudget.policy.evidence import ABANDON_GAP_MARGIN_SECONDS, OwnerClass, OwnerEvidence
 from connbudget.policy.usage import Usage, is_governed, is_pressured, nearly_full
 
 FAST_POLL_SECONDS = 1  # the cadence while usage is high, an owner leaks or the server fills soon
@@ -169,14 +169,19 @@ def _terminate_after(owner: OwnerEvidence | None, spec: BudgetSpec) -> float:
 
 
 def termination_need(
-    *, usage: Usage, history: Sequence[tuple[float, int]], next_poll_seconds: float
+    *,
+    usage: Usage,
+    history: Sequence[tuple[float, int]],
+    next_poll_seconds: float,
+    line: int | None = None,
 ) -> int:
-    """How many connections the budget needs gone: back under the warning line, with the growth
-    until the next poll counted (what the operator removed counted back, so its own terminations
-    never hide the leak's pace)."""
+    """How many connections the budget needs gone: back under the warning line (or ``line``:
+    the budget itself), with the growth until the next poll counted (what the operator removed
+    counted back, so its own terminations never hide the leak's pace)."""
     rate = forecast.growth_rate(history) or 0.0
     growth = math.ceil(max(rate, 0.0) * next_poll_seconds)
-    return max(usage.connections - usage.warning_line + 1 + growth, 0)
+    below = usage.warning_line - 1 if line is None else line
+    return max(usage.connections - below + growth, 0)
 
 
 def _governed_connections(
@@ -216,6 +221,7 @@ def plan_terminations(
     act: bool,
     need: int,
     own_need: int | None = None,
+    hard_need: int = 0,
     spare: frozenset[str] = frozenset(),
     fragile: frozenset[str] = frozenset(),
     not_signalable: Collection[tuple[int, float]] = frozenset(),
@@ -223,21 +229,31 @@ def plan_terminations(
     """Choose idle backends to terminate: pressure decides how many, the evidence whose.
 
     Only ``idle`` backends (never ``active`` or ``idle in transaction``) of governed pods that are
-    not terminating and not in ``spare`` (pods restarted in this cycle), each idle at least its
-    owner's ``terminate_after``. In the order of how surely each is abandoned: a leaking owner's,
-    the longest idle first; then, only while a breach is acted on (``act``), those of owners not
-    judged (Steady); then a pooling owner's, never while a leaking owner's remains.
+    not terminating and not in ``spare`` (pods restarted in this cycle), never a connection of a
+    ``fragile`` owner (its pods restart when one is terminated: ``policy.remedy``), nor one a
+    termination was refused for (``not_signalable``). In the order of how surely each is
+    abandoned, the longest idle first within each tier:
+
+    1. a leaking owner's idle beyond its abandon age (a sustained leak's first);
+    2. a leaking owner's idle beyond every pause its requests were seen to make (its longest
+       reuse gap and a second), though not yet its abandon age;
+    3. a leaking owner's idle beyond the floor (``terminateIdle.minIdleSeconds``) that may be a
+       request pausing between two queries: only to get back within the budget itself
+       (``hard_need``), never for the warning line;
+    4. only while a breach is acted on (``act``), a workload's the evidence has not judged
+       (Steady), then a pooling one's, each idle beyond its ``terminate_after``: never while a
+       leak's remain, and no more than ``own_need`` (what the governed pods hold beyond the
+       warning line themselves; default ``need``).
 
     Without ``pressure`` only a proven, sustained leak's abandoned connections are terminated (as
     ``idle_session_timeout`` would, but only for the leak); under pressure those, and as many
-    more as the budget ``need``s (of a workload not leaking, no more than ``own_need``: what the
-    governed pods hold beyond the warning line themselves; default ``need``). At most
-    ``maxPerCycle``. Never a connection of a ``fragile``
-    owner (its pods restart when one is terminated: ``policy.remedy``), nor a backend a
-    termination was refused for (``not_signalable``: the monitoring role may not signal it).
+    more as the budget ``need``s to get back under the warning line. At most ``maxPerCycle``.
     """
     own_need = need if own_need is None else own_need
-    ranked: list[tuple[int, IdleBackend]] = []  # 0: a sustained leak's, 1: a leak's, 2, 3
+    floor = float(spec.remediation.terminate_idle.min_idle_seconds)
+    # (tier, backend): 0 a sustained leak's abandoned, 1 a leak's abandoned, 2 beyond its pauses,
+    # 3 maybe paused, 4 Steady, 5 Pooling
+    ranked: list[tuple[int, IdleBackend]] = []
     for a in attributed:
         pod = a.pod
         if (
@@ -251,39 +267,57 @@ def plan_terminations(
         ):
             continue
         ev = owners.get(pod.owner)
-        if ev is not None and ev.cls is OwnerClass.LEAKING:
-            rank = 0 if ev.sustained else 1
-        elif not (pressure and act):
+        leaking = ev is not None and ev.cls is OwnerClass.LEAKING
+        if not leaking and not (pressure and act):
             continue  # no always-on idle timeout: a healthy owner is left alone
-        else:
-            rank = 3 if ev is not None and ev.cls is OwnerClass.POOLING else 2
         after = _terminate_after(ev, spec)
-        ranked.extend(
-            (
-                rank,
-                IdleBackend(
-                    pid=pid,
-                    pod=pod.name,
-                    idle_seconds=idle_s,
-                    backend_start=start,
-                    state_change=sampled_at - idle_s,
-                ),
-            )
-            for pid, idle_s, start in a.group.idle
-            if idle_s >= after and (pid, start) not in not_signalable
+        beyond_pauses = (
+            max(floor, ev.max_gap + ABANDON_GAP_MARGIN_SECONDS)
+            if ev is not None and ev.max_gap is not None
+            else after
         )
+        for pid, idle_s, start in a.group.idle:
+            if (pid, start) in not_signalable:
+                continue
+            if ev is not None and leaking:
+                if idle_s >= after:
+                    tier = 0 if ev.sustained else 1
+                elif idle_s >= beyond_pauses:
+                    tier = 2
+                elif idle_s >= floor:
+                    tier = 3
+                else:
+                    continue
+            elif idle_s >= after:
+                tier = 5 if ev is not None and ev.cls is OwnerClass.POOLING else 4
+            else:
+                continue
+            backend = IdleBackend(
+                pid=pid,
+                pod=pod.name,
+                idle_seconds=idle_s,
+                backend_start=start,
+                state_change=sampled_at - idle_s,
+            )
+            ranked.append((tier, backend))
     ranked.sort(key=lambda rb: (rb[0], -rb[1].idle_seconds, rb[1].pid))
-    sure = [b for rank, b in ranked if rank == 0]
-    # In rank order, a pool's come last: never taken while a leak's remains.
-    leaks = [b for rank, b in ranked if rank == 1]
-    others = [b for rank, b in ranked if rank > 1]
-    chosen = list(sure)
+    tiers: dict[int, list[IdleBackend]] = {}
+    for tier, b in ranked:
+        tiers.setdefault(tier, []).append(b)
+
+    def take(tier: int, up_to: int) -> None:
+        chosen.extend(tiers.get(tier, [])[: max(up_to - len(chosen), 0)])
+
+    chosen: list[IdleBackend] = list(tiers.get(0, []))
     if pressure:
-        chosen += leaks[: max(need - len(chosen), 0)]
+        take(1, need)
+        take(2, need)
+        take(3, hard_need)
         # A workload not leaking gives up connections only for the part of the breach the
         # governed pods make themselves: a breach another workload causes would take the
         # slots they free at once, and the healthy app would have paid for nothing.
-        chosen += others[: max(min(need, own_need) - len(chosen), 0)]
+        take(4, min(need, own_need))
+        take(5, min(need, own_need))
     return tuple(chosen[: spec.remediation.terminate_idle.max_per_cycle])
 
 
@@ -689,6 +723,16 @@ def decide(
                 - _already_removed(attributed, claimed),
                 0,
             ),
+            hard_need=max(
+                termination_need(
+                    usage=usage,
+                    history=history,
+                    next_poll_seconds=float(FAST_POLL_SECONDS),
+                    line=usage.budget,
+                )
+                - _already_removed(attributed, claimed),
+                0,
+            ),
             own_need=max(
                 _governed_connections(attributed, spec, namespace)
                 - usage.warning_line
@@ -813,6 +857,7 @@ def _plan_actions(
     pressure: bool,
     need: int,
     own_need: int,
+    hard_need: int,
     sampled_at: float,
     fragile: frozenset[str],
     not_signalable: Collection[tuple[int, float]],
@@ -836,6 +881,7 @@ def _plan_actions(
             act=act,
             need=need,
             own_need=own_need,
+            hard_need=hard_need,
             spare=spare,
             fragile=fragile,
             not_signalable=not_signalable,
