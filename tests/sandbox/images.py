@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 from urllib.parse import quote
 
-from sandbox.apps import envs
+from sandbox.apps import builds, envs
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
 OPERATOR_IMAGE = "ghcr.io/connbudget/connbudget"
@@ -157,6 +157,18 @@ def app_images() -> dict[str, Image]:
             POOL_KIND="sqlalchemy",
             POOL_SIZE="2",
             POOL_THREADS="4",
+        ),
+        # pgx v5 (``GO_MODE`` pgxpool, sql or leak) and HikariCP 5 with pgjdbc (``JAVA_MODE``
+        # hikari or leak), no pre-ping; built from source by ``sandbox.apps.builds``.
+        "sandbox.local/go-pg-app": Image(
+            entrypoint=[str(builds.go_binary())],
+            cmd=[],
+            env={"APP_PORT": "8000", "GO_MODE": "pgxpool", "PGX_MAX_CONNS": "2"},
+        ),
+        "sandbox.local/java-hikari-app": Image(
+            entrypoint=builds.java_command(),
+            cmd=[],
+            env={"APP_PORT": "8000", "JAVA_MODE": "hikari", "HIKARI_MAXIMUM_POOL_SIZE": "2"},
         ),
         "sandbox.local/http-driver": _python_module("sandbox.workloads.driver"),
     }

@@ -15,7 +15,12 @@ The kinds, with the settings they were measured with:
   ``sandbox.apps.planted.SECRET_LOOKUP``, untagged;
 - ``django``: ``sandbox.local/django-wsgi-pool`` (gunicorn, ``WEB_CONCURRENCY`` workers with a
   persistent connection each) driven by as many lanes;
-- ``psycopg`` / ``sqlalchemy``: the pool apps (``POOL_SIZE`` connections) driven by as many lanes.
+- ``psycopg`` / ``sqlalchemy``: the pool apps (``POOL_SIZE`` connections) driven by as many lanes;
+- ``go-pgxpool`` / ``go-sql``: ``sandbox.local/go-pg-app``'s pools (pgxpool, ``PGX_MAX_CONNS``;
+  database/sql, ``SQL_MAX_OPEN_CONNS`` with ``SQL_MAX_IDLE_CONNS`` kept idle), and ``java-hikari``:
+  ``sandbox.local/java-hikari-app``'s HikariCP (``HIKARI_MAXIMUM_POOL_SIZE``, with
+  ``HIKARI_MINIMUM_IDLE`` kept idle), each of as many connections as lanes; ``go-leak`` /
+  ``java-leak``: their leaks (a connection per request, never closed) driven at ``DRIVE_RATE``.
 
 Each pod's log is read with ``Sandbox.pod_log(ns, pod, "app")`` (or ``"driver"``) and counted
 with ``sandbox.workloads.outcomes.count_outcomes``.
@@ -37,8 +42,18 @@ APP_IMAGES = {
     "psycopg-leak": "sandbox.local/psycopg-pool-app:3.2.1",
     "sqlalchemy": "sandbox.local/sqlalchemy-app:2.0.25",
 }
+APP_IMAGES |= dict.fromkeys(("go-pgxpool", "go-sql", "go-leak"), "sandbox.local/go-pg-app:5.13.0")
+APP_IMAGES |= dict.fromkeys(("java-hikari", "java-leak"), "sandbox.local/java-hikari-app:5.1.0")
 # What makes a kind of an image shared with another (the container's env overrides the image's).
 KIND_ENV = {"psycopg-leak": {"POOL_KIND": "leak"}}
+KIND_ENV |= {f"go-{mode}": {"GO_MODE": mode} for mode in ("pgxpool", "sql", "leak")}
+KIND_ENV |= {f"java-{mode}": {"JAVA_MODE": mode} for mode in ("hikari", "leak")}
+# The compiled apps' pool size, which follows the driver's lanes as ``POOL_SIZE`` does.
+POOL_SIZE_ENV = {
+    "go-pgxpool": "PGX_MAX_CONNS",
+    "go-sql": "SQL_MAX_OPEN_CONNS",
+    "java-hikari": "HIKARI_MAXIMUM_POOL_SIZE",
+}
 DRIVER_IMAGE = "sandbox.local/http-driver:dev"
 # ``app_env`` of a ``leak`` app whose queries carry sqlcommenter's tags.
 SQLCOMMENTER = {"SQLCOMMENTER": "1"}
@@ -108,6 +123,8 @@ def deploy_app(
         # One lane per connection: gunicorn workers or pool size follow the lanes.
         size = "WEB_CONCURRENCY" if kind == "django" else "POOL_SIZE"
         app_vars.setdefault(size, driver_vars["DRIVE_LANES"])
+    if kind in POOL_SIZE_ENV and "DRIVE_LANES" in driver_vars:
+        app_vars.setdefault(POOL_SIZE_ENV[kind], driver_vars["DRIVE_LANES"])
     deployment: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -6,7 +6,8 @@ Python version: a changed pin makes a new environment, and an unchanged one is r
 Packages are installed with ``--no-deps`` from files that list every package (then ``pip check``),
 so nothing unpinned comes in.
 
-``python -m sandbox.apps.envs`` (what ``tests/sandbox/apps/setup`` runs) creates the missing ones.
+``python -m sandbox.apps.envs`` (what ``tests/sandbox/apps/setup`` runs) creates the missing ones,
+and builds the Go and Java apps (``go``, ``java``: ``sandbox.apps.builds``).
 """
 
 from __future__ import annotations
@@ -77,11 +78,20 @@ def ensure(name: str, say: object = print) -> Path:
 
 
 def main() -> None:
-    names = sys.argv[1:] or list(ENVS)
-    unknown = [n for n in names if n not in ENVS]
+    import sandbox.apps.builds as builds  # the Go and Java apps, built from source
+
+    known = (*ENVS, *builds.BUILDS)
+    names = sys.argv[1:] or list(known)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        sys.exit(f"unknown app environment(s): {', '.join(unknown)} (known: {', '.join(ENVS)})")
+        sys.exit(f"unknown app environment(s): {', '.join(unknown)} (known: {', '.join(known)})")
     for name in names:
+        if name in builds.BUILDS:
+            try:
+                builds.ensure(name, say=lambda m: print(m, file=sys.stderr, flush=True))
+            except builds.BuildError as e:
+                sys.exit(f"apps: {e}")
+            continue
         ensure(name, say=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"apps: environments ready in {cache_dir() / 'apps'}", file=sys.stderr)
 
