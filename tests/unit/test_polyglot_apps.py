@@ -41,7 +41,7 @@ def test_the_servers_words_classify_as_in_the_python_apps(
     refused, terminated = phrase_lists(source.read_text(), names)
     # What PostgreSQL (or PgBouncer) says, whatever the client library: the same outcome.
     server_said = {p for p in TERMINATED_PHRASES if p.startswith("terminating connection")}
-    assert set(REFUSED_PHRASES) == refused
+    assert set(REFUSED_PHRASES) <= refused
     assert server_said <= terminated
     assert not refused & terminated
     assert all(p == p.lower() for p in refused | terminated)  # matched against lower case
