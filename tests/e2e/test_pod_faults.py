@@ -110,12 +110,11 @@ def test_a_pdb_blocking_every_eviction_over_several_workloads_and_a_terminating_
     budgets.secret("pg-monitor", sandbox.db.monitor_dsn)
     steady = deploy_steady(workloads, namespace)
     tier = {"tier": "web"}
-    workloads.deploy(
-        namespace, "web-a", replicas=2, labels=tier, env={"LEAK_RATE": "2", "LEAK_MAX": "6"}
-    )
-    workloads.deploy(
-        namespace, "web-b", replicas=1, labels=tier, env={"LEAK_RATE": "2", "LEAK_MAX": "6"}
-    )
+    # Leaks that go on (each opens connections while its old ones sit unused, for 10 s): a pod
+    # that opens a few and stops is a pool warming up, not a leak.
+    leak = {"LEAK_RATE": "2", "LEAK_MAX": "20"}
+    workloads.deploy(namespace, "web-a", replicas=2, labels=tier, env=leak)
+    workloads.deploy(namespace, "web-b", replicas=1, labels=tier, env=leak)
     # The worst pod of all, but already on its way out: never a target.
     old_ip = bare_pod(core, namespace, "web-old", {**tier, "app": "web-old"}, [HOLD_FINALIZER])
     kubernetes.client.PolicyV1Api(kube_api).create_namespaced_pod_disruption_budget(
@@ -219,7 +218,8 @@ def test_a_new_pod_with_a_dead_pods_ip_is_not_blamed_for_its_backends(
         # The new pod starts well after the old backends did: more than the clock-skew tolerance
         # (2 s) plus the second that startTime's precision may cost.
         time.sleep(IP_REUSE_GAP_SECONDS)
-        workloads.deploy(namespace, "web", replicas=1, env={"LEAK_RATE": "4", "LEAK_MAX": "6"})
+        # A leak that goes on (a pod that opens a few and stops is a pool warming up).
+        workloads.deploy(namespace, "web", replicas=1, env={"LEAK_RATE": "4", "LEAK_MAX": "20"})
         (web,) = workloads.pods(namespace, "app=web")
         # The kubelet gives the lowest free address: the dead pod's.
         assert web.status.pod_ip == ghost_ip
@@ -244,7 +244,7 @@ def test_a_new_pod_with_a_dead_pods_ip_is_not_blamed_for_its_backends(
         left = alive_backends(sandbox, ghosts)
         assert left >= 1, "inconclusive: every old backend was reset before the operator looked"
         seen = owners(budgets, "web")
-        assert seen.get("Deployment/web", {}).get("connections", 0) <= 6
+        assert seen.get("Deployment/web", {}).get("connections", 0) <= 20
         assert budgets.status("web")["usage"]["unattributed"] >= left
         assert f"idle backends of {web.metadata.name}" in event.message
         for a in actions(operator):

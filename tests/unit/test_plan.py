@@ -595,3 +595,18 @@ def test_a_leaks_connections_that_may_be_paused_requests_go_last_and_only_for_th
 
     assert chosen(64) == [20.0, 12.0, 10.0]  # 70 connections: under the line, none paused
     assert chosen(79) == [20.0, 12.0, 10.0, 7.0, 5.0]  # 85: within the budget needs 5
+
+
+def test_a_budget_held_just_under_the_warning_line_does_not_flap() -> None:
+    # Found on the sandbox: terminations held a leak just under the line, and every poll was a
+    # BudgetWarning then a BudgetRecovered (five of each in 20 s).
+    warned = run(spec(), [WEB1], [idle_group(WEB1, [1.0] * 64)])
+    assert warned.transition is Transition.WARNING
+    held = run(spec(), [WEB1], [idle_group(WEB1, [1.0] * 62)], memory=warned.memory)
+    assert (held.level, held.transition) == (Level.WARNING, None)
+    margin = plan.recovery_margin(run_usage(62))
+    assert margin == 4  # 5 % of 80
+    below = run(spec(), [WEB1], [idle_group(WEB1, [1.0] * (64 - margin - 1))], memory=held.memory)
+    assert (below.level, below.transition) == (Level.WITHIN, Transition.RECOVERED)
+    fresh = run(spec(), [WEB1], [idle_group(WEB1, [1.0] * 62)])
+    assert fresh.level is Level.WITHIN  # the margin only holds a budget already at the line

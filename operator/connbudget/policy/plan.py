@@ -57,6 +57,8 @@ from connbudget.policy.evidence import ABANDON_GAP_MARGIN_SECONDS, OwnerClass, O
 from connbudget.policy.usage import Usage, is_governed, is_pressured, nearly_full
 
 FAST_POLL_SECONDS = 1  # the cadence while usage is high, an owner leaks or the server fills soon
+# A budget at the warning line recovers only this share of the budget below it (hysteresis).
+RECOVERY_MARGIN_PERCENT = 5
 # The forecast asks for the fast cadence when the server is full within this many polls.
 FAST_POLL_WITHIN_POLLS = 2
 # A leak grows with pod age when its oldest pod leaks at least this many times faster than its
@@ -131,17 +133,29 @@ class Decision:
         return self.memory.episode_since is not None
 
 
-def decide_level(usage: Usage) -> Level:
+def decide_level(usage: Usage, previous: Level = Level.WITHIN) -> Level:
     """Classify usage: over the budget, at or above the warning line, or below it.
 
-    The hysteresis lives in the episode: after a breach, ``Warning`` does not end remediation, only
-    ``WithinBudget`` (below the warning line) does.
+    With hysteresis: a budget at or above the warning line before counts as recovered only
+    ``recovery_margin`` below it (terminations hold a leak just under the line, and each poll
+    would otherwise be a Warning and a recovery, an Event each: measured, five of each in 20 s).
+    The episode has its own: after a breach, ``Warning`` does not end remediation, only
+    ``WithinBudget`` does.
     """
     if usage.connections > usage.budget:
         return Level.OVER
     if usage.connections >= usage.warning_line:
         return Level.WARNING
+    if previous is not Level.WITHIN and usage.connections >= usage.warning_line - recovery_margin(
+        usage
+    ):
+        return Level.WARNING
     return Level.WITHIN
+
+
+def recovery_margin(usage: Usage) -> int:
+    """How far below the warning line a budget at the line must go to count as recovered."""
+    return max(1, math.ceil(usage.budget * RECOVERY_MARGIN_PERCENT / 100))
 
 
 def is_nearly_full(usage: Usage) -> bool:
@@ -667,7 +681,7 @@ def decide(
     the next cycle remembers.
     """
     owners = owners or {}
-    level = decide_level(usage)
+    level = decide_level(usage, memory.level)
     episode = _episode(memory, level)
     timing = _breach_timing(
         spec=spec,
