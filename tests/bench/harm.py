@@ -182,7 +182,7 @@ def healthy_apps(seconds: float, *, few: bool = False) -> tuple[App, ...]:
 
 def scenarios(quick: bool) -> tuple[Scenario, ...]:
     """The healthy lifecycle scenarios, then the leak scenarios (``quick``: shorter, fewer)."""
-    at, length = (40.0, 100.0) if quick else (90.0, 240.0)
+    at, length = (40.0, 100.0) if quick else (60.0, 180.0)
     quiet = 90.0 if quick else 600.0
     apps = healthy_apps(length, few=quick)
     behind = App(
