@@ -641,6 +641,7 @@ def _measure(sb: Sandbox, kube: Kube, run: Run) -> dict[str, Any]:
         "seconds": sc.seconds,
         "guard": "connbudget" if sc.idle_session_timeout is None else "idle_session_timeout",
         "apps": apps,
+        "healthy_requests": sum(a["requests"] for a in healthy),
         "healthy_terminated": sum(a["terminated"] for a in healthy),
         # A request of a healthy app failed because of the operator only if the operator ended
         # one of its connections: none terminated, none failed because of it.

@@ -125,14 +125,16 @@ def _harm(h: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[str]:
         "audit log (evictions), never from the operator's; a healthy request failed because of "
         "the operator only on a connection the operator terminated.",
         "",
-        "| scenario | guard | healthy backends terminated | healthy requests failed (by the "
-        "operator) | healthy pods evicted / restarted | false LeakDetected | refused | peak |",
+        "| scenario | guard | healthy backends terminated | healthy requests: failed (by the "
+        "operator) of all | healthy pods evicted / restarted | false LeakDetected | refused | "
+        "peak |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for key, s in h.get("scenarios", {}).items():
         out.append(
             f"| {key}: {s['label']} | {s['guard']} | {s['healthy_terminated']} | "
-            f"{s['healthy_failed']} ({s['healthy_failed_by_operator']}) | "
+            f"{s['healthy_failed']} ({s['healthy_failed_by_operator']}) of "
+            f"{s.get('healthy_requests', '?')} | "
             f"{s['healthy_evicted']} / {s['healthy_restarted']} | {s['false_leak_events']} | "
             f"{s['refused']} | {s['peak']} |"
         )
