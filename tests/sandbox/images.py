@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 from urllib.parse import quote
 
-from sandbox.apps import builds, envs
+from sandbox.apps import builds, envs, node_env
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
 OPERATOR_IMAGE = "ghcr.io/connbudget/connbudget"
@@ -157,6 +157,13 @@ def app_images() -> dict[str, Image]:
             POOL_KIND="sqlalchemy",
             POOL_SIZE="2",
             POOL_THREADS="4",
+        ),
+        # node-postgres (pg 8, ``sandbox.apps.node_env``) under Node's http module: ``NODE_MODE``
+        # pool (``POOL_MAX`` connections, 'error' listened for), leak or leak-listen.
+        "sandbox.local/node-pg-app": Image(
+            entrypoint=[node_env.node(), str(node_env.APP)],
+            cmd=[],
+            env={"APP_PORT": "8000", "NODE_MODE": "pool", "POOL_MAX": "2"} | node_env.image_env(),
         ),
         # pgx v5 (``GO_MODE`` pgxpool, sql or leak) and HikariCP 5 with pgjdbc (``JAVA_MODE``
         # hikari or leak), no pre-ping; built from source by ``sandbox.apps.builds``.

@@ -8,6 +8,9 @@
 - ``pools``: a WSGI app over a psycopg_pool ``ConnectionPool`` (``check=None``) or a SQLAlchemy
   ``QueuePool`` (``pool_pre_ping=False``), or without a pool, leaking a connection per request
   whose statement carries a planted secret (``planted``);
+- ``node`` (installed by ``node_env``): a node-postgres app under Node's http module, with a
+  ``pg.Pool`` or a leaked ``pg.Client`` per request (with or without an 'error' listener: without,
+  the process exits when the server closes one of its idle connections);
 - ``deploy``: a Deployment of one of them with the HTTP driver (``sandbox.workloads.driver``) as a
   second container of the same pod.
 """

@@ -16,6 +16,9 @@ The kinds, with the settings they were measured with:
 - ``django``: ``sandbox.local/django-wsgi-pool`` (gunicorn, ``WEB_CONCURRENCY`` workers with a
   persistent connection each) driven by as many lanes;
 - ``psycopg`` / ``sqlalchemy``: the pool apps (``POOL_SIZE`` connections) driven by as many lanes;
+- ``node-pool``: ``sandbox.local/node-pg-app``'s ``pg.Pool`` (``POOL_MAX`` connections) driven by
+  as many lanes; ``node-leak`` / ``node-leak-listen``: its leak (a ``pg.Client`` per request, never
+  ended; without / with an ``error`` listener), driven at ``DRIVE_RATE`` (``rate_settings``).
 - ``go-pgxpool`` / ``go-sql``: ``sandbox.local/go-pg-app``'s pools (pgxpool, ``PGX_MAX_CONNS``;
   database/sql, ``SQL_MAX_OPEN_CONNS`` with ``SQL_MAX_IDLE_CONNS`` kept idle), and ``java-hikari``:
   ``sandbox.local/java-hikari-app``'s HikariCP (``HIKARI_MAXIMUM_POOL_SIZE``, with
@@ -41,18 +44,23 @@ APP_IMAGES = {
     "psycopg": "sandbox.local/psycopg-pool-app:3.2.1",
     "psycopg-leak": "sandbox.local/psycopg-pool-app:3.2.1",
     "sqlalchemy": "sandbox.local/sqlalchemy-app:2.0.25",
+    "node-pool": "sandbox.local/node-pg-app:8.23.1",
+    "node-leak": "sandbox.local/node-pg-app:8.23.1",
+    "node-leak-listen": "sandbox.local/node-pg-app:8.23.1",
 }
 APP_IMAGES |= dict.fromkeys(("go-pgxpool", "go-sql", "go-leak"), "sandbox.local/go-pg-app:5.13.0")
 APP_IMAGES |= dict.fromkeys(("java-hikari", "java-leak"), "sandbox.local/java-hikari-app:5.1.0")
 # What makes a kind of an image shared with another (the container's env overrides the image's).
 KIND_ENV = {"psycopg-leak": {"POOL_KIND": "leak"}}
+KIND_ENV |= {f"node-{mode}": {"NODE_MODE": mode} for mode in ("pool", "leak", "leak-listen")}
 KIND_ENV |= {f"go-{mode}": {"GO_MODE": mode} for mode in ("pgxpool", "sql", "leak")}
 KIND_ENV |= {f"java-{mode}": {"JAVA_MODE": mode} for mode in ("hikari", "leak")}
-# The compiled apps' pool size, which follows the driver's lanes as ``POOL_SIZE`` does.
+# The other apps' pool size, which follows the driver's lanes as ``POOL_SIZE`` does.
 POOL_SIZE_ENV = {
     "go-pgxpool": "PGX_MAX_CONNS",
     "go-sql": "SQL_MAX_OPEN_CONNS",
     "java-hikari": "HIKARI_MAXIMUM_POOL_SIZE",
+    "node-pool": "POOL_MAX",
 }
 DRIVER_IMAGE = "sandbox.local/http-driver:dev"
 # ``app_env`` of a ``leak`` app whose queries carry sqlcommenter's tags.

@@ -7,7 +7,8 @@ Packages are installed with ``--no-deps`` from files that list every package (th
 so nothing unpinned comes in.
 
 ``python -m sandbox.apps.envs`` (what ``tests/sandbox/apps/setup`` runs) creates the missing ones,
-and builds the Go and Java apps (``go``, ``java``: ``sandbox.apps.builds``).
+and the node-postgres app's packages (``node``: ``sandbox.apps.node_env``), and builds the Go and
+Java apps (``go``, ``java``: ``sandbox.apps.builds``).
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ def ensure(name: str, say: object = print) -> Path:
 
 def main() -> None:
     import sandbox.apps.builds as builds  # the Go and Java apps, built from source
+    from sandbox.apps import node_env  # the node-postgres app's packages (it uses this module)
 
-    known = (*ENVS, *builds.BUILDS)
+    known = (*ENVS, node_env.NAME, *builds.BUILDS)
     names = sys.argv[1:] or list(known)
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -91,6 +93,9 @@ def main() -> None:
                 builds.ensure(name, say=lambda m: print(m, file=sys.stderr, flush=True))
             except builds.BuildError as e:
                 sys.exit(f"apps: {e}")
+            continue
+        if name == node_env.NAME:
+            node_env.ensure(say=lambda m: print(m, file=sys.stderr, flush=True))
             continue
         ensure(name, say=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"apps: environments ready in {cache_dir() / 'apps'}", file=sys.stderr)

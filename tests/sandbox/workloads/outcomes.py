@@ -42,6 +42,9 @@ TERMINATED_PHRASES = (
     "could not send data to server",
     "connection was closed in the middle of operation",
     "ssl syscall error: eof detected",
+    # node-postgres: a socket closed under a client, and a client used after that
+    "connection terminated unexpectedly",
+    "connection error and is not queryable",
 )
 
 
