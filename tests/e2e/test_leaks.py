@@ -147,12 +147,16 @@ def test_a_real_leak_at_7_per_second_is_held_inside_the_budget_by_the_three_fiel
     assert pool["class"] != "Leaking", summary
     # Termination held it: nobody was restarted.
     assert not budgets.events("PodEvicted")
-    # One Event per reason in this episode, however many polls acted.
+    # One Event per reason and episode (from one recovery to the next), however many polls acted:
+    # held under the warning line first (as much as the budget needs), then, the leak proven
+    # sustained, its abandoned connections ended at its own pace, back within: at most two
+    # episodes, no flapping between Warning and recovery.
     per_reason = Counter(e.reason for e in budgets.events())
-    assert per_reason["IdleConnectionsTerminated"] == 1, per_reason
+    assert per_reason["BudgetWarning"] <= 1, per_reason
+    episodes = per_reason["BudgetRecovered"] + 1
+    assert 1 <= per_reason["IdleConnectionsTerminated"] <= episodes, per_reason
     assert per_reason["LeakDetected"] == 1, per_reason
-    (terminated,) = budgets.events("IdleConnectionsTerminated")
-    assert (terminated.count or 0) > 5
+    assert sum(e.count or 0 for e in budgets.events("IdleConnectionsTerminated")) > 5
     assert 'owner="Deployment/leak"' in operator.metrics()
 
 
