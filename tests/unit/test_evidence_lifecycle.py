@@ -297,3 +297,12 @@ def test_no_pool_shape_is_ever_leaking_even_under_pressure(
 ) -> None:
     conns, seconds = shape
     never_leaking(play_pressured(conns, until=T0 + seconds, every=poll))
+
+
+def test_a_leak_stopped_by_a_full_server_is_still_the_leak() -> None:
+    # Found on the sandbox: a leak that filled the server could open no more connections, and a
+    # minute later it was judged Steady, holding every slot.
+    conns = leak(5.0, seconds=20, owner=OWNER)  # then the server is full: nothing new
+    judged = play_pressured(conns, until=T0 + 150)
+    first = next(t for t, j in judged if j[OWNER].cls is OwnerClass.LEAKING)
+    assert all(j[OWNER].cls is OwnerClass.LEAKING for t, j in judged if t >= first)

@@ -90,3 +90,29 @@ def test_a_leak_that_dies_on_termination_is_never_terminated_and_is_restarted_in
         spec(), [WEB1], [idle_group(WEB1, [40.0] * 10)], owners=owners, fragile=fragile
     )
     assert calm_fragile.actions == ()  # no breach: nothing at all
+
+
+def test_a_young_pod_that_dies_on_termination_is_restarted_all_the_same() -> None:
+    # Found on the sandbox: a node-postgres leak concluded to die on termination filled the
+    # server while its pods were younger than minPodAgeSeconds (120 s by default).
+    young = pod("web-1", "10.0.0.1", age=30.0)
+    groups = [idle_group(young, [40.0] * 70)]
+    owners = [leaking(abandoned={"web-1": 70})]
+    d = run(spec(), [young], groups, owners=owners, fragile=frozenset({"Deployment/web"}))
+    assert [a.pod for a in d.actions if isinstance(a, RestartPod)] == ["web-1"]
+
+
+def test_when_restarts_wait_a_leak_that_dies_on_termination_is_terminated_for_the_budget() -> None:
+    # The last resort: over the budget, restarts held by the cooldown; the alternative to a
+    # crash is every client of the server refused.
+    cooling = dataclasses.replace(OVER, cooldown_until=NOW + 30)
+    groups = [idle_group(WEB1, [40.0] * 85)]
+    owners = [leaking(abandoned={"web-1": 85})]
+    fragile = frozenset({"Deployment/web"})
+    d = run(spec(), [WEB1], groups, memory=cooling, owners=owners, fragile=fragile)
+    assert not any(isinstance(a, RestartPod) for a in d.actions)
+    (ended,) = [a for a in d.actions if isinstance(a, TerminateBackends)]
+    assert len(ended.backends) == 85 - 80  # only back within the budget, never for the line
+    assert d.restart_cause is plan.RestartCause.DIES_ON_TERMINATION  # said while it waits
+    within = run(spec(), [WEB1], [idle_group(WEB1, [40.0] * 70)], owners=owners, fragile=fragile)
+    assert not any(isinstance(a, TerminateBackends) for a in within.actions)

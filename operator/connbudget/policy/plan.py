@@ -243,9 +243,8 @@ def plan_terminations(
     """Choose idle backends to terminate: pressure decides how many, the evidence whose.
 
     Only ``idle`` backends (never ``active`` or ``idle in transaction``) of governed pods that are
-    not terminating and not in ``spare`` (pods restarted in this cycle), never a connection of a
-    ``fragile`` owner (its pods restart when one is terminated: ``policy.remedy``), nor one a
-    termination was refused for (``not_signalable``). In the order of how surely each is
+    not terminating and not in ``spare`` (pods restarted in this cycle), nor one a termination was
+    refused for (``not_signalable``). In the order of how surely each is
     abandoned, the longest idle first within each tier:
 
     1. a leaking owner's idle beyond its abandon age (a sustained leak's first);
@@ -257,7 +256,10 @@ def plan_terminations(
     4. only while a breach is acted on (``act``), a workload's the evidence has not judged
        (Steady), then a pooling one's, each idle beyond its ``terminate_after``: never while a
        leak's remain, and no more than ``own_need`` (what the governed pods hold beyond the
-       warning line themselves; default ``need``).
+       warning line themselves; default ``need``);
+    5. a ``fragile`` leaking owner's abandoned connections (its pods restart when one is
+       terminated, ``policy.remedy``: it is restarted gracefully instead), only as the last
+       resort to get back within the budget itself, when restarts cannot (a cooldown, a PDB).
 
     Without ``pressure`` only a proven, sustained leak's abandoned connections are terminated (as
     ``idle_session_timeout`` would, but only for the leak); under pressure those, and as many
@@ -266,7 +268,7 @@ def plan_terminations(
     own_need = need if own_need is None else own_need
     floor = float(spec.remediation.terminate_idle.min_idle_seconds)
     # (tier, backend): 0 a sustained leak's abandoned, 1 a leak's abandoned, 2 beyond its pauses,
-    # 3 maybe paused, 4 Steady, 5 Pooling
+    # 3 maybe paused, 4 Steady, 5 Pooling, 6 a leak's that dies on termination
     ranked: list[tuple[int, IdleBackend]] = []
     for a in attributed:
         pod = a.pod
@@ -276,12 +278,13 @@ def plan_terminations(
             or pod is None
             or pod.terminating
             or pod.name in spare
-            or pod.owner in fragile
             or not is_governed(pod, spec.selector, namespace)
         ):
             continue
         ev = owners.get(pod.owner)
         leaking = ev is not None and ev.cls is OwnerClass.LEAKING
+        if pod.owner in fragile and not leaking:
+            continue
         if not leaking and not (pressure and act):
             continue  # no always-on idle timeout: a healthy owner is left alone
         after = _terminate_after(ev, spec)
@@ -293,7 +296,11 @@ def plan_terminations(
         for pid, idle_s, start in a.group.idle:
             if (pid, start) in not_signalable:
                 continue
-            if ev is not None and leaking:
+            if pod.owner in fragile:
+                if idle_s < after:
+                    continue
+                tier = 6  # crashes its pod: the last resort, only to get back within the budget
+            elif ev is not None and leaking:
                 if idle_s >= after:
                     tier = 0 if ev.sustained else 1
                 elif idle_s >= beyond_pauses:
@@ -332,6 +339,7 @@ def plan_terminations(
         # slots they free at once, and the healthy app would have paid for nothing.
         take(4, min(need, own_need))
         take(5, min(need, own_need))
+        take(6, hard_need)
     return tuple(chosen[: spec.remediation.terminate_idle.max_per_cycle])
 
 
@@ -445,6 +453,7 @@ def _plan_restarts(
     namespace: str,
     now: float,
     held: Mapping[str, float],
+    young_too: bool = False,
 ) -> tuple[tuple[RestartPod, ...], int, tuple[str, ...]]:
     """Restarts of the worst offenders (most leaked connections first) within the limits, how
     many offenders were too young to restart, and the owners of offenders ``held`` (restarted by
@@ -463,7 +472,7 @@ def _plan_restarts(
         if pod.owner in held:
             waiting.add(pod.owner)
             continue
-        if now - pod.created_at < rp.min_pod_age_seconds:
+        if now - pod.created_at < rp.min_pod_age_seconds and not young_too:
             too_young += 1
             continue
         if len(out) >= rp.max_pods_per_cycle:
@@ -1014,12 +1023,21 @@ def _restart_step(
     if cause is None:
         return _Plan()
     planned, too_young, waiting = _plan_restarts(
-        offenders=offenders, pods=pods, spec=spec, namespace=namespace, now=now, held=held
+        offenders=offenders,
+        pods=pods,
+        spec=spec,
+        namespace=namespace,
+        now=now,
+        held=held,
+        # A workload that dies on termination is restarted however young its pods: an eviction
+        # costs no more than the crash a termination would cause, and waiting lets it fill.
+        young_too=cause is RestartCause.DIES_ON_TERMINATION,
     )
     reasons = (f"restarting because {_CAUSE_TEXT[cause]}",)
+    # The cause is said while restarts wait too, so the status tells why they are wanted.
     if planned and in_cooldown:
         hold = (Step.RESTART_PODS, Hold.COOLDOWN, "restarts wait for the cooldown")
-        return _Plan(holds=(hold,), reasons=reasons)
+        return _Plan(holds=(hold,), reasons=reasons, restart_cause=cause)
     if planned:
         return _Plan(actions=planned, reasons=reasons, restart_cause=cause)
     if waiting:
@@ -1029,7 +1047,7 @@ def _restart_step(
             Hold.COOLDOWN,
             f"{', '.join(waiting)} restarted by another budget: waits {until - now:.0f}s more",
         )
-        return _Plan(holds=(hold,), reasons=reasons)
+        return _Plan(holds=(hold,), reasons=reasons, restart_cause=cause)
     if too_young:
         young = spec.remediation.restart_pods.min_pod_age_seconds
         hold = (
@@ -1037,8 +1055,8 @@ def _restart_step(
             Hold.MIN_POD_AGE,
             f"{too_young} offending pods are younger than minPodAgeSeconds {young}",
         )
-        return _Plan(holds=(hold,), reasons=reasons)
-    return _Plan(reasons=reasons)
+        return _Plan(holds=(hold,), reasons=reasons, restart_cause=cause)
+    return _Plan(reasons=reasons, restart_cause=cause)
 
 
 _CAUSE_TEXT = {
