@@ -102,17 +102,35 @@ def test_a_young_pod_that_dies_on_termination_is_restarted_all_the_same() -> Non
     assert [a.pod for a in d.actions if isinstance(a, RestartPod)] == ["web-1"]
 
 
-def test_when_restarts_wait_a_leak_that_dies_on_termination_is_terminated_for_the_budget() -> None:
-    # The last resort: over the budget, restarts held by the cooldown; the alternative to a
-    # crash is every client of the server refused.
+def test_a_leak_that_dies_on_termination_is_replaced_one_pod_at_a_time_not_once_a_cooldown() -> (
+    None
+):
+    # A fixed cooldown (60 s by default) cannot hold a leak of a connection a second per pod:
+    # its pods are replaced as the leak needs, the next once the last one's replacement is ready.
     cooling = dataclasses.replace(OVER, cooldown_until=NOW + 30)
+    owners = [leaking(abandoned={"web-1": 70})]
+    fragile = frozenset({"Deployment/web"})
+    groups = [idle_group(WEB1, [40.0] * 70)]
+    d = run(spec(), [WEB1, WEB2], groups, memory=cooling, owners=owners, fragile=fragile)
+    assert [a.pod for a in d.actions if isinstance(a, RestartPod)] == ["web-1"]
+    replacing = dataclasses.replace(WEB2, ready=False)
+    held = run(spec(), [WEB1, replacing], groups, memory=cooling, owners=owners, fragile=fragile)
+    assert not any(isinstance(a, RestartPod) for a in held.actions)
+    assert held.holds[-1][2] == "restarts wait for pod web-2 to be replaced and ready"
+
+
+def test_when_restarts_wait_a_leak_that_dies_on_termination_is_terminated_for_the_budget() -> None:
+    # The last resort: over the budget, its last restart not replaced yet; the alternative to a
+    # crash is every client of the server refused.
+    replacing = dataclasses.replace(WEB2, terminating=True)
     groups = [idle_group(WEB1, [40.0] * 85)]
     owners = [leaking(abandoned={"web-1": 85})]
     fragile = frozenset({"Deployment/web"})
-    d = run(spec(), [WEB1], groups, memory=cooling, owners=owners, fragile=fragile)
+    d = run(spec(), [WEB1, replacing], groups, memory=OVER, owners=owners, fragile=fragile)
     assert not any(isinstance(a, RestartPod) for a in d.actions)
     (ended,) = [a for a in d.actions if isinstance(a, TerminateBackends)]
     assert len(ended.backends) == 85 - 80  # only back within the budget, never for the line
     assert d.restart_cause is plan.RestartCause.DIES_ON_TERMINATION  # said while it waits
-    within = run(spec(), [WEB1], [idle_group(WEB1, [40.0] * 70)], owners=owners, fragile=fragile)
+    groups = [idle_group(WEB1, [40.0] * 70)]
+    within = run(spec(), [WEB1, replacing], groups, owners=owners, fragile=fragile)
     assert not any(isinstance(a, TerminateBackends) for a in within.actions)

@@ -1034,6 +1034,19 @@ def _restart_step(
         young_too=cause is RestartCause.DIES_ON_TERMINATION,
     )
     reasons = (f"restarting because {_CAUSE_TEXT[cause]}",)
+    if cause is RestartCause.DIES_ON_TERMINATION:
+        # Its pods are replaced one at a time as its leak needs, not once a cooldown: the next
+        # waits only for the last one's replacement (a fixed cooldown cannot hold a leak of a
+        # pod's connections a second, and the crash it spares is the alternative).
+        replacing = _replacing(pods, {p.owner for p in pods if p.name in offenders})
+        if planned and replacing:
+            hold = (
+                Step.RESTART_PODS,
+                Hold.COOLDOWN,
+                f"restarts wait for {replacing} to be replaced and ready",
+            )
+            return _Plan(holds=(hold,), reasons=reasons, restart_cause=cause)
+        in_cooldown = False
     # The cause is said while restarts wait too, so the status tells why they are wanted.
     if planned and in_cooldown:
         hold = (Step.RESTART_PODS, Hold.COOLDOWN, "restarts wait for the cooldown")
@@ -1057,6 +1070,14 @@ def _restart_step(
         )
         return _Plan(holds=(hold,), reasons=reasons, restart_cause=cause)
     return _Plan(reasons=reasons, restart_cause=cause)
+
+
+def _replacing(pods: Sequence[PodInfo], owners: set[str]) -> str | None:
+    """A pod of ``owners`` on its way out or not ready yet (a restart not finished), if any."""
+    for p in sorted(pods, key=lambda p: p.name):
+        if p.owner in owners and (p.terminating or not p.ready):
+            return f"pod {p.name}"
+    return None
 
 
 _CAUSE_TEXT = {
