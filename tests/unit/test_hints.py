@@ -84,3 +84,11 @@ def test_every_hint_says_what_triggers_it() -> None:
     names = [h.name for h in HINTS]
     assert len(names) == len(set(names))
     assert all(h.evidence for h in HINTS)
+
+
+def test_a_workload_that_dies_on_termination_is_told_the_librarys_fix() -> None:
+    facts = OwnerFacts(owner="Deployment/web", cls=OwnerClass.LEAKING, dies_on_termination=True)
+    hint = hint_for(facts)
+    assert hint is not None
+    assert "listen for 'error'" in hint
+    assert hint_for(OwnerFacts(owner="Deployment/web", cls=OwnerClass.LEAKING)) is None

@@ -80,7 +80,11 @@ async def judge(seen: Observation, spec: BudgetSpec, namespace: str, runtime: Ru
         runtime.history.popleft()
     owner_hints = hints.hints_of(
         hints.owner_facts(
-            owners=owners, attributed=seen.governed_groups, shapes=shapes, budget=use.budget
+            owners=owners,
+            attributed=seen.governed_groups,
+            shapes=shapes,
+            budget=use.budget,
+            fragile=runtime.remedy.dies_on_termination(),
         )
     )
     return Judgement(owners=owners, shapes=shapes, usage=use, hints=owner_hints)

@@ -72,10 +72,12 @@ async def run_cycle(
     if not runtime.evidence_seeded:
         runtime.evidence.seed(status.reuse_gaps_from_status(old_status), at=seen.sample.sampled_at)
         runtime.evidence_seeded = True
+    # Whether the governed pods' containers restarted after the operator's terminations, before
+    # judging (a workload found to die on termination gets its hint at once).
+    await _watch_the_remedy(runtime, deps, seen, now)
     judged = await judge(seen, spec, namespace, runtime)
     remembered = status.memory_from_status(old_status)
     paused = is_paused(annotations)
-    await _watch_the_remedy(runtime, deps, seen, now)
     decision = _decide(
         spec, namespace, now, seen, judged, runtime, remembered, paused=paused, deps=deps, name=name
     )

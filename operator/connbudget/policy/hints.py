@@ -30,6 +30,7 @@ class OwnerFacts:
     pods: int = 0
     max_per_pod: int = 0  # the most connections one of its pods holds
     budget: int = 0  # the budget's maxConnections
+    dies_on_termination: bool = False  # its pods restart when its connections are terminated
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,18 @@ def _pool_over_budget(f: OwnerFacts) -> bool:
 
 
 HINTS: tuple[Hint, ...] = (
+    Hint(
+        "DiesOnTermination",
+        "its containers restarted within 30 s of the operator terminating their connections, "
+        "twice (policy.remedy)",
+        lambda f: f.dies_on_termination,
+        lambda f: (
+            "its process exits when the server closes one of its idle connections: a client "
+            "library with no handler for it (node-postgres: listen for 'error' on every client "
+            "and on the pool); until then its pods are restarted instead of its connections "
+            "being terminated"
+        ),
+    ),
     Hint(
         "DjangoAsgiLeak",
         "leaking, and its leaked statements carry sqlcommenter's framework tag django:5.0 or "
@@ -100,6 +113,7 @@ def owner_facts(
     attributed: Sequence[Attributed],
     shapes: Mapping[str, Sequence[LeakShape]],
     budget: int,
+    fragile: frozenset[str] = frozenset(),
 ) -> list[OwnerFacts]:
     """The facts of every judged owner, from its direct backends (not those through a pooler)."""
     per_pod: dict[str, dict[str, int]] = {}
@@ -121,6 +135,7 @@ def owner_facts(
             pods=len(per_pod.get(owner, {})),
             max_per_pod=max(per_pod.get(owner, {}).values(), default=0),
             budget=budget,
+            dies_on_termination=owner in fragile,
         )
         for owner, ev in sorted(owners.items())
     ]
