@@ -405,6 +405,10 @@ def _event(sb: Sandbox, kube: Kube, run: Run, out_dir: Path) -> None:
     began = time.time()
     if sc.event == "pg-restart":
         run.shutdowns.append(time.time())
+        # The sandbox's own server keeps its pids in state.json; a benchmark's gets one here.
+        (run.state / "state.json").write_text(
+            json.dumps({"pids": {"postgres": run.server.pids[0]}})
+        )
         postgres.stop_postgres(run.state)
         postgres.start_postgres(run.state, run.server.info)
         run.server.pids[0] = json.loads((run.state / "state.json").read_text())["pids"]["postgres"]

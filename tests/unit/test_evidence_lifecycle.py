@@ -306,3 +306,19 @@ def test_a_leak_stopped_by_a_full_server_is_still_the_leak() -> None:
     judged = play_pressured(conns, until=T0 + 150)
     first = next(t for t, j in judged if j[OWNER].cls is OwnerClass.LEAKING)
     assert all(j[OWNER].cls is OwnerClass.LEAKING for t, j in judged if t >= first)
+
+
+def test_a_leak_whose_requests_pause_up_to_8_s_is_named_under_pressure_past_its_pauses() -> None:
+    # Found on the sandbox: the leaking app's own requests paused 2-8 s, its abandon age grew to
+    # 13 s (half again its longest pause), the leak was named only past it, and the server filled
+    # meanwhile (peak 95 of 100, 47 refused).
+    rnd = random.Random(5)
+    conns = leak(5.0, seconds=40, owner=OWNER)
+    for c in conns:
+        if rnd.random() < 0.3:  # a request that pauses, then queries again
+            c.uses.append(c.uses[0] + rnd.uniform(2.0, 8.0))
+    judged = play_pressured(conns, until=T0 + 40)
+    first = next(t for t, j in judged if j[OWNER].cls is OwnerClass.LEAKING)
+    got = judged[-1][1][OWNER]
+    assert got.abandon_after > 12.0  # what a calm verdict would wait out
+    assert first - T0 <= 8.0 + 1.0 + 3.0  # the longest pause, the margin, a few arrivals

@@ -243,6 +243,15 @@ def abandon_after(max_gap: float | None, *, floor: float) -> float:
     return max(floor, ABANDON_GAP_FACTOR * max_gap + ABANDON_GAP_MARGIN_SECONDS)
 
 
+def pause_bound(max_gap: float | None, *, floor: float) -> float:
+    """Idle seconds beyond every pause an owner's requests were seen to make between two uses of
+    a connection (its longest reuse gap and a margin), never less than ``floor``: a connection
+    idle longer is unused beyond anything seen, though not yet abandoned by ``abandon_after``."""
+    if max_gap is None:
+        return floor
+    return max(floor, max_gap + ABANDON_GAP_MARGIN_SECONDS)
+
+
 class Evidence:
     """Each governed backend followed across polls, and what each owner's backends did."""
 
@@ -392,6 +401,12 @@ class Evidence:
                 starts.append(start)
                 pod_starts[pod] = pod_starts.get(pod, 0) + 1
         arrivals = _arrivals(lives, after=after, since=recent)
+        # Under pressure, a connection idle beyond every pause the owner's requests were seen to
+        # make is unused enough: the abandon age adds half again (a margin for pauses not seen
+        # yet), which a leak whose own requests pause 2-8 s would fill the server waiting out.
+        beyond_pauses = pause_bound(max_gap, floor=floor)
+        if pressure and beyond_pauses < after:
+            arrivals = _arrivals(lives, after=beyond_pauses, since=recent)
         by_pod: dict[str, int] = {}
         in_tx_by_pod: dict[str, int] = {}
         direct = [t for t in tracks if not t.pooled]

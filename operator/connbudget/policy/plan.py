@@ -53,7 +53,7 @@ from connbudget.model.observations import PodInfo, PoolerClient, PoolerSample
 from connbudget.model.spec import BudgetSpec, RestartMethod, Step
 from connbudget.policy import forecast
 from connbudget.policy.attribution import Attributed, Via
-from connbudget.policy.evidence import ABANDON_GAP_MARGIN_SECONDS, OwnerClass, OwnerEvidence
+from connbudget.policy.evidence import OwnerClass, OwnerEvidence, pause_bound
 from connbudget.policy.usage import Usage, is_governed, is_pressured, nearly_full
 
 FAST_POLL_SECONDS = 1  # the cadence while usage is high, an owner leaks or the server fills soon
@@ -288,11 +288,7 @@ def plan_terminations(
         if not leaking and not (pressure and act):
             continue  # no always-on idle timeout: a healthy owner is left alone
         after = _terminate_after(ev, spec)
-        beyond_pauses = (
-            max(floor, ev.max_gap + ABANDON_GAP_MARGIN_SECONDS)
-            if ev is not None and ev.max_gap is not None
-            else after
-        )
+        beyond_pauses = pause_bound(ev.max_gap, floor=floor) if ev is not None else after
         for pid, idle_s, start in a.group.idle:
             if (pid, start) in not_signalable:
                 continue
