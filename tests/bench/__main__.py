@@ -134,9 +134,13 @@ def main(argv: list[str]) -> int:
     }
     out = ROOT / "tests" / "bench" / "results.json"
     results: dict[str, Any] = dict(run_info)
+    previous_harm: dict[str, Any] | None = None
     if args.merge and out.exists():
-        # The other phases keep their figures, each with the run it came from.
-        results = merged(report.from_json(json.loads(out.read_text())), phases)
+        # The other phases keep their figures, each with the run it came from; with --scenario,
+        # the harm phase's other scenarios too.
+        previous = report.from_json(json.loads(out.read_text()))
+        previous_harm = previous.get("harm")
+        results = merged(previous, phases)
         results.update(run_info)
     say(f"connbudget benchmarks on {results['machine']}; logs in {work}")
 
@@ -150,13 +154,15 @@ def main(argv: list[str]) -> int:
         kube.install_crd()
         if "harm" in phases:
             chosen = set(args.scenario or [])
-            results["harm"] = harm.run_phase(
+            found = harm.run_phase(
                 sb,
                 kube,
                 quick=quick,
                 out_dir=work,
                 only=lambda s: not chosen or s.key in chosen,
             )
+            kept = previous_harm if chosen and args.merge else None
+            results["harm"] = harm.merge(kept, found) if kept else found
             save()
         if "exhaustion" in phases:
             results["exhaustion"] = exhaustion.run(

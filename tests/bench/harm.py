@@ -61,7 +61,6 @@ from bench.common import (
     workload_of,
 )
 from bench.exhaustion import _LaneSandbox, _pods, _records, in_window, outcome_counts
-from bench.shards import _holders, _identity
 from sandbox import postgres
 from sandbox.apps.deploy import APP_IMAGES, deploy_app, leak_settings, pool_settings, rate_settings
 from sandbox.core import Sandbox
@@ -428,8 +427,8 @@ def _event(sb: Sandbox, kube: Kube, run: Run, out_dir: Path) -> None:
             Operator.start(sb, [run.namespace], out_dir / f"harm-{sc.key}-operator-2.log")
         ]
     elif sc.event == "failover":
-        # The replica that holds the shard's Lease (in the first namespace watched) is killed.
-        leader = _holders(kube, run.namespace, 1).get(0)
+        # The replica that holds the Lease (in the namespace it watches) is killed.
+        leader = _leader(kube, run.namespace)
         victim = next((op for op in run.operators if _identity(op) == leader), run.operators[0])
         victim.proc.send_signal(signal.SIGKILL)
         victim.proc.wait(timeout=10)
@@ -451,6 +450,29 @@ def _event(sb: Sandbox, kube: Kube, run: Run, out_dir: Path) -> None:
     elif sc.event == "pgb-restart":
         _restart_pgbouncer(sb, run)
     run.event_window = (began, time.time())
+
+
+LEASE = "connbudget-operator"  # one shard: the operator's single Lease
+
+
+def _leader(kube: Kube, namespace: str) -> str | None:
+    """Who holds the operator's Lease (None: nobody yet)."""
+    import kubernetes
+
+    with contextlib.suppress(ApiException):
+        lease = kubernetes.client.CoordinationV1Api(kube.api).read_namespaced_lease(
+            LEASE, namespace
+        )
+        return str(lease.spec.holder_identity) if lease.spec.holder_identity else None
+    return None
+
+
+def _identity(op: Operator) -> str | None:
+    """A replica's identity, as it logs it when its election starts."""
+    for line in op.log.read_text(errors="replace").splitlines():
+        if '"leader election"' in line or '"sharded election"' in line:
+            return str(json.loads(line)["identity"])
+    return None
 
 
 def _restart_pgbouncer(sb: Sandbox, run: Run) -> None:
@@ -697,6 +719,20 @@ def run_phase(
         )
     results["targets"] = verdicts(results["scenarios"])
     return results
+
+
+def merge(previous: dict[str, Any], found: dict[str, Any]) -> dict[str, Any]:
+    """The scenarios of an earlier run of this phase, with those just run in their place (each
+    kept one marked with the run it came from), and the targets computed again."""
+    scenarios = {
+        k: v | {"from_run": True}
+        for k, v in previous.get("scenarios", {}).items()
+        if k not in found["scenarios"]
+    }
+    scenarios.update(found["scenarios"])
+    errors = {k: v for k, v in previous.get("errors", {}).items() if k not in found["scenarios"]}
+    errors.update(found.get("errors", {}))
+    return {"scenarios": scenarios, "errors": errors, "targets": verdicts(scenarios)}
 
 
 def verdicts(found: dict[str, Any]) -> list[tuple[str, str, bool]]:

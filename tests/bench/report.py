@@ -131,8 +131,10 @@ def _harm(h: dict[str, Any], targets: list[tuple[str, str, str]]) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for key, s in h.get("scenarios", {}).items():
+        earlier = " (from the run before: this run played the other scenarios)"
         out.append(
-            f"| {key}: {s['label']} | {s['guard']} | {s['healthy_terminated']} | "
+            f"| {key}: {s['label']}{earlier if s.get('from_run') else ''} | {s['guard']} | "
+            f"{s['healthy_terminated']} | "
             f"{s['healthy_failed']} ({s['healthy_failed_by_operator']}) of "
             f"{s.get('healthy_requests', '?')} | "
             f"{s['healthy_evicted']} / {s['healthy_restarted']} | {s['false_leak_events']} | "

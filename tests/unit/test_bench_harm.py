@@ -77,3 +77,16 @@ def test_verdicts_follow_the_figures() -> None:
     assert [m for t, _, m in got if t.startswith("node-leak:")] == [True, True]
     assert [m for t, _, m in got if t.startswith("tx-leak")] == [True, False]
     assert not any(t.startswith("node-leak-ist10") for t, _, _ in got)  # no guard, no target
+
+
+def test_a_scenario_run_again_replaces_only_itself() -> None:
+    from bench.harm import merge
+
+    before = {"scenarios": {"start": scenario(), "failover": scenario()}, "errors": {"x": "e"}}
+    again = {"scenarios": {"failover": scenario(healthy_terminated=1)}, "errors": {}}
+    got = merge(before, again)
+    assert got["scenarios"]["start"]["from_run"] is True
+    assert "from_run" not in got["scenarios"]["failover"]
+    assert got["scenarios"]["failover"]["healthy_terminated"] == 1
+    assert got["errors"] == {"x": "e"}
+    assert [m for t, _, m in got["targets"] if t.startswith("failover")] == [False]
