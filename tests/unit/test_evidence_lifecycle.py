@@ -322,3 +322,50 @@ def test_a_leak_whose_requests_pause_up_to_8_s_is_named_under_pressure_past_its_
     got = judged[-1][1][OWNER]
     assert got.abandon_after > 12.0  # what a calm verdict would wait out
     assert first - T0 <= 8.0 + 1.0 + 3.0  # the longest pause, the margin, a few arrivals
+
+
+def test_a_leak_held_by_terminations_below_its_abandon_age_stays_named() -> None:
+    # Found by the harm benchmark: a 7/s leak whose requests pause 2-8 s, terminated at 6-7 s idle
+    # (below its 13 s abandon age, to keep the budget) showed no abandoned connection any more,
+    # was judged Steady, and filled the server within seconds.
+    rnd = random.Random(9)
+    conns = leak(7.0, seconds=90, owner=OWNER)
+    for c in conns:
+        if rnd.random() < 0.3:
+            c.uses.append(c.uses[0] + rnd.uniform(2.0, 8.0))
+    ev = Evidence()
+    named: list[bool] = []
+    t = T0
+    while t <= T0 + 90:
+        seen = [s for c in conns if (s := c.seen_at(t)) is not None]
+        ev.observe(at=t, seen=seen, floor=FLOOR)
+        got = ev.judge(at=t, floor=FLOOR, idle_seconds=IDLE_SECONDS, pressure=True).get(OWNER)
+        named.append(got is not None and got.cls is OwnerClass.LEAKING)
+        if named[-1]:
+            for c in conns:  # the operator ends every connection idle 6 s (single use) or more
+                if c.end is None and c.start <= t and len(c.uses) == 1 and t - c.uses[0] >= 6.0:
+                    c.end = t + 0.001
+        t += 1.0
+    first = named.index(True)
+    assert all(named[first:]), "the verdict dropped while the leak went on"
+
+
+def test_a_fast_leak_that_fills_the_server_before_its_pauses_is_named() -> None:
+    # Found by the harm benchmark: at 20/s with requests pausing 2-8 s, the server was full
+    # before any connection was idle beyond the pauses, and the leak, able to open no more, was
+    # never named (no action at all, 1,045 refused).
+    rnd = random.Random(4)
+    conns = leak(20.0, seconds=5, owner=OWNER)  # 100 connections: the server is full
+    for c in conns:
+        if rnd.random() < 0.3:
+            c.uses.append(c.uses[0] + rnd.uniform(2.0, 8.0))
+    ev = Evidence()
+    urgent = []
+    for t in range(int(T0), int(T0) + 12):
+        seen = [s for c in conns if (s := c.seen_at(float(t))) is not None]
+        ev.observe(at=float(t), seen=seen, floor=FLOOR)
+        got = ev.judge(
+            at=float(t), floor=FLOOR, idle_seconds=IDLE_SECONDS, pressure=True, urgent=True
+        )
+        urgent.append(got[OWNER].cls is OwnerClass.LEAKING)
+    assert any(urgent)

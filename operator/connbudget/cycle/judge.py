@@ -61,7 +61,14 @@ async def judge(seen: Observation, spec: BudgetSpec, namespace: str, runtime: Ru
         history=runtime.history,
     )
     owners = runtime.evidence.judge(
-        at=sample.sampled_at, floor=floor, idle_seconds=spec.leak_idle_seconds, pressure=pressure
+        at=sample.sampled_at,
+        floor=floor,
+        idle_seconds=spec.leak_idle_seconds,
+        pressure=pressure,
+        urgent=usage.nearly_full(
+            usable_slots=max(sample.max_connections - sample.reserved, 0),
+            server_total=seen.census.server.connections,
+        ),
     )
     shapes = await _where_leaks(seen.monitor, runtime, owners, seen.index, at=sample.sampled_at)
     use = usage.compute_usage(

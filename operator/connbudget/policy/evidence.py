@@ -352,10 +352,17 @@ class Evidence:
                 del self._owners[owner]
 
     def judge(
-        self, *, at: float, floor: float, idle_seconds: float, pressure: bool = False
+        self,
+        *,
+        at: float,
+        floor: float,
+        idle_seconds: float,
+        pressure: bool = False,
+        urgent: bool = False,
     ) -> dict[str, OwnerEvidence]:
         """Classify every owner seen (``floor``: the spec's least idle age for a termination;
         ``idle_seconds``: leakDetection.idleSeconds, the least for an owner that is not leaking;
+        ``urgent``: the server is nearly full, so an unused connection is one idle the floor;
         ``pressure``: usage is at the warning line or the server is filling, so a leak is named
         on less evidence; see the module docstring).
         """
@@ -371,6 +378,7 @@ class Evidence:
                 floor=floor,
                 idle_seconds=idle_seconds,
                 pressure=pressure,
+                urgent=urgent,
             )
         self._leaking = {o for o, ev in out.items() if ev.cls is OwnerClass.LEAKING}
         self._sustained = {o for o, ev in out.items() if ev.sustained}
@@ -385,6 +393,7 @@ class Evidence:
         floor: float,
         idle_seconds: float,
         pressure: bool,
+        urgent: bool = False,
     ) -> OwnerEvidence:
         log = self._owners.get(owner) or _OwnerLog()
         max_gap = _max_gap(log)
@@ -400,12 +409,27 @@ class Evidence:
             if state in WAITING_STATES and until - changed_at >= after and start >= recent:
                 starts.append(start)
                 pod_starts[pod] = pod_starts.get(pod, 0) + 1
+        # Connections of the window used once, right after they were opened, and idle at least
+        # the floor since: what a leak keeps showing while terminations end its connections
+        # before they reach the abandon age (they never do, and would erase the evidence).
+        single_use = [
+            start
+            for _pod, start, state, changed_at, until in lives
+            if state in WAITING_STATES
+            and start >= recent
+            and changed_at - start <= FIRST_USE_SECONDS
+            and until - changed_at >= floor
+        ]
         arrivals = _arrivals(lives, after=after, since=recent)
         # Under pressure, a connection idle beyond every pause the owner's requests were seen to
         # make is unused enough: the abandon age adds half again (a margin for pauses not seen
         # yet), which a leak whose own requests pause 2-8 s would fill the server waiting out.
         beyond_pauses = pause_bound(max_gap, floor=floor)
-        if pressure and beyond_pauses < after:
+        if urgent:
+            # The server is nearly full: a fast leak fills it before any connection is idle
+            # beyond the pauses (20/s against 9 s: 180 connections), and then opens none.
+            arrivals = _arrivals(lives, after=floor, since=recent)
+        elif pressure and beyond_pauses < after:
             arrivals = _arrivals(lives, after=beyond_pauses, since=recent)
         by_pod: dict[str, int] = {}
         in_tx_by_pod: dict[str, int] = {}
@@ -432,6 +456,7 @@ class Evidence:
             pressure=False,
             was_leaking=owner in self._sustained,
             holding=holding,
+            single_use=single_use,
         )
         leaking = sustained or _is_leaking(
             arrivals=arrivals,
@@ -439,6 +464,7 @@ class Evidence:
             pressure=pressure,
             was_leaking=owner in self._leaking,
             holding=holding,
+            single_use=single_use,
         )
         rate = 0.0
         span = LEAK_MIN_SPAN_SECONDS
@@ -527,6 +553,7 @@ def _is_leaking(
     pressure: bool,
     was_leaking: bool,
     holding: int = 0,
+    single_use: Sequence[float] = (),
 ) -> bool:
     """The verdict (see the module docstring). Calm: arrivals abandoned themselves, spread over
     ``SUSTAINED_SPAN_SECONDS``. Under pressure: any arrivals, over ``LEAK_MIN_SPAN_SECONDS``
@@ -537,6 +564,8 @@ def _is_leaking(
     the sandbox, a node-postgres leak judged Steady a minute after it filled the server)."""
     if was_leaking and holding >= LEAK_MIN_CONNECTIONS:
         return True
+    if was_leaking and len(single_use) >= LEAK_MIN_CONNECTIONS:
+        return max(single_use) - min(single_use) >= LEAK_MIN_SPAN_SECONDS
     if was_leaking and len(starts) >= LEAK_MIN_CONNECTIONS:
         return max(starts) - min(starts) >= LEAK_MIN_SPAN_SECONDS
     counted = [start for start, abandoned in arrivals if pressure or abandoned]
