@@ -369,3 +369,24 @@ def test_a_fast_leak_that_fills_the_server_before_its_pauses_is_named() -> None:
         )
         urgent.append(got[OWNER].cls is OwnerClass.LEAKING)
     assert any(urgent)
+
+
+def test_a_leak_that_filled_the_server_within_a_second_of_its_first_arrival_is_named() -> None:
+    # Found by the harm benchmark: 81 connections in 4 s over two pods filled the server; their
+    # arrivals spanned 0.95 s, under the second asked otherwise, and the leak was never named.
+    conns = [
+        Conn(pid=100 + i, start=T0 + i / 20, uses=[T0 + i / 20 + 0.01], owner=OWNER, pod=pod)
+        for i in range(81)
+        for pod in (("leak-a", "leak-b")[i % 2],)
+    ]
+    ev = Evidence()
+    named = []
+    for k in range(12):
+        t = T0 + k
+        seen = [s for c in conns if (s := c.seen_at(t)) is not None]
+        ev.observe(at=t, seen=seen, floor=FLOOR)
+        got = ev.judge(
+            at=t, floor=FLOOR, idle_seconds=IDLE_SECONDS, pressure=True, urgent=len(seen) >= 75
+        )
+        named.append(got[OWNER].cls is OwnerClass.LEAKING)
+    assert any(named)
