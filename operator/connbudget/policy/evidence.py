@@ -27,9 +27,11 @@ the server (it must wait out the pool's gaps). Following each backend by identit
   opened: at least ``LEAK_MIN_CONNECTIONS`` arrivals, spread over ``SUSTAINED_SPAN_SECONDS``
   while the budget is calm (a proven, sustained leak: it may be terminated without pressure), or
   over ``LEAK_MIN_SPAN_SECONDS`` under pressure (usage at the warning line, or the server filling:
-  waiting would let the leak fill it). Once leaking, an owner stays leaking while abandoned
+  waiting would let the leak fill it), with no span at all when the server is nearly full.
+  Once leaking, an owner stays leaking while abandoned
   connections keep being opened within ``LEAK_WINDOW_SECONDS`` (its terminated connections are
-  replaced by new abandoned ones: a leak held by terminations shows few arrivals), or while it
+  replaced by new abandoned ones: a leak held by terminations shows few arrivals, and its
+  connections used once keep sitting idle past the floor), or while it
   still holds ``LEAK_MIN_CONNECTIONS`` abandoned (a leak stopped by a full server). An owner whose
   connections are reused and not leaking is *pooling*; any other is *steady* (not enough
   evidence either way).
