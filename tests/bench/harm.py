@@ -60,7 +60,14 @@ from bench.common import (
     say,
     workload_of,
 )
-from bench.exhaustion import _LaneSandbox, _pods, _records, in_window, outcome_counts
+from bench.exhaustion import (
+    REFUSED_SHARE_AT_20,
+    _LaneSandbox,
+    _pods,
+    _records,
+    in_window,
+    outcome_counts,
+)
 from sandbox import postgres
 from sandbox.apps.deploy import APP_IMAGES, deploy_app, leak_settings, pool_settings, rate_settings
 from sandbox.core import Sandbox
@@ -107,6 +114,7 @@ class Scenario:
     event_at: float = 0.0
     seconds: float = 180.0
     idle_session_timeout: int | None = None  # a lane of PostgreSQL's own knob, no operator
+    guard: str = "connbudget"  # or "idle_session_timeout", or "none": no operator at all
     replicas: int = 1  # operator replicas (2: under leader election, for the failover)
     leak: str | None = None  # the leak's workload name, in a leak scenario
 
@@ -245,6 +253,18 @@ def leak_scenarios(quick: bool) -> tuple[Scenario, ...]:
         out.append(
             Scenario(f"leak-{rate:g}", leak.label, (leak, *beside), seconds=length, leak="leak")
         )
+        if rate == max(LEAK_RATES):
+            # The fastest leak's target is a share of what it does unguarded, in the same run.
+            out.append(
+                Scenario(
+                    f"leak-{rate:g}-none",
+                    leak.label + " (no guard)",
+                    (leak, *beside),
+                    seconds=length,
+                    leak="leak",
+                    guard="none",
+                )
+            )
     if "node-leak" in APP_IMAGES:
         node = App(
             "nodeleak",
@@ -262,6 +282,7 @@ def leak_scenarios(quick: bool) -> tuple[Scenario, ...]:
                     (node, *beside[:1]),
                     seconds=length,
                     idle_session_timeout=ist,
+                    guard="connbudget" if ist is None else "idle_session_timeout",
                     leak="nodeleak",
                 )
             )
@@ -500,8 +521,7 @@ def play(sb: Sandbox, kube: Kube, sc: Scenario, out_dir: Path) -> dict[str, Any]
         server.set_idle_session_timeout(sc.idle_session_timeout)
         kube.namespace(ns)
         kube.secret(ns, "pg-monitor", {"dsn": server.monitor_dsn()})
-        guarded = sc.idle_session_timeout is None
-        if guarded:
+        if sc.guard == "connbudget":
             kube.budget(ns, "shop", budget_spec())
             for i in range(sc.replicas):
                 run.operators.append(
@@ -665,7 +685,7 @@ def _measure(sb: Sandbox, kube: Kube, run: Run) -> dict[str, Any]:
         "label": sc.label,
         "event": sc.event,
         "seconds": sc.seconds,
-        "guard": "connbudget" if sc.idle_session_timeout is None else "idle_session_timeout",
+        "guard": sc.guard,
         "apps": apps,
         "healthy_requests": sum(a["requests"] for a in healthy),
         "healthy_terminated": sum(a["terminated"] for a in healthy),
@@ -759,7 +779,20 @@ def verdicts(found: dict[str, Any]) -> list[tuple[str, str, bool]]:
         leak = s.get("leak")
         if leak is None:
             continue
-        if key.startswith("leak-"):
+        unguarded = found.get(f"{key}-none")
+        if key.startswith("leak-") and unguarded is not None:
+            # The fastest leak fills the server in seconds: a share of no guard's refusals.
+            most = REFUSED_SHARE_AT_20 * unguarded["refused"]
+            out.append(
+                (
+                    f"{key}: at most {REFUSED_SHARE_AT_20:.0%} of no guard's refusals, 0 paused "
+                    "requests broken",
+                    f"refused {s['refused']} (no guard {unguarded['refused']}), paused broken "
+                    f"{leak['paused_broken']} of {leak['paused']}",
+                    s["refused"] <= most and leak["paused_broken"] == 0,
+                )
+            )
+        elif key.startswith("leak-"):
             out.append(
                 (
                     f"{key}: 0 refused, 0 paused requests broken",

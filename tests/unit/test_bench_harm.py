@@ -79,6 +79,17 @@ def test_verdicts_follow_the_figures() -> None:
     assert not any(t.startswith("node-leak-ist10") for t, _, _ in got)  # no guard, no target
 
 
+def test_the_fastest_leak_is_held_to_a_share_of_its_unguarded_refusals() -> None:
+    leak = {"paused": 10, "paused_broken": 0, "requests": 100, "answered": 96}
+    unguarded = scenario(guard="none", refused=3000, leak=leak)
+    held = verdicts({"leak-20": scenario(refused=30, leak=leak), "leak-20-none": unguarded})
+    missed = verdicts({"leak-20": scenario(refused=31, leak=leak), "leak-20-none": unguarded})
+    assert [m for t, _, m in held if t.startswith("leak-20:")] == [True, True]
+    assert [m for t, _, m in missed if t.startswith("leak-20:")] == [True, False]
+    assert "no guard 3000" in next(f for t, f, _ in missed if "refusals" in t)
+    assert not any(t.startswith("leak-20-none") for t, _, _ in held)  # no guard, no target
+
+
 def test_a_scenario_run_again_replaces_only_itself() -> None:
     from bench.harm import merge
 

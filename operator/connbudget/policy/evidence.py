@@ -27,7 +27,9 @@ the server (it must wait out the pool's gaps). Following each backend by identit
   opened: at least ``LEAK_MIN_CONNECTIONS`` arrivals, spread over ``SUSTAINED_SPAN_SECONDS``
   while the budget is calm (a proven, sustained leak: it may be terminated without pressure), or
   over ``LEAK_MIN_SPAN_SECONDS`` under pressure (usage at the warning line, or the server filling:
-  waiting would let the leak fill it), with no span at all when the server is nearly full.
+  waiting would let the leak fill it). With the server nearly full, a pod that opened
+  ``URGENT_MIN_ARRIVALS`` connections, each used once, while another had sat idle half a second
+  is the leak that filled it faster than the floor (and opens no more).
   Once leaking, an owner stays leaking while abandoned
   connections keep being opened within ``LEAK_WINDOW_SECONDS`` (its terminated connections are
   replaced by new abandoned ones: a leak held by terminations shows few arrivals, and its
@@ -46,7 +48,7 @@ from __future__ import annotations
 import bisect
 import enum
 import zlib
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -64,6 +66,16 @@ LEAK_MIN_SPAN_SECONDS = 1.0
 # ... and over at least this long while the budget is calm: only a sustained leak is acted on
 # without pressure (a worker or a pool's sub-pools, warming up one by one, stop arriving).
 SUSTAINED_SPAN_SECONDS = 20.0
+# With the server nearly full, a pod that opened this many connections while another of its own
+# had sat idle ``URGENT_ARRIVAL_SECONDS``, each used once and idle the floor since, is the leak
+# that filled it, though it did so faster than the floor (measured: a Django leak at 20/s opened
+# 43 and 36 connections in under 2 s over two pods at its start, filled the server and opened
+# none after). A pool opens no more than its size, and twice the size client libraries default
+# to (10 for HikariCP and node-postgres) is beyond it: its requests pausing between two queries
+# leave connections idle while it opens others, and its spares sit idle while HikariCP opens
+# more to keep ``minimumIdle`` (the property test generates pools of up to 20).
+URGENT_MIN_ARRIVALS = 20
+URGENT_ARRIVAL_SECONDS = 0.5
 # Reuse gaps are remembered this long: a pool's longest gap (a quiet worker) may be minutes.
 GAP_MEMORY_SECONDS = 900.0
 # An owner's connection is abandoned once idle this many times its longest reuse gap, plus the
@@ -422,17 +434,29 @@ class Evidence:
             and changed_at - start <= FIRST_USE_SECONDS
             and until - changed_at >= floor
         ]
-        arrivals = _arrivals(lives, after=after, since=recent)
         # Under pressure, a connection idle beyond every pause the owner's requests were seen to
         # make is unused enough: the abandon age adds half again (a margin for pauses not seen
         # yet), which a leak whose own requests pause 2-8 s would fill the server waiting out.
         beyond_pauses = pause_bound(max_gap, floor=floor)
+        unused_after = beyond_pauses if (pressure or urgent) and beyond_pauses < after else after
+        arrivals = _arrivals(lives, after=unused_after, since=recent)
+        # The unused connections the arrivals were opened beside: a leak's pile up, one request
+        # pausing longer than any seen yet is one (a pool opens connection after connection
+        # while it waits: found by the property test, HikariCP-style spares and a 9.7 s pause).
+        unused = sum(
+            1
+            for _pod, _start, state, changed_at, until in lives
+            if state in WAITING_STATES and until - changed_at >= unused_after
+        )
+        filled = False
         if urgent:
             # The server is nearly full: a fast leak fills it before any connection is idle
-            # beyond the pauses (20/s against 9 s: 180 connections), and then opens none.
-            arrivals = _arrivals(lives, after=floor, since=recent)
-        elif pressure and beyond_pauses < after:
-            arrivals = _arrivals(lives, after=beyond_pauses, since=recent)
+            # beyond the pauses (20/s against 9 s: 180 connections), or even the floor, and then
+            # opens none. Its arrivals right after a first use tell it, in a number no pool of a
+            # sane size reaches.
+            quick = _arrivals(lives, after=URGENT_ARRIVAL_SECONDS, since=recent, own_after=floor)
+            per_pod = Counter(pod for _start, abandoned, pod in quick if abandoned)
+            filled = max(per_pod.values(), default=0) >= URGENT_MIN_ARRIVALS
         by_pod: dict[str, int] = {}
         in_tx_by_pod: dict[str, int] = {}
         direct = [t for t in tracks if not t.pooled]
@@ -459,15 +483,20 @@ class Evidence:
             was_leaking=owner in self._sustained,
             holding=holding,
             single_use=single_use,
+            unused=unused,
         )
-        leaking = sustained or _is_leaking(
-            arrivals=arrivals,
-            starts=starts,
-            pressure=pressure,
-            was_leaking=owner in self._leaking,
-            holding=holding,
-            single_use=single_use,
-            urgent=urgent,
+        leaking = (
+            sustained
+            or filled
+            or _is_leaking(
+                arrivals=arrivals,
+                starts=starts,
+                pressure=pressure or urgent,
+                was_leaking=owner in self._leaking,
+                holding=holding,
+                single_use=single_use,
+                unused=unused,
+            )
         )
         rate = 0.0
         span = LEAK_MIN_SPAN_SECONDS
@@ -508,12 +537,16 @@ class Evidence:
 
 
 def _arrivals(
-    lives: Sequence[tuple[str, float, str, float, float]], *, after: float, since: float
-) -> list[tuple[float, bool]]:
-    """The arrivals among ``lives`` (pod, start, state, changed_at, until), as their start and
-    whether they were abandoned themselves: connections opened at or after ``since``, in a
-    waiting state now (or when they ended), while another of their pod sat abandoned (idle at
-    least ``after`` and still open).
+    lives: Sequence[tuple[str, float, str, float, float]],
+    *,
+    after: float,
+    since: float,
+    own_after: float | None = None,
+) -> list[tuple[float, bool, str]]:
+    """The arrivals among ``lives`` (pod, start, state, changed_at, until), as their start,
+    whether they were abandoned themselves (idle at least ``own_after``, default ``after``) and
+    their pod: connections opened at or after ``since``, in a waiting state now (or when they
+    ended), while another of their pod sat abandoned (idle at least ``after`` and still open).
 
     A backend is idle from ``changed_at`` until ``until`` (the last poll that saw it, or now), so
     it sits abandoned over ``[changed_at + after, until]``; a connection opened inside such an
@@ -535,7 +568,8 @@ def _arrivals(
                 lows.append(low)
                 highs.append(high)
         merged[pod] = (lows, highs)
-    out: list[tuple[float, bool]] = []
+    own = after if own_after is None else own_after
+    out: list[tuple[float, bool, str]] = []
     for pod, start, state, changed_at, until in lives:
         if start < since or state not in WAITING_STATES:
             continue
@@ -545,19 +579,19 @@ def _arrivals(
         lows, highs = found_pod
         i = bisect.bisect_right(lows, start) - 1
         if i >= 0 and start <= highs[i]:
-            out.append((start, until - changed_at >= after))
+            out.append((start, until - changed_at >= own, pod))
     return sorted(out)
 
 
 def _is_leaking(
     *,
-    arrivals: Sequence[tuple[float, bool]],
+    arrivals: Sequence[tuple[float, bool, str]],
     starts: Sequence[float],
     pressure: bool,
     was_leaking: bool,
     holding: int = 0,
     single_use: Sequence[float] = (),
-    urgent: bool = False,
+    unused: int = LEAK_MIN_CONNECTIONS,
 ) -> bool:
     """The verdict (see the module docstring). Calm: arrivals abandoned themselves, spread over
     ``SUSTAINED_SPAN_SECONDS``. Under pressure: any arrivals, over ``LEAK_MIN_SPAN_SECONDS``
@@ -572,14 +606,9 @@ def _is_leaking(
         return max(single_use) - min(single_use) >= LEAK_MIN_SPAN_SECONDS
     if was_leaking and len(starts) >= LEAK_MIN_CONNECTIONS:
         return max(starts) - min(starts) >= LEAK_MIN_SPAN_SECONDS
-    counted = [start for start, abandoned in arrivals if pressure or abandoned]
-    if len(counted) < LEAK_MIN_CONNECTIONS:
+    counted = [start for start, abandoned, _pod in arrivals if pressure or abandoned]
+    if len(counted) < LEAK_MIN_CONNECTIONS or unused < LEAK_MIN_CONNECTIONS:
         return False
-    if urgent:
-        # The server is full: a leak that filled it within a second opens no more, and its
-        # arrivals span less than the second asked otherwise (found by the harm benchmark: 81
-        # connections in 4 s over two pods, their arrivals 0.95 s apart, never named).
-        return True
     need = LEAK_MIN_SPAN_SECONDS if pressure else SUSTAINED_SPAN_SECONDS
     return counted[-1] - counted[0] >= need
 
