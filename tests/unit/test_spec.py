@@ -12,6 +12,7 @@ from connbudget.model.spec import (
     SECRET_KEY_PATTERN,
     SECRET_NAME_MAX_LENGTH,
     SECRET_NAME_PATTERN,
+    AdmissionMode,
     AttributionMode,
     LabelRequirement,
     LabelSelector,
@@ -47,6 +48,7 @@ def test_minimal_spec_gets_the_documented_defaults() -> None:
     assert s.remediation.terminate_idle.max_per_cycle == 100
     assert s.poll_seconds == 5
     assert s.pooler is None
+    assert s.admission is AdmissionMode.WARN
 
 
 @pytest.mark.parametrize(
@@ -130,6 +132,11 @@ def test_minimal_spec_gets_the_documented_defaults() -> None:
         ),
         pytest.param({"pooler": {"minReplicas": 1}}, "targetRef is required", id="pooler-target"),
         pytest.param({"attribution": {"mode": "Magic"}}, "mode must be one of", id="mode"),
+        pytest.param(
+            {"admission": {"mode": "Block"}},
+            "spec.admission.mode must be one of Off, Warn, Deny, not 'Block'",
+            id="admission-mode",
+        ),
     ],
 )
 def test_invalid_specs_are_refused_with_the_field_named(
@@ -209,6 +216,18 @@ def test_the_crd_validates_secret_names_and_keys_with_the_same_patterns() -> Non
             if key in fields:
                 assert fields[key]["pattern"] == f"^{SECRET_KEY_PATTERN}$"
                 assert fields[key]["maxLength"] == SECRET_KEY_MAX_LENGTH
+
+
+@pytest.mark.parametrize("mode", list(AdmissionMode))
+def test_the_admission_mode_is_parsed(mode: AdmissionMode) -> None:
+    assert parse_spec({**MINIMAL, "admission": {"mode": mode.value}}).admission is mode
+
+
+def test_the_crd_offers_the_admission_modes_the_spec_parses() -> None:
+    admission = crd_schema()["properties"]["spec"]["properties"]["admission"]
+    mode = admission["properties"]["mode"]
+    assert mode["enum"] == [m.value for m in AdmissionMode]
+    assert mode["default"] == AdmissionMode.WARN.value
 
 
 def test_every_problem_is_reported_at_once() -> None:

@@ -58,6 +58,14 @@ class RestartMethod(enum.StrEnum):
     DELETE = "Delete"
 
 
+class AdmissionMode(enum.StrEnum):
+    """What a workload change whose worst case breaks the budget gets (policy.admission)."""
+
+    OFF = "Off"  # not checked
+    WARN = "Warn"  # admitted, with a warning and an Event
+    DENY = "Deny"  # refused, the message giving the arithmetic
+
+
 @dataclass(frozen=True, kw_only=True)
 class SecretRef:
     name: str
@@ -176,6 +184,7 @@ class BudgetSpec:
     remediation: RemediationSpec = RemediationSpec()
     pooler: PoolerSpec | None = None
     poll_seconds: int = 5
+    admission: AdmissionMode = AdmissionMode.WARN
 
 
 def _present(data: Mapping[str, object], key: str, default: object) -> object:
@@ -451,6 +460,10 @@ def parse_spec(spec: Mapping[str, object]) -> BudgetSpec:
             pod_labels={k: str(v) for k, v in raw_labels.items()} or None,
         )
     poll = r.need_int(spec, "pollSeconds", "spec", default=5, low=1, high=3600)
+    adm = r.obj(spec.get("admission"), "spec.admission")
+    admission = AdmissionMode(
+        r.string(adm, "mode", "spec.admission", default="Warn", choices=AdmissionMode)
+    )
     if r.problems or secret is None:
         raise SpecError(r.problems or ["spec.database.secretRef is required"])
     return BudgetSpec(
@@ -462,6 +475,7 @@ def parse_spec(spec: Mapping[str, object]) -> BudgetSpec:
         remediation=remediation,
         pooler=pooler,
         poll_seconds=poll,
+        admission=admission,
     )
 
 
