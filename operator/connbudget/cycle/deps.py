@@ -23,7 +23,7 @@ from connbudget.model.spec import (
     ObjectRef,
     SecretRef,
 )
-from connbudget.policy import attribution, culprits, evidence, ledger, remedy
+from connbudget.policy import attribution, culprits, evidence, ledger, occupancy, remedy
 from connbudget.policy.census import Census
 from connbudget.report.metrics import Metrics
 
@@ -126,6 +126,8 @@ class Runtime:
     # Whether the evidence has taken the owners' reuse gaps the status kept (once per runtime:
     # after an operator restart or a change of leader, a pool is not new).
     evidence_seeded: bool = False
+    # Connections per pod of each governed owner over the last hour (policy.occupancy).
+    occupancy: occupancy.Occupancy = field(default_factory=occupancy.Occupancy)
     # What the operator's terminations did to the governed pods (policy.remedy).
     remedy: remedy.RemedyWatch = field(default_factory=remedy.RemedyWatch)
     # What leaking owners' abandoned connections last ran (policy.culprits).

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from connbudget.cycle.deps import MonitorLike, Runtime
 from connbudget.cycle.observe import Observation
 from connbudget.model.spec import BudgetSpec
-from connbudget.policy import attribution, culprits, evidence, forecast, hints, usage
+from connbudget.policy import attribution, culprits, evidence, forecast, hints, occupancy, usage
 from connbudget.probe.errors import ProbeError
 
 log = logging.getLogger("connbudget.cycle")
@@ -70,6 +70,10 @@ async def judge(seen: Observation, spec: BudgetSpec, namespace: str, runtime: Ru
             server_total=seen.census.server.connections,
         ),
     )
+    runtime.occupancy.observe(
+        at=sample.sampled_at,
+        counts=occupancy.pod_counts(governed=seen.governed, attributed=seen.governed_groups),
+    )
     shapes = await _where_leaks(seen.monitor, runtime, owners, seen.index, at=sample.sampled_at)
     use = usage.compute_usage(
         spec=spec,
@@ -80,6 +84,7 @@ async def judge(seen: Observation, spec: BudgetSpec, namespace: str, runtime: Ru
         pooled=seen.pooler_clients,
         pods=seen.index.by_name,
         owners=owners,
+        per_pod=runtime.occupancy.figures(at=sample.sampled_at),
     )
     runtime.history.append((sample.sampled_at, use.server_total + runtime.removed))
     # The forecast reads the last FORECAST_WINDOW_SECONDS: older samples are only memory.

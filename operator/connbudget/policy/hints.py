@@ -11,9 +11,11 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from connbudget.policy.admission import CONNECTIONS_PER_POD_ANNOTATION
 from connbudget.policy.attribution import Attributed, Via
 from connbudget.policy.culprits import LeakShape
 from connbudget.policy.evidence import OwnerClass, OwnerEvidence
+from connbudget.policy.occupancy import find_pods_above
 
 # sqlcommenter's Django middleware tags statements framework='django:<version>'.
 _LEAKY_DJANGO = re.compile(r"^django:5\.0(\.[01])?$")
@@ -31,6 +33,8 @@ class OwnerFacts:
     max_per_pod: int = 0  # the most connections one of its pods holds
     budget: int = 0  # the budget's maxConnections
     dies_on_termination: bool = False  # its pods restart when its connections are terminated
+    declared_per_pod: int | None = None  # its connbudget.io/connections-per-pod annotation
+    above_declared: tuple[str, ...] = ()  # its pods holding more than that, most first
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,17 @@ def _django_asgi(f: OwnerFacts) -> bool:
 
 def _pool_over_budget(f: OwnerFacts) -> bool:
     return f.cls is OwnerClass.POOLING and f.pods > 1 and f.max_per_pod * f.pods > f.budget > 0
+
+
+def _above_declared(f: OwnerFacts) -> str:
+    others = len(f.above_declared) - 1
+    more = f" (and {others} more of its pods)" if others else ""
+    return (
+        f"pod {f.above_declared[0]} holds {f.max_per_pod} connections{more}, above the"
+        f" {f.declared_per_pod} per pod its {CONNECTIONS_PER_POD_ANNOTATION} annotation declares:"
+        " budget admission counts its pods at the declared figure; raise the annotation or"
+        " lower its pool size"
+    )
 
 
 HINTS: tuple[Hint, ...] = (
@@ -74,6 +89,13 @@ HINTS: tuple[Hint, ...] = (
             "mid-request leaves its connection open); upgrade Django, or set CONN_MAX_AGE with "
             "CONN_HEALTH_CHECKS"
         ),
+    ),
+    Hint(
+        "AboveDeclaredPerPod",
+        "one of its pods holds more direct connections than its connbudget.io/connections-per-pod"
+        " annotation declares",
+        lambda f: bool(f.above_declared),
+        _above_declared,
     ),
     Hint(
         "NoApplicationName",
@@ -114,8 +136,14 @@ def owner_facts(
     shapes: Mapping[str, Sequence[LeakShape]],
     budget: int,
     fragile: frozenset[str] = frozenset(),
+    declared: Mapping[str, int] | None = None,
 ) -> list[OwnerFacts]:
-    """The facts of every judged owner, from its direct backends (not those through a pooler)."""
+    """The facts of every judged owner, from its direct backends (not those through a pooler).
+
+    ``declared`` maps owners to the connections per pod their workload declares (the
+    ``connbudget.io/connections-per-pod`` annotation), for the pods seen above it.
+    """
+    declared = declared or {}
     per_pod: dict[str, dict[str, int]] = {}
     unnamed: dict[str, int] = {}
     for a in attributed:
@@ -136,6 +164,12 @@ def owner_facts(
             max_per_pod=max(per_pod.get(owner, {}).values(), default=0),
             budget=budget,
             dies_on_termination=owner in fragile,
+            declared_per_pod=declared.get(owner),
+            above_declared=(
+                tuple(find_pods_above(per_pod.get(owner, {}), declared=declared[owner]))
+                if owner in declared
+                else ()
+            ),
         )
         for owner, ev in sorted(owners.items())
     ]

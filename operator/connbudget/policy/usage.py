@@ -14,6 +14,7 @@ from connbudget.policy import forecast
 from connbudget.policy.attribution import Attributed
 from connbudget.policy.census import Census, OwnerCount, Totals, census_of
 from connbudget.policy.evidence import OwnerClass, OwnerEvidence
+from connbudget.policy.occupancy import PerPodFigures
 
 TOP_OWNERS = 10  # status.usage.byOwner keeps the ten biggest owners
 # A server with no more free slots than this share of its usable ones (and at least
@@ -37,6 +38,7 @@ class OwnerUsage:
     leak_rate: float = 0.0  # abandoned connections opened per second
     abandon_after: float | None = None  # idle seconds after which its connections are abandoned
     max_reuse_gap: float | None = None  # the longest idle gap seen before a connection's reuse
+    per_pod: PerPodFigures | None = None  # connections per pod over the last hour (occupancy)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,7 +74,9 @@ class _OwnerTally:
     pooled_leaked: int = 0
 
 
-def _owner_usage(owner: str, t: _OwnerTally, ev: OwnerEvidence | None) -> OwnerUsage:
+def _owner_usage(
+    owner: str, t: _OwnerTally, ev: OwnerEvidence | None, per_pod: PerPodFigures | None
+) -> OwnerUsage:
     return OwnerUsage(
         owner=owner,
         pods=len(t.pods),
@@ -85,6 +89,7 @@ def _owner_usage(owner: str, t: _OwnerTally, ev: OwnerEvidence | None) -> OwnerU
         leak_rate=ev.leak_rate if ev is not None else 0.0,
         abandon_after=ev.abandon_after if ev is not None else None,
         max_reuse_gap=ev.max_gap if ev is not None else None,
+        per_pod=per_pod,
     )
 
 
@@ -96,17 +101,30 @@ def is_governed(pod: PodInfo | None, selector: LabelSelector, namespace: str) ->
 def _scope_totals(
     spec: BudgetSpec, sample: ServerSample, found: Census, governed: Sequence[str]
 ) -> Totals:
-    """What the budget's scope counts: the whole server, its database, or its pods' backends."""
+    """What the budget's scope counts: the whole server, its database, or its pods' backends.
+
+    Scope Selected also counts, as unattributed, the backends no pod could be told from that its
+    pods may hold (at a governed pod's shared address or its node's, or naming a governed pod
+    from an address that cannot vouch for it: ``policy.attribution``). Left out, a workload
+    sharing its address and sending no ``application_name`` would fill the database while its
+    budget counted nothing; counted, the level and the pressure see it. Nothing acts on them:
+    only attributed groups of governed pods are ever terminated.
+    """
     scope = spec.budget.scope
     if scope is Scope.SERVER:
         return found.server
     if scope is Scope.DATABASE:
         return found.by_database.get(sample.database, Totals())
     by_state: dict[str, int] = {}
-    for a in found.slice(governed):
+    unattributed = found.claimed_by(governed)
+    for a in (*found.slice(governed), *unattributed):
         state = a.group.state or "unknown"
         by_state[state] = by_state.get(state, 0) + a.group.count
-    return Totals(connections=sum(by_state.values()), by_state=by_state)
+    return Totals(
+        connections=sum(by_state.values()),
+        unattributed=sum(a.group.count for a in unattributed),
+        by_state=by_state,
+    )
 
 
 def compute_usage(
@@ -120,6 +138,7 @@ def compute_usage(
     pooled: Mapping[str, Sequence[PoolerClient]] | None = None,
     pods: Mapping[str, PodInfo] | None = None,
     owners: Mapping[str, OwnerEvidence] | None = None,
+    per_pod: Mapping[str, PerPodFigures] | None = None,
 ) -> Usage:
     """Count what the budget counts, and who holds it.
 
@@ -128,8 +147,9 @@ def compute_usage(
     ``pooled`` maps pod names to their PgBouncer clients, so a leak through the pooler shows up
     under the pod's own workload, not only under the pooler's. ``owners`` is the evidence of the
     governed owners: their abandoned connections are the leaked ones, and their class and leak
-    rate go with them. The work is the budget's own pods and owners, plus the census's biggest
-    owners: not every backend of the server.
+    rate go with them; ``per_pod`` gives their connections per pod (``policy.occupancy``). The
+    work is the budget's own pods and owners, plus the census's biggest owners: not every backend
+    of the server.
     """
     owners = owners or {}
     found = census if census is not None else census_of(attributed, namespace=namespace)
@@ -139,6 +159,14 @@ def compute_usage(
             for name, groups in found.by_pod.items()
             if is_governed(groups[0].pod, spec.selector, namespace)
         ]
+        # Governed pods whose only backends are ones no pod could be told from.
+        governed += {
+            c.name: None
+            for groups in found.claimed.values()
+            for a in groups
+            for c in a.claimants
+            if c.name not in found.by_pod and is_governed(c, spec.selector, namespace)
+        }
     budget = spec.budget.resolve(
         server_max_connections=sample.max_connections, reserved=sample.reserved
     )
@@ -173,7 +201,7 @@ def compute_usage(
             tally.pooled_leaked += n
             pooled_leaked += n
     by_owner = sorted(
-        (_owner_usage(k, t, owners.get(k)) for k, t in tallies.items()),
+        (_owner_usage(k, t, owners.get(k), (per_pod or {}).get(k)) for k, t in tallies.items()),
         key=lambda u: (-u.leak_rate, -(u.connections + u.pooled), u.owner),
     )[:TOP_OWNERS]
     return Usage(

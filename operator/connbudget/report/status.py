@@ -384,7 +384,15 @@ def _owner_evidence(w: OwnerUsage) -> dict[str, Any]:
         "abandoned": w.abandoned,
         "abandonAfterSeconds": round(w.abandon_after, 1) if w.abandon_after is not None else None,
         "maxReuseGapSeconds": round(w.max_reuse_gap, 1) if w.max_reuse_gap is not None else None,
+        **_per_pod(w),
     }
+
+
+def _per_pod(w: OwnerUsage) -> dict[str, Any]:
+    """The connections one of its pods held over the last hour (nothing before a poll saw it)."""
+    if w.per_pod is None:
+        return {}
+    return {"connectionsPerPodP95": w.per_pod.p95, "connectionsPerPodPeak": w.per_pod.peak}
 
 
 def _where(owner: str, o: Outcome) -> dict[str, Any]:
