@@ -36,7 +36,11 @@ def naive_usage(
             return True
         if s.budget.scope is Scope.DATABASE:
             return a.group.database == smp.database
-        return a.via is not Via.POOLER and usage.is_governed(a.pod, s.selector, NS)
+        if a.via is Via.POOLER:
+            return False
+        if a.pod is None:  # no pod could be told: counted if a governed pod may hold it
+            return any(usage.is_governed(c, s.selector, NS) for c in a.claimants)
+        return usage.is_governed(a.pod, s.selector, NS)
 
     counted = [a for a in attributed if counts(a)]
     tallies: dict[str, list[int]] = {}
@@ -78,7 +82,7 @@ def fleets(draw: st.DrawFn) -> tuple[list[PodInfo], ServerSample, dict[str, Owne
     pods = [
         pod(
             f"p{i}",
-            f"10.0.0.{i}",
+            f"10.0.0.{draw(st.sampled_from([i, i, 99]))}",  # .99: shared (hostNetwork)
             app=draw(st.sampled_from(["web", "api"])),
             owner=f"o{draw(st.integers(0, 14))}",
             namespace=draw(st.sampled_from([NS, NS, "other"])),
@@ -87,7 +91,7 @@ def fleets(draw: st.DrawFn) -> tuple[list[PodInfo], ServerSample, dict[str, Owne
     ]
     groups = []
     for i in range(draw(st.integers(0, 40))):
-        addr = draw(st.sampled_from([f"10.0.0.{j}" for j in range(30)] + [None]))
+        addr = draw(st.sampled_from([f"10.0.0.{j}" for j in [*range(30), 99]] + [None]))
         groups.append(
             BackendGroup(
                 database=draw(st.sampled_from(["app", "other"])),

@@ -72,7 +72,12 @@ async def operator_startup(
     metrics = Metrics()
     metrics.count_throttling(lambda: kube.flow.waited)
     reconciler = Reconciler(
-        kube=kube, monitors=MonitorPool(), metrics=metrics, shards=CONFIG.shards
+        kube=kube,
+        monitors=MonitorPool(),
+        metrics=metrics,
+        shards=CONFIG.shards,
+        # Watching some namespaces, an address no watched pod has may be an unwatched pod's.
+        all_namespaces=CONFIG.all_namespaces,
     )
     memo.reconciler = reconciler
     namespace = os.environ.get("POD_NAMESPACE") or (

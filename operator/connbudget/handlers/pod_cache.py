@@ -18,6 +18,7 @@ from connbudget.kube.api import Kube
 from connbudget.kube.pods import pod_info_from_body
 from connbudget.model.observations import PodInfo
 from connbudget.model.spec import LabelSelector
+from connbudget.policy import attribution
 from connbudget.policy.attribution import PodIndex
 from connbudget.policy.usage import is_governed
 
@@ -26,15 +27,27 @@ GOVERNED_CACHE_SIZE = 10_000  # selectors kept (one per budget, about)
 
 
 class PodCache:
-    def __init__(self, kube: Kube, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        all_namespaces: bool = True,
+    ) -> None:
         self.kube = kube
         self.monotonic = monotonic
+        # Whether the watch delivers every namespace's pods (``PodIndex.all_namespaces``).
+        self.all_namespaces = all_namespaces
         self.pods: dict[str, dict[str, PodInfo]] = {}  # namespace -> uid -> pod
         self._seen_at: dict[str, float] = {}  # pod uid -> when (monotonic) the watch last told
         # Attribution looks addresses up among every pod seen: one index per change of the pods,
         # shared by every budget (the by-name part is per namespace).
         self._version = 0
-        self._by_ip: tuple[int, dict[str, list[PodInfo]]] = (-1, {})
+        self._addresses: tuple[int, dict[str, list[PodInfo]], dict[str, list[PodInfo]]] = (
+            -1,
+            {},
+            {},
+        )
         self._indexes: dict[str, tuple[int, PodIndex]] = {}
         # (namespace, selector key) -> (version, the pods it matches): budgets pass every poll
         # and the pods rarely change, so a selector is matched once per change of the pods.
@@ -101,22 +114,22 @@ class PodCache:
         return dropped
 
     def index(self, namespace: str) -> PodIndex:
-        """Every pod seen, by address, and the pods of ``namespace`` by name."""
+        """Every pod seen, by address and node address, and the pods of ``namespace`` by name."""
         version = self._version
         cached = self._indexes.get(namespace)
         if cached is not None and cached[0] == version:
             return cached[1]
-        if self._by_ip[0] != version:
-            by_ip: dict[str, list[PodInfo]] = {}
-            for ns_pods in self.pods.values():
-                for p in ns_pods.values():
-                    if p.ip:
-                        by_ip.setdefault(p.ip, []).append(p)
-            self._by_ip = (version, by_ip)
+        if self._addresses[0] != version:
+            by_ip, by_host = attribution.index_addresses(
+                p for ns_pods in self.pods.values() for p in ns_pods.values()
+            )
+            self._addresses = (version, by_ip, by_host)
         index = PodIndex(
             namespace=namespace,
-            by_ip=self._by_ip[1],
+            by_ip=self._addresses[1],
+            by_host=self._addresses[2],
             by_name={p.name: p for p in self.pods.get(namespace, {}).values()},
+            all_namespaces=self.all_namespaces,
         )
         self._indexes[namespace] = (version, index)
         return index

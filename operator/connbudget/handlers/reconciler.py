@@ -80,13 +80,15 @@ class Reconciler:
         metrics: Metrics,
         monotonic: Callable[[], float] = time.monotonic,
         shards: int = 1,
+        all_namespaces: bool = True,
     ) -> None:
         self.kube = kube
         self.shards = shards
         self.monotonic = monotonic
         self.monitors = monitors
         self.metrics = metrics
-        self.pods = PodCache(kube, monotonic=monotonic)
+        # all_namespaces: whether the pod watch covers every namespace (``PodIndex``).
+        self.pods = PodCache(kube, monotonic=monotonic, all_namespaces=all_namespaces)
         self.resync: asyncio.Task[None] | None = None
         self._api_errors: dict[Key, str] = {}  # the last API error said, per budget
         self.budgets: dict[Key, Budget] = {}

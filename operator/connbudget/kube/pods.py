@@ -34,7 +34,21 @@ def owner_of(meta: Mapping[str, Any]) -> tuple[str, str]:
     return kind, name
 
 
+def _ips(status: Mapping[str, Any], one: str, many: str) -> tuple[str, ...]:
+    """The addresses a status lists under ``many`` (``[{ip: ...}]``), else its ``one``."""
+    listed = [
+        str(entry["ip"])
+        for entry in status.get(many) or []
+        if isinstance(entry, Mapping) and entry.get("ip")
+    ]
+    single = status.get(one)
+    if single and single not in listed:
+        listed.insert(0, str(single))
+    return tuple(listed)
+
+
 def pod_info_from_body(body: Mapping[str, Any]) -> PodInfo:
+    """The ``PodInfo`` of a pod's body, with every address its status gives (dual-stack too)."""
     meta = body.get("metadata") or {}
     status = body.get("status") or {}
     kind, name = owner_of(meta)
@@ -47,6 +61,8 @@ def pod_info_from_body(body: Mapping[str, Any]) -> PodInfo:
         name=str(meta.get("name", "")),
         uid=str(meta.get("uid", "")),
         ip=status.get("podIP") or None,
+        ips=_ips(status, "podIP", "podIPs"),
+        host_ips=_ips(status, "hostIP", "hostIPs"),
         labels=dict(meta.get("labels") or {}),
         owner_kind=kind,
         owner_name=name,

@@ -96,6 +96,11 @@ class PoolerSample:
     failure: str | None = None
 
 
+# Phases of a pod whose containers have all ended for good: it holds no connection any more,
+# though its status keeps its podIP (a Job's pod, an evicted pod) until it is deleted.
+FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
+
+
 @dataclass(frozen=True, kw_only=True)
 class PodInfo:
     """What the pod index knows of a pod."""
@@ -103,7 +108,9 @@ class PodInfo:
     namespace: str
     name: str
     uid: str
-    ip: str | None
+    ip: str | None  # status.podIP
+    ips: tuple[str, ...] = ()  # status.podIPs: every address (IPv4 and IPv6 on dual-stack)
+    host_ips: tuple[str, ...] = ()  # status.hostIPs (else hostIP): its node's addresses
     labels: Mapping[str, str] = field(default_factory=dict)
     owner_kind: str = "Pod"  # Deployment, StatefulSet, ReplicaSet, DaemonSet, Job or Pod
     owner_name: str = ""
@@ -113,6 +120,18 @@ class PodInfo:
     ready: bool = True
     terminating: bool = False
     restarts: int = 0  # its containers' restartCount, summed
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every address of the pod: ``podIP`` first, then the rest of ``podIPs``."""
+        if self.ip is None:
+            return self.ips
+        return (self.ip, *(a for a in self.ips if a != self.ip))
+
+    @property
+    def finished(self) -> bool:
+        """Whether every container has ended for good (phase Succeeded or Failed)."""
+        return self.phase in FINISHED_PHASES
 
     @property
     def owner(self) -> str:

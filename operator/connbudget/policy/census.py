@@ -52,6 +52,9 @@ class Census:
     # Every owner seen, most connections first (then by name), and by name.
     owners: tuple[OwnerCount, ...]
     owners_by_name: Mapping[str, OwnerCount] = field(default_factory=dict)
+    # The groups no pod could be told from, under each pod of the namespace that may hold them
+    # (``Attributed.claimants``): what scope Selected counts as unattributed.
+    claimed: Mapping[str, tuple[Attributed, ...]] = field(default_factory=dict)
 
     def owner(self, name: str) -> OwnerCount | None:
         """What the owner named ``name`` holds (None: nothing)."""
@@ -60,6 +63,11 @@ class Census:
     def slice(self, pods: Iterable[str]) -> list[Attributed]:
         """The direct backend groups of the named pods (a budget's governed pods)."""
         return [a for name in pods for a in self.by_pod.get(name, ())]
+
+    def claimed_by(self, pods: Iterable[str]) -> list[Attributed]:
+        """The groups no pod could be told from that the named pods may hold, each once."""
+        found = {id(a): a for name in pods for a in self.claimed.get(name, ())}
+        return list(found.values())
 
 
 def take_census(
@@ -79,6 +87,7 @@ def take_census(
 def census_of(attributed: Sequence[Attributed], *, namespace: str) -> Census:
     """Count attributed groups (of one namespace's attribution)."""
     by_pod: dict[str, list[Attributed]] = {}
+    claimed: dict[str, list[Attributed]] = {}
     tallies: dict[str, tuple[set[str], list[int]]] = {}
     server = _Tally()
     databases: dict[str | None, _Tally] = {}
@@ -88,6 +97,8 @@ def census_of(attributed: Sequence[Attributed], *, namespace: str) -> Census:
         databases.setdefault(g.database, _Tally()).add(g, unattributed=a.pod is None)
         pod = a.pod
         if pod is None:
+            for claimant in a.claimants:
+                claimed.setdefault(claimant.name, []).append(a)
             continue
         if a.via is not Via.POOLER and pod.namespace == namespace:
             by_pod.setdefault(pod.name, []).append(a)
@@ -112,6 +123,7 @@ def census_of(attributed: Sequence[Attributed], *, namespace: str) -> Census:
         by_database={k: t.totals() for k, t in databases.items()},
         owners=tuple(owners),
         owners_by_name={o.owner: o for o in owners},
+        claimed={k: tuple(v) for k, v in claimed.items()},
     )
 
 
