@@ -3,7 +3,7 @@
 connbudget run [--namespace NS ... | --all-namespaces] [--metrics-port N] [--log-format json|text]
                (each also from CONNBUDGET_*: see connbudget.config)
 connbudget probe [--dsn-file FILE] [--pgbouncer-dsn-file FILE] [--json]   (or $CONNBUDGET_DSN, ...)
-connbudget check FILE...
+connbudget check [--strict] FILE|DIR...
 connbudget leaks [-n NAMESPACE | -A] [--all-owners] [--json] [--kubeconfig FILE] [--context NAME]
 """
 
@@ -50,8 +50,8 @@ from connbudget.model.observations import (
     ServerSample,
 )
 from connbudget.model.schema import validate
-from connbudget.model.spec import GROUP, KIND, VERSION, SpecError, parse_spec
-from connbudget.policy import fingerprint
+from connbudget.model.spec import GROUP, KIND, VERSION, AdmissionMode, SpecError, parse_spec
+from connbudget.policy import admission, fingerprint
 from connbudget.probe.errors import ProbeError
 
 CRD_RESOURCE = "connectionbudgets.connbudget.io.yaml"
@@ -429,31 +429,131 @@ def check_manifest(doc: object, schema: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    schema = crd_schema()
-    found = failed = 0
-    for name in args.files:
+DEFAULT_NAMESPACE = "default"  # a manifest without metadata.namespace, as kubectl's default
+
+
+@dataclasses.dataclass(frozen=True)
+class _Doc:
+    label: str  # where it is: FILE#N
+    doc: Mapping[str, Any]
+
+
+def _yaml_files(names: Sequence[str]) -> Iterator[tuple[Path, bool]]:
+    """Each file named, and each *.yaml/*.yml under a directory named (hidden ones skipped),
+    with whether it was named (True) or found in a directory (False)."""
+    for name in names:
         path = Path(name)
+        if not path.is_dir():
+            yield path, True
+            continue
+        for found in sorted(path.rglob("*")):
+            hidden = any(p.startswith(".") for p in found.relative_to(path).parts)
+            if found.suffix in (".yaml", ".yml") and found.is_file() and not hidden:
+                yield found, False
+
+
+def _read_documents(names: Sequence[str]) -> tuple[list[_Doc], int]:
+    """Every mapping document of the files, and how many named files could not be read.
+
+    A file found in a directory that is not YAML (a Helm template, say) is skipped with a note:
+    a repository holds such files, and they are not manifests until rendered.
+    """
+    docs: list[_Doc] = []
+    failed = 0
+    for path, named in _yaml_files(names):
         try:
-            docs = list(yaml.safe_load_all(path.read_text()))
+            loaded = list(yaml.safe_load_all(path.read_text()))
         except (OSError, yaml.YAMLError) as e:
-            print(f"{name}: cannot read: {e}", file=sys.stderr)
+            if named:
+                print(f"{path}: cannot read: {e}", file=sys.stderr)
+                failed += 1
+            else:
+                print(f"{path}: skipped: not YAML ({type(e).__name__})", file=sys.stderr)
+            continue
+        docs += [_Doc(f"{path}#{i + 1}", d) for i, d in enumerate(loaded) if isinstance(d, Mapping)]
+    return docs, failed
+
+
+def _namespace_of(doc: Mapping[str, Any]) -> str:
+    meta = doc.get("metadata")
+    ns = meta.get("namespace") if isinstance(meta, Mapping) else None
+    return ns if isinstance(ns, str) and ns else DEFAULT_NAMESPACE
+
+
+def check_admission(
+    budgets: Sequence[Mapping[str, Any]], docs: Sequence[_Doc], *, strict: bool
+) -> int:
+    """Check the workloads of ``docs`` against the valid ``budgets``; return how many fail.
+
+    A breach fails under Deny, and under Warn only when ``strict``; an invalid annotation or
+    surge of a governed workload always fails.
+    """
+    workloads: list[admission.Workload] = []
+    scalers: list[admission.Autoscaler] = []
+    failed = 0
+    for d in docs:
+        try:
+            w = admission.workload_of(d.doc, default_namespace=DEFAULT_NAMESPACE)
+        except ValueError as e:
+            print(f"{d.label}: {e}", file=sys.stderr)
             failed += 1
             continue
-        for i, doc in enumerate(docs):
-            if not isinstance(doc, Mapping) or doc.get("kind") != KIND:
-                continue
-            found += 1
-            label = f"{name}#{i + 1} {((doc.get('metadata') or {}).get('name')) or '<unnamed>'}"
-            problems = check_manifest(doc, schema)
-            if problems:
+        if w is not None:
+            workloads.append(w)
+        a = admission.autoscaler_of(d.doc, default_namespace=DEFAULT_NAMESPACE)
+        if a is not None:
+            scalers.append(a)
+    for doc in budgets:
+        namespace = _namespace_of(doc)
+        findings = admission.find_breaches(
+            budget_name=f"{namespace}/{doc['metadata']['name']}",
+            namespace=namespace,
+            spec=parse_spec(doc["spec"]),
+            workloads=workloads,
+            autoscalers=scalers,
+        )
+        for f in findings:
+            if f.problem:
                 failed += 1
-                for p in problems:
-                    print(f"{label}: {p}", file=sys.stderr)
+                print(f"error: {f.message}", file=sys.stderr)
+            elif f.verdict is admission.Verdict.BREAKS and f.mode is AdmissionMode.DENY:
+                failed += 1
+                print(f"denied: {f.message}", file=sys.stderr)
+            elif f.verdict is admission.Verdict.BREAKS:
+                failed += strict
+                print(f"warning: {f.message}", file=sys.stderr)
+            elif f.verdict is admission.Verdict.FITS:
+                print(f"fits: {f.message}")
             else:
-                print(f"{label}: ok")
+                print(f.message)
+    return failed
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    schema = crd_schema()
+    docs, failed = _read_documents(args.files)
+    found = 0
+    valid: list[Mapping[str, Any]] = []
+    for d in docs:
+        if d.doc.get("kind") != KIND:
+            continue
+        found += 1
+        label = f"{d.label} {((d.doc.get('metadata') or {}).get('name')) or '<unnamed>'}"
+        problems = check_manifest(d.doc, schema)
+        if problems:
+            failed += 1
+            for p in problems:
+                print(f"{label}: {p}", file=sys.stderr)
+        else:
+            print(f"{label}: ok")
+            valid.append(d.doc)
+    failed += check_admission(valid, docs, strict=args.strict)
     if failed:
-        print(f"{failed} of {found} ConnectionBudgets (or files) have problems", file=sys.stderr)
+        print(
+            f"{failed} problem{'s' if failed > 1 else ''} in {found} ConnectionBudgets, their"
+            " workloads or files",
+            file=sys.stderr,
+        )
         return EXIT_PROBLEMS
     if not found:
         print("no ConnectionBudget found", file=sys.stderr)
@@ -556,8 +656,29 @@ def build_parser(prog: str = "connbudget") -> argparse.ArgumentParser:
     )
     probe.add_argument("--json", action="store_true", help="print JSON")
     probe.set_defaults(func=cmd_probe)
-    check = sub.add_parser("check", help="validate ConnectionBudget manifests offline")
-    check.add_argument("files", nargs="+", help="YAML files (several documents each allowed)")
+    check = sub.add_parser(
+        "check",
+        help="validate ConnectionBudget manifests, and their workloads' worst case, offline",
+        description=(
+            "Validate ConnectionBudget manifests against the CRD and the operator's rules, then"
+            " check each Deployment, StatefulSet and Rollout a budget selects: its replicas (or"
+            " its HorizontalPodAutoscaler's maxReplicas) plus its rollout's maxSurge, times its"
+            f" {admission.CONNECTIONS_PER_POD_ANNOTATION} annotation, plus the budget's other"
+            " workloads, against the budget. A breach fails under spec.admission.mode Deny,"
+            " and under Warn only with --strict; Off is not checked. Exit 1 on any problem."
+        ),
+    )
+    check.add_argument(
+        "files",
+        nargs="+",
+        help="YAML files (several documents each allowed) or directories (their *.yaml and"
+        " *.yml files, hidden ones skipped)",
+    )
+    check.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail on a breach of a budget in Warn mode too (for CI)",
+    )
     check.set_defaults(func=cmd_check)
     leaks_cmd = sub.add_parser(
         "leaks",

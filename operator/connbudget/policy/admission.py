@@ -31,9 +31,12 @@ at what they hold, or may hold at their ``replicas``, not at their own surge).
 from __future__ import annotations
 
 import enum
+import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+
+from connbudget.model.spec import AdmissionMode, BudgetSpec
 
 CONNECTIONS_PER_POD_ANNOTATION = "connbudget.io/connections-per-pod"
 # The most connections per pod the annotation may declare: PostgreSQL's max_connections is an
@@ -335,3 +338,109 @@ def autoscaler_of(doc: Mapping[str, object], *, default_namespace: str) -> Autos
         target_name=name,
         max_replicas=high,
     )
+
+
+# --- the offline check ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Finding:
+    """What the check says of one workload against one budget."""
+
+    workload: str  # Kind namespace/name
+    budget: str  # namespace/name of the ConnectionBudget
+    mode: AdmissionMode
+    message: str
+    verdict: Verdict | None = None  # None: not checked, or a problem
+    problem: bool = False  # a manifest that cannot be checked as it is (an invalid annotation)
+
+
+def autoscaler_for(workload: Workload, autoscalers: Iterable[Autoscaler]) -> Autoscaler | None:
+    """The HorizontalPodAutoscaler that scales ``workload`` (None: none does)."""
+    return next(
+        (
+            a
+            for a in autoscalers
+            if a.namespace == workload.namespace
+            and a.target_kind == workload.kind
+            and a.target_name == workload.name
+        ),
+        None,
+    )
+
+
+def find_breaches(
+    *,
+    budget_name: str,
+    namespace: str,
+    spec: BudgetSpec,
+    workloads: Sequence[Workload],
+    autoscalers: Sequence[Autoscaler] = (),
+) -> list[Finding]:
+    """Check each workload a budget governs against it, from manifests (``connbudget check``).
+
+    Offline there is no observed figure, only the declared one: a workload without the annotation
+    is not checked (said so, never a failure), and counts for nothing among the other owners. The
+    other owners are the budget's other workloads in the same manifests, each at its replicas (or
+    its autoscaler's maxReplicas) times its declared figure, without their own surge: one rollout
+    at a time. A budget given as a percentage of the server's max_connections is not checked: the
+    server is not known offline. A budget whose mode is Off is not checked at all.
+    """
+    if spec.admission is AdmissionMode.OFF:
+        return []
+    governed = [
+        w for w in workloads if w.namespace == namespace and spec.selector.matches(w.pod_labels)
+    ]
+    budget = spec.budget.max_connections
+    if budget is None:
+        return [
+            Finding(
+                workload=w.ref,
+                budget=budget_name,
+                mode=spec.admission,
+                message=(
+                    f"{w.ref}: not checked: ConnectionBudget {budget_name} is a percentage of the"
+                    " server's max_connections, unknown offline"
+                ),
+            )
+            for w in governed
+        ]
+    per_pod = {w.ref: declared_per_pod(w.annotations, workload=w.ref) for w in governed}
+    scaled = {w.ref: autoscaler_for(w, autoscalers) for w in governed}
+    holds = {
+        w.ref: n * (a.max_replicas if (a := scaled[w.ref]) is not None else w.replicas)
+        for w in governed
+        if (n := per_pod[w.ref].connections) is not None
+    }
+    out: list[Finding] = []
+    for w in governed:
+        found = per_pod[w.ref]
+        said = functools.partial(Finding, workload=w.ref, budget=budget_name, mode=spec.admission)
+        if found.problem is not None:
+            out.append(said(message=found.problem, problem=True))
+            continue
+        if found.connections is None:
+            out.append(
+                said(
+                    message=(
+                        f"{w.ref}: not checked: no declared connections per pod (annotation"
+                        f" {CONNECTIONS_PER_POD_ANNOTATION})"
+                    )
+                )
+            )
+            continue
+        try:
+            worst = evaluate_worst_case(
+                workload=w,
+                per_pod=found.connections,
+                per_pod_source=PerPodSource.DECLARED,
+                others=sum(n for ref, n in holds.items() if ref != w.ref),
+                budget=budget,
+                budget_name=budget_name,
+                autoscaler=scaled[w.ref],
+            )
+        except ValueError as e:
+            out.append(said(message=f"{w.ref}: {e}", problem=True))
+            continue
+        out.append(said(message=explain(worst), verdict=worst.verdict))
+    return out
