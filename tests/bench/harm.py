@@ -295,11 +295,13 @@ def leak_scenarios(quick: bool) -> tuple[Scenario, ...]:
             healthy=False,
         )
         out.append(Scenario("go-leak", go.label, (go, *beside[:1]), seconds=length, leak="goleak"))
+    # 1/s: unguarded it crosses the budget within the scenario (at 0.5/s it never got near it,
+    # peak 63 of 80, and the target was met without the operator doing anything).
     tx = App(
         "txleak",
         "leaky",
-        "idle in transaction leak, 0.5/s",
-        app_env={"LEAK_RATE": "0.5", "LEAK_MAX": "150", "IN_TRANSACTION": "1"},
+        "idle in transaction leak, 1/s",
+        app_env={"LEAK_RATE": "1", "LEAK_MAX": "150", "IN_TRANSACTION": "1"},
         healthy=False,
     )
     out.append(Scenario("tx-leak", tx.label, (tx, *beside[:1]), seconds=length, leak="txleak"))
@@ -821,7 +823,9 @@ def verdicts(found: dict[str, Any]) -> list[tuple[str, str, bool]]:
                     f"{key}: restarted before it crosses the budget",
                     f"peak {s['peak']} of {BUDGET} ({s['peak_in_transaction']} in a transaction),"
                     f" restartCause {s['restart_cause']}",
-                    not s["crossed_budget"],
+                    # Restarted, not merely short of the budget: a leak too slow to get there
+                    # proves nothing.
+                    not s["crossed_budget"] and s["restart_cause"] == "IdleInTransaction",
                 )
             )
         else:

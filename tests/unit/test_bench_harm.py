@@ -68,7 +68,7 @@ def test_verdicts_follow_the_figures() -> None:
             "leak-7": scenario(leak=leak),
             "node-leak": scenario(leak=leak | {"container_restarts": 0}),
             "node-leak-ist10": scenario(guard="idle_session_timeout", leak=leak),
-            "tx-leak": scenario(leak=leak, crossed_budget=True),
+            "tx-leak": scenario(leak=leak, crossed_budget=True, restart_cause="IdleInTransaction"),
         }
     )
     assert [m for t, _, m in got if t.startswith("start")] == [True]
@@ -77,6 +77,14 @@ def test_verdicts_follow_the_figures() -> None:
     assert [m for t, _, m in got if t.startswith("node-leak:")] == [True, True]
     assert [m for t, _, m in got if t.startswith("tx-leak")] == [True, False]
     assert not any(t.startswith("node-leak-ist10") for t, _, _ in got)  # no guard, no target
+
+
+def test_an_idle_in_transaction_leak_must_have_been_restarted() -> None:
+    leak = {"paused": 0, "paused_broken": 0, "requests": 0, "answered": 0}
+    never = verdicts({"tx-leak": scenario(leak=leak, restart_cause=None)})
+    done = verdicts({"tx-leak": scenario(leak=leak, restart_cause="IdleInTransaction")})
+    assert [m for t, _, m in never if "restarted" in t] == [False]  # short of the budget only
+    assert [m for t, _, m in done if "restarted" in t] == [True]
 
 
 def test_the_fastest_leak_is_held_to_a_share_of_its_unguarded_refusals() -> None:
