@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from connbudget.handlers import reconciler as reconciler_module
 from connbudget.handlers.reconciler import Reconciler
 from connbudget.model.actions import TerminateBackends
 from connbudget.model.observations import BackendGroup, PodInfo, PoolerClient
@@ -226,6 +227,31 @@ def test_a_pod_the_watch_told_of_during_the_list_is_kept() -> None:
     reconciler.pods.pods["prod"] = {}
     assert asyncio.run(reconciler.pods.resync()) == []
     assert [p.name for p in reconciler.pods.pods["prod"].values()] == ["web-0"]
+
+
+def test_a_pod_a_relist_no_longer_lists_is_dropped_at_once() -> None:
+    """A watch that expired (410 Gone) is listed again: a pod deleted meanwhile is gone at once,
+    not at the next periodic resync (2 minutes later)."""
+    import asyncio
+
+    ghost = pod("web-1", "10.0.0.2", namespace="prod")
+    kube = ListingKube({PROD_WEB0.uid})  # the API server no longer has web-1
+    reconciler = Reconciler(kube=kube, monitors=MonitorPool(), metrics=Metrics())  # type: ignore[arg-type]
+    for p in (PROD_WEB0, ghost):
+        reconciler.on_pod("ADDED", pod_body(p))
+
+    async def relist() -> set[str]:
+        reconciler.lead()
+        try:
+            await asyncio.sleep(0)
+            reconciler.on_pod(None, pod_body(PROD_WEB0))  # the re-list delivers what exists
+            await asyncio.sleep(3 * reconciler_module.RELIST_SETTLE_SECONDS)
+            return {p.name for p in reconciler.pods.pods["prod"].values()}
+        finally:
+            await reconciler.close()
+
+    assert asyncio.run(relist()) == {"web-0"}
+    assert "10.0.0.2" not in reconciler.pods.index("prod").by_ip
 
 
 def test_backends_no_pod_can_be_told_at_a_governed_address_count_under_scope_selected() -> None:

@@ -36,6 +36,10 @@ STOP_WAIT_SECONDS = 5.0  # how long stopping a worker waits for it to end
 # How often the leader lists the pods it knows of, to drop the ones the watch never said were
 # deleted (``PodCache.resync``).
 POD_RESYNC_SECONDS = 120.0
+# After the watch lists the pods again (it expired: 410 Gone), how long the leader waits for the
+# rest of the listing before it lists them itself and drops the pods gone meanwhile. kopf hands a
+# listing's pods on as fast as it reads its pages; half a second makes one LIST of a listing.
+RELIST_SETTLE_SECONDS = 0.5
 
 
 @dataclass
@@ -90,6 +94,10 @@ class Reconciler:
         # all_namespaces: whether the pod watch covers every namespace (``PodIndex``).
         self.pods = PodCache(kube, monotonic=monotonic, all_namespaces=all_namespaces)
         self.resync: asyncio.Task[None] | None = None
+        # The pod watch listed the pods again since the last resync (``on_pod``), and what wakes
+        # the resync task for it (made in the task's own loop).
+        self._relisted = False
+        self._relist_wake: asyncio.Event | None = None
         self._api_errors: dict[Key, str] = {}  # the last API error said, per budget
         self.budgets: dict[Key, Budget] = {}
         self.status = StatusWriter(kube, self.budgets, monotonic=monotonic)
@@ -133,12 +141,28 @@ class Reconciler:
 
     def on_pod(self, event: str | None, body: Mapping[str, Any]) -> None:
         self.pods.on_event(event, body)
+        if event is None:
+            # kopf hands on the pods of a listing with no event type: the watch started again
+            # from a LIST (at start, or after it expired), and a pod deleted meanwhile got no
+            # DELETED event. The leader lists them itself at once (``_resync_forever``), not
+            # at the next periodic resync.
+            self._relisted = True
+            if self._relist_wake is not None:
+                self._relist_wake.set()
 
     async def _resync_forever(self) -> None:
         me = asyncio.current_task()
+        wake = self._relist_wake = asyncio.Event()
         # Registered, or stopped (even if the cancellation was lost: see ``_stop``).
         while self.resync is me:
-            await asyncio.sleep(POD_RESYNC_SECONDS)
+            if not self._relisted:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), POD_RESYNC_SECONDS)
+            if self._relisted:
+                # Let the rest of the listing arrive: one LIST for it, not one per pod.
+                await asyncio.sleep(RELIST_SETTLE_SECONDS)
+            wake.clear()
+            self._relisted = False
             if self.resync is not me:
                 return
             try:
