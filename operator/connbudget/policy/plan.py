@@ -57,10 +57,6 @@ from connbudget.policy.evidence import OwnerClass, OwnerEvidence, pause_bound
 from connbudget.policy.usage import Usage, is_governed, is_pressured, nearly_full
 
 FAST_POLL_SECONDS = 1  # the cadence while usage is high, an owner leaks or the server fills soon
-# ... and while the server is nearly full: a leak of 20 connections a second, held at the floor
-# (3 s), swings by 20 over a poll of a second; with 17 healthy connections beside it that reached
-# the server's last slots every poll (harm benchmark, leak-20: 426 refused after it was named).
-URGENT_POLL_SECONDS = 0.5
 # A budget at the warning line recovers only this share of the budget below it (hysteresis).
 RECOVERY_MARGIN_PERCENT = 5
 # The forecast asks for the fast cadence when the server is full within this many polls.
@@ -603,15 +599,9 @@ def _breach_timing(
 
 
 def decide_poll_seconds(
-    *,
-    spec: BudgetSpec,
-    level: Level,
-    owners: Mapping[str, OwnerEvidence],
-    to_full: float | None,
-    nearly_full: bool = False,
+    *, spec: BudgetSpec, level: Level, owners: Mapping[str, OwnerEvidence], to_full: float | None
 ) -> float:
-    """The cadence for the next probe: ``FAST_POLL_SECONDS`` while it matters, else pollSeconds;
-    ``URGENT_POLL_SECONDS`` while the server is ``nearly_full`` and an owner leaks.
+    """The cadence for the next probe: ``FAST_POLL_SECONDS`` while it matters, else pollSeconds.
 
     It matters while usage is at or above the warning line, while an owner leaks (its abandoned
     connections are terminated at the leak's pace, not a poll late) or is a suspect (many fresh
@@ -620,8 +610,6 @@ def decide_poll_seconds(
     ``FAST_POLL_WITHIN_POLLS`` polls.
     """
     poll = float(spec.poll_seconds)
-    if nearly_full and any(o.cls is OwnerClass.LEAKING for o in owners.values()):
-        return min(URGENT_POLL_SECONDS, poll)
     busy = (
         level is not Level.WITHIN
         or any(o.cls is OwnerClass.LEAKING or o.suspect for o in owners.values())
@@ -796,11 +784,7 @@ def decide(
         holds=(*waits, *planned.holds),
         restart_cause=planned.restart_cause,
         next_poll_seconds=decide_poll_seconds(
-            spec=spec,
-            level=level,
-            owners=owners,
-            to_full=to_full,
-            nearly_full=is_nearly_full(usage),
+            spec=spec, level=level, owners=owners, to_full=to_full
         ),
     )
 
