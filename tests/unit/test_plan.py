@@ -11,7 +11,7 @@ from connbudget.model.actions import RestartPod, ScalePooler, TerminateBackends
 from connbudget.model.observations import BackendGroup, PodInfo, PoolerSample
 from connbudget.model.spec import AttributionMode, ObjectRef, RestartMethod, Step
 from connbudget.policy import attribution, plan, usage
-from connbudget.policy.evidence import OwnerClass
+from connbudget.policy.evidence import OwnerClass, OwnerEvidence
 from connbudget.policy.plan import Hold, Level, Memory, Transition
 from unit.builders import NOW, NS, active_group, idle_group, leaking, pod, pooling, run, spec
 
@@ -260,28 +260,35 @@ def in_tx(p: PodInfo) -> list[BackendGroup]:
 
 
 def test_restarts_wait_for_the_cooldown_but_terminations_do_not() -> None:
-    groups = [idle_group(WEB1, [40.0] * 60), *in_tx(WEB1)]
-    ev = leaking(abandoned={"web-1": 60}, in_transaction={"web-1": 30})
-    memory = dataclasses.replace(SUSTAINED, cooldown_until=NOW + 30)
-    d = run(spec(), [WEB1], groups, memory=memory, owners=[ev])
+    groups = [idle_group(WEB1, [40.0] * 5 + [1.0] * 55), idle_group(WEB2, [40.0] * 2 + [1.0] * 33)]
+    ev = leaking(abandoned={"web-1": 5, "web-2": 2})
+    first = run(spec(), [WEB1, WEB2], groups, memory=OVER, owners=[ev])
+    memory = dataclasses.replace(first.memory, cooldown_until=NOW + 30)
+    d = run(spec(), [WEB1, WEB2], groups, memory=memory, now=NOW + 1, owners=[ev])
     assert restarts(d) == []
     assert (Step.RESTART_PODS, Hold.COOLDOWN) in [(s, h) for s, h, _ in d.holds]
     assert terminated(d)
 
 
+def not_terminable(pods: list[PodInfo]) -> tuple[list[BackendGroup], OwnerEvidence]:
+    """90 abandoned connections over ``pods`` that the operator may not terminate."""
+    per = 90 // len(pods)
+    groups = [idle_group(p, [40.0] * per) for p in pods]
+    return groups, leaking(abandoned={p.name: per for p in pods})
+
+
 def test_young_pods_are_not_restarted() -> None:
     young = pod("web-9", "10.0.0.7", age=30)
-    ev = leaking(in_transaction={"web-9": 90})
-    d = run(spec(), [young], in_tx(young) * 3, memory=SUSTAINED, owners=[ev])
+    groups, ev = not_terminable([young])
+    d = run(spec(), [young], groups, memory=OVER, owners=[ev], termination_possible=False)
     assert restarts(d) == []
     assert Hold.MIN_POD_AGE in [h for _, h, _ in d.holds]
 
 
 def test_terminating_pods_are_not_restarted_again() -> None:
     leaving = pod("web-1", "10.0.0.1", terminating=True)
-    ev = leaking(in_transaction={"web-1": 60, "web-2": 30})
-    groups = [*in_tx(leaving), *in_tx(leaving), *in_tx(WEB2)]
-    d = run(spec(), [leaving, WEB2], groups, memory=SUSTAINED, owners=[ev])
+    groups, ev = not_terminable([leaving, WEB2])
+    d = run(spec(), [leaving, WEB2], groups, memory=OVER, owners=[ev], termination_possible=False)
     assert [r.pod for r in restarts(d)] == ["web-2"]
 
 
@@ -553,6 +560,31 @@ def test_an_idle_in_transaction_leak_is_restarted_under_pressure_before_it_cross
     assert d.restart_cause is plan.RestartCause.IDLE_IN_TRANSACTION
     calm = run(spec(), [WEB1], [active_group(WEB1, 20, state="idle in transaction")], owners=[ev])
     assert restarts(calm) == []  # no pressure: nothing
+
+
+def test_a_young_pod_leaking_in_transactions_is_restarted_one_at_a_time() -> None:
+    # Harm benchmark: an idle-in-transaction leak of 1/s waited out minPodAgeSeconds (120 s),
+    # crossed the budget of 80 and reached 95, 57 refused, before its pod was evicted.
+    young = [pod("web-1", "10.0.0.1", age=70.0), pod("web-2", "10.0.0.2", age=70.0)]
+    groups = [
+        active_group(young[0], 40, state="idle in transaction", in_state=30.0),
+        active_group(young[1], 26, state="idle in transaction", in_state=30.0),
+    ]
+    ev = leaking(in_transaction={"web-1": 40, "web-2": 26})
+    d = run(spec(), young, groups, owners=[ev])
+    assert [r.pod for r in restarts(d)] == ["web-1"]  # one, though younger than 120 s
+    assert d.restart_cause is plan.RestartCause.IDLE_IN_TRANSACTION
+    # The next waits for the last one's replacement, not for the cooldown.
+    replacing = [young[1], pod("web-3", "10.0.0.3", age=5.0, terminating=False)]
+    replacing[1] = dataclasses.replace(replacing[1], ready=False)
+    again = run(spec(), replacing, groups[1:], owners=[ev], memory=d.memory, now=NOW + 2)
+    assert restarts(again) == []
+    # Once it is ready, the other pod, grown to the warning line meanwhile, goes next.
+    ready = [young[1], pod("web-3", "10.0.0.3", age=5.0)]
+    grown = [active_group(young[1], 66, state="idle in transaction", in_state=30.0)]
+    ev = leaking(in_transaction={"web-2": 66})
+    third = run(spec(), ready, grown, owners=[ev], memory=d.memory, now=NOW + 4)
+    assert [r.pod for r in restarts(third)] == ["web-2"]
 
 
 def test_an_ordinary_leak_under_pressure_is_terminated_not_restarted() -> None:
