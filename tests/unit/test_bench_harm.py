@@ -61,6 +61,7 @@ def scenario(**over: object) -> dict[str, object]:
 
 def test_verdicts_follow_the_figures() -> None:
     leak = {"paused": 10, "paused_broken": 1, "requests": 100, "answered": 96}
+    leak |= {"evicted": 0, "container_restarts": 0}
     got = verdicts(
         {
             "start": scenario(),
@@ -68,7 +69,7 @@ def test_verdicts_follow_the_figures() -> None:
             "leak-7": scenario(leak=leak),
             "node-leak": scenario(leak=leak | {"container_restarts": 0}),
             "node-leak-ist10": scenario(guard="idle_session_timeout", leak=leak),
-            "tx-leak": scenario(leak=leak, crossed_budget=True, restart_cause="IdleInTransaction"),
+            "tx-leak": scenario(leak=leak | {"evicted": 1}, crossed_budget=True),
         }
     )
     assert [m for t, _, m in got if t.startswith("start")] == [True]
@@ -80,9 +81,9 @@ def test_verdicts_follow_the_figures() -> None:
 
 
 def test_an_idle_in_transaction_leak_must_have_been_restarted() -> None:
-    leak = {"paused": 0, "paused_broken": 0, "requests": 0, "answered": 0}
-    never = verdicts({"tx-leak": scenario(leak=leak, restart_cause=None)})
-    done = verdicts({"tx-leak": scenario(leak=leak, restart_cause="IdleInTransaction")})
+    leak = {"paused": 0, "paused_broken": 0, "evicted": 0, "container_restarts": 0}
+    never = verdicts({"tx-leak": scenario(leak=leak)})
+    done = verdicts({"tx-leak": scenario(leak=leak | {"evicted": 3})})
     assert [m for t, _, m in never if "restarted" in t] == [False]  # short of the budget only
     assert [m for t, _, m in done if "restarted" in t] == [True]
 
