@@ -825,8 +825,7 @@ def verdicts(found: dict[str, Any]) -> list[tuple[str, str, bool]]:
                     f" its pods evicted {leak['evicted']}, restarted {leak['container_restarts']}",
                     # Restarted (the audit log's evictions, the containers' restarts), not merely
                     # short of the budget: a leak too slow to get there proves nothing.
-                    not s["crossed_budget"]
-                    and leak["evicted"] + leak["container_restarts"] > 0,
+                    not s["crossed_budget"] and leak["evicted"] + leak["container_restarts"] > 0,
                 )
             )
         else:
