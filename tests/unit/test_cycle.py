@@ -17,10 +17,10 @@ from connbudget.kube.api import EvictionResult, Scale, SecretProblem
 from connbudget.model.actions import IdleBackend, Termination
 from connbudget.model.observations import LastStatement, PodInfo, PoolerSample, ServerSample
 from connbudget.model.spec import ObjectRef, SecretRef, parse_spec
+from connbudget.model.timestamps import parse_timestamp as status_time
 from connbudget.policy.usage import is_governed
 from connbudget.probe.errors import ProbeError, ProbeFailure
 from connbudget.report.metrics import Metrics
-from connbudget.report.status import parse_time as status_time
 from unit.builders import NOW, leak_group, pod, sample
 
 PASSWORD = "pa55-Word-Zz"

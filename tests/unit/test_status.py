@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from connbudget.model import timestamps
 from connbudget.model.conditions import Condition, ConditionType, Reason
 from connbudget.policy import attribution, usage
 from connbudget.policy.plan import Level, Memory
@@ -168,7 +169,7 @@ def test_memory_keeps_fractions_of_a_second_so_the_breach_window_is_never_cut_sh
     assert back.breach_since == d.memory.breach_since == NOW - 4.75
     assert back.cooldown_until == d.memory.cooldown_until
     # Status written before this change (whole seconds) still reads.
-    assert status.parse_time("2026-11-25T04:00:00Z") == status.parse_time(
+    assert timestamps.parse_timestamp("2026-11-25T04:00:00Z") == timestamps.parse_timestamp(
         "2026-11-25T04:00:00.000Z"
     )
 

@@ -27,6 +27,7 @@ from typing import TypeAlias
 import kubernetes
 
 from connbudget.kube.api import Kube, KubeError
+from connbudget.model import timestamps
 
 log = logging.getLogger("connbudget.lease")
 # The Lease API, as the election above this layer names it without importing the client.
@@ -52,12 +53,6 @@ SHARD_RENEW_DEADLINE_SECONDS = 7.0
 def _micro_time(t: float) -> str:
     """A Lease's ``MicroTime`` as the API server expects it."""
     return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _parse(value: object) -> float | None:
-    if isinstance(value, dt.datetime):
-        return value.timestamp()
-    return None
 
 
 @dataclass(frozen=True)
@@ -200,7 +195,7 @@ class LeaseElector:
             # A renewal replaces the whole spec: keep when it was acquired and how many times it
             # changed hands, or they would vanish at the first renewal.
             new_spec["leaseTransitions"] = lease.spec.lease_transitions or 0
-            acquired = _parse(lease.spec.acquire_time)
+            acquired = timestamps.parse_timestamp(lease.spec.acquire_time)
             if acquired is not None:
                 new_spec["acquireTime"] = _micro_time(acquired)
         # A replace writes the whole object: keep its labels (a member Lease is found by one).

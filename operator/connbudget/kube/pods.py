@@ -6,20 +6,11 @@ label (the ReplicaSet is named ``<deployment>-<hash>``), so attribution needs no
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
+from connbudget.model import timestamps
 from connbudget.model.observations import PodInfo
-
-
-def _epoch(value: object) -> float | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def owner_of(meta: Mapping[str, Any]) -> tuple[str, str]:
@@ -66,8 +57,8 @@ def pod_info_from_body(body: Mapping[str, Any]) -> PodInfo:
         labels=dict(meta.get("labels") or {}),
         owner_kind=kind,
         owner_name=name,
-        started_at=_epoch(status.get("startTime")),
-        created_at=_epoch(meta.get("creationTimestamp")) or 0.0,
+        started_at=timestamps.parse_timestamp(status.get("startTime")),
+        created_at=timestamps.parse_timestamp(meta.get("creationTimestamp")) or 0.0,
         phase=str(status.get("phase", "")),
         ready=ready,
         terminating=bool(meta.get("deletionTimestamp")),

@@ -9,7 +9,6 @@ and pod and closed at once: pooler pods come and go, and none of them may be hel
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import time
 from collections.abc import Iterable
 from typing import Any, LiteralString
@@ -17,6 +16,7 @@ from typing import Any, LiteralString
 import psycopg
 from psycopg import conninfo
 
+from connbudget.model import timestamps
 from connbudget.model.observations import PROBE_APPLICATION_NAME, PoolerClient, PoolerSample
 from connbudget.probe import queries
 from connbudget.probe.errors import ProbeError, ProbeFailure
@@ -76,20 +76,9 @@ async def _rows(conn: psycopg.AsyncConnection[Any], query: LiteralString) -> lis
     return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
 
 
-def _epoch(value: object) -> float | None:
-    """A PgBouncer time (it prints ``2026-11-25 01:16:58 UTC``) in epoch seconds, or None."""
-    if isinstance(value, dt.datetime):
-        return value.timestamp()
-    try:
-        t = dt.datetime.strptime(str(value), "%Y-%m-%d %H:%M:%S %Z")
-    except ValueError:
-        return None
-    return t.replace(tzinfo=dt.UTC).timestamp()
-
-
 def _idle_seconds(request_time: object, now: float) -> float:
     """Seconds since a client's last request."""
-    t = _epoch(request_time)
+    t = timestamps.parse_timestamp(request_time)
     return 0.0 if t is None else max(now - t, 0.0)
 
 
@@ -119,7 +108,7 @@ def summarise(
             application_name=str(c.get("application_name") or ""),
             idle_seconds=_idle_seconds(c.get("request_time"), now),
             # PgBouncer prints whole seconds: the start check allows for it (attribution).
-            connected_at=_epoch(c.get("connect_time")),
+            connected_at=timestamps.parse_timestamp(c.get("connect_time")),
             port=_port(c.get("port")),
         )
         for c in clients

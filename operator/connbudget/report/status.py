@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from connbudget.model import timestamps
 from connbudget.model.conditions import STALLED_REASONS, Condition, ConditionType, Phase, Reason
 from connbudget.model.observations import PoolerSample
 from connbudget.policy.culprits import LeakShape
@@ -57,17 +58,6 @@ def rfc3339_ms(t: float) -> str:
     """With milliseconds, for the decision memory read back each cycle: whole seconds would cut
     up to a second off ``breachSeconds`` and the cooldown."""
     return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
-
-
-def parse_time(value: object) -> float | None:
-    if not isinstance(value, str) or not value:
-        return None
-    for fmt in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
-        try:
-            return dt.datetime.strptime(value, fmt).replace(tzinfo=dt.UTC).timestamp()
-        except ValueError:
-            continue
-    return None
 
 
 def merge_conditions(
@@ -118,9 +108,9 @@ def memory_from_status(status: Mapping[str, Any] | None) -> Memory:
     cleaned = rem.get("cleanedPods") or []
     return Memory(
         level=level,
-        breach_since=parse_time(rem.get("breachSince")),
-        cooldown_until=parse_time(status.get("cooldownUntil")),
-        episode_since=parse_time(rem.get("episodeSince")),
+        breach_since=timestamps.parse_timestamp(rem.get("breachSince")),
+        cooldown_until=timestamps.parse_timestamp(status.get("cooldownUntil")),
+        episode_since=timestamps.parse_timestamp(rem.get("episodeSince")),
         escalation=escalation if isinstance(escalation, int) and escalation >= 0 else 0,
         cleaned_pods=tuple(str(p) for p in cleaned if isinstance(p, str)),
     )
