@@ -7,9 +7,13 @@ breach another workload caused, every cooldown.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
+
 from connbudget.model.observations import PoolerClient
-from connbudget.policy import usage
-from connbudget.policy.evidence import Evidence, OwnerClass, seen_pooled
+from connbudget.policy import plan, usage
+from connbudget.policy.evidence import Evidence, OwnerClass, OwnerEvidence, seen_pooled
 from unit.builders import NOW, NS, leaking, pod, pooling, sample, spec
 
 WEB1 = pod("web-1", "10.0.0.1")
@@ -95,3 +99,38 @@ def test_pooled_clients_of_an_owner_not_leaking_are_never_counted_leaked() -> No
             owners={owner.owner: owner},
         )
         assert u.leaked == leaked + owner.abandoned
+
+
+@pytest.mark.parametrize(
+    "owner",
+    [
+        pytest.param(leaking(after=3.0), id="leaking"),
+        # A pool whose abandon age the clients are past: counted leaked by the budget once
+        # (usage.py), while plan.py would never restart a pod for them.
+        pytest.param(replace(pooling("Deployment/web"), abandon_after=3.0), id="pooling"),
+        pytest.param(replace(leaking(after=3.0), cls=OwnerClass.STEADY), id="steady"),
+    ],
+)
+def test_the_budgets_count_and_the_restarts_follow_one_rule_for_pooled_clients(
+    owner: OwnerEvidence,
+) -> None:
+    idle = [
+        client(61_000 + k, connected=NOW - 600, last_request=NOW - age, at=NOW)
+        for k, age in enumerate((0.0, 2.0, 3.0, 10.0, 400.0))
+    ]
+    u = usage.compute_usage(
+        spec=spec(),
+        namespace=NS,
+        sample=sample([]),
+        pooled={"web-1": idle},
+        pods=PODS,
+        owners={owner.owner: owner},
+    )
+    (web,) = (o for o in u.by_owner if o.owner == owner.owner)
+    counted = web.leaked - web.abandoned
+    # The pods plan.py would restart for their pooled clients, and how many each holds.
+    offenders = plan._pooled_offenders(
+        pods=[WEB1], pooler_clients={"web-1": idle}, owners={owner.owner: owner}
+    )
+    assert counted == sum(offenders.values())
+    assert counted == (3 if owner.cls is OwnerClass.LEAKING else 0)

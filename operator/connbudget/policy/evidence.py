@@ -248,6 +248,28 @@ def seen_pooled(
     return out
 
 
+def count_abandoned_pooled(clients: Iterable[PoolerClient], owner: OwnerEvidence | None) -> int:
+    """Count a pod's PgBouncer clients that its owner has abandoned (leaked through the pooler).
+
+    The one rule for the budget's count (``usage.compute_usage``) and for a restart for pooled
+    clients (``plan``): a client counts only while its owner is Leaking, and only once idle
+    beyond that owner's abandon age. A pooled client is never leaked by its idle age alone: a
+    healthy app behind PgBouncer leaves its clients idle as long as it likes (measured: an app
+    whose clients sat idle 20 s had a pod evicted in a breach another workload caused, every
+    cooldown), and an owner's evidence (``seen_pooled``) is what tells its pool from a leak.
+
+    Args:
+        clients: the PgBouncer clients of one pod.
+        owner: the evidence of the pod's owner (None: not judged).
+
+    Returns:
+        How many of ``clients`` are abandoned.
+    """
+    if owner is None or owner.cls is not OwnerClass.LEAKING:
+        return 0
+    return sum(1 for c in clients if c.idle_seconds >= owner.abandon_after)
+
+
 def abandon_after(max_gap: float | None, *, floor: float) -> float:
     """Idle seconds after which a connection of an owner whose longest reuse gap is ``max_gap``
     is abandoned: longer than any gap the owner showed before using a connection again (so a

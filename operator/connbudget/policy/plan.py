@@ -51,7 +51,7 @@ from dataclasses import dataclass, replace
 from connbudget.model.actions import Action, IdleBackend, RestartPod, ScalePooler, TerminateBackends
 from connbudget.model.observations import PodInfo, PoolerClient, PoolerSample
 from connbudget.model.spec import BudgetSpec, RestartMethod, Step
-from connbudget.policy import forecast
+from connbudget.policy import evidence, forecast
 from connbudget.policy.attribution import Attributed, Via
 from connbudget.policy.evidence import OwnerClass, OwnerEvidence, pause_bound
 from connbudget.policy.usage import Usage, is_governed, is_pressured, nearly_full
@@ -345,19 +345,11 @@ def _pooled_offenders(
     pooler_clients: Mapping[str, Sequence[PoolerClient]],
     owners: Mapping[str, OwnerEvidence],
 ) -> dict[str, int]:
-    """Pods of leaking owners holding PgBouncer clients idle beyond the owner's abandon age.
-
-    A pod is never restarted for its pooled clients unless its owner is leaking: a healthy app
-    behind PgBouncer leaves its clients idle as long as it likes (measured: an app whose clients
-    sat idle 20 s had a pod evicted in a breach another workload caused, every cooldown).
-    """
+    """Pods holding PgBouncer clients their owner abandoned (``evidence.count_abandoned_pooled``,
+    the rule the budget's count follows too), by pod name."""
     out: dict[str, int] = {}
     for pod in pods:
-        ev = owners.get(pod.owner)
-        if ev is None or ev.cls is not OwnerClass.LEAKING:
-            continue
-        after = ev.abandon_after
-        n = sum(1 for c in pooler_clients.get(pod.name, ()) if c.idle_seconds >= after)
+        n = evidence.count_abandoned_pooled(pooler_clients.get(pod.name, ()), owners.get(pod.owner))
         if n:
             out[pod.name] = n
     return out

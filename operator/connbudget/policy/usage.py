@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 
 from connbudget.model.observations import PodInfo, PoolerClient, ServerSample
 from connbudget.model.spec import BudgetSpec, LabelSelector, Scope
-from connbudget.policy import forecast
+from connbudget.policy import evidence, forecast
 from connbudget.policy.attribution import Attributed
 from connbudget.policy.census import Census, OwnerCount, Totals, census_of
-from connbudget.policy.evidence import OwnerClass, OwnerEvidence
+from connbudget.policy.evidence import OwnerEvidence
 from connbudget.policy.occupancy import PerPodFigures
 
 TOP_OWNERS = 10  # status.usage.byOwner keeps the ten biggest owners
@@ -31,7 +31,8 @@ class OwnerUsage:
     pods: int
     connections: int
     idle: int
-    leaked: int  # abandoned connections (policy.evidence) and PgBouncer clients idle as long
+    # abandoned connections and PgBouncer clients (evidence.count_abandoned_pooled)
+    leaked: int
     pooled: int = 0  # clients this owner holds in PgBouncer (their server side is the pooler's)
     abandoned: int = 0  # its direct connections idle beyond abandon_after
     cls: str | None = None  # Leaking, Pooling or Steady (None: not governed, not judged)
@@ -49,7 +50,8 @@ class Usage:
     server_max_connections: int
     reserved: int
     server_total: int  # every client backend on the server (but the probe's)
-    leaked: int  # abandoned connections of governed pods (see policy.evidence)
+    # abandoned connections and PgBouncer clients of governed pods (see policy.evidence)
+    leaked: int
     unattributed: int  # counted backends attributed to no pod
     by_owner: tuple[OwnerUsage, ...]
     by_state: Mapping[str, int] = field(default_factory=dict)  # counted backends, by state
@@ -189,15 +191,9 @@ def compute_usage(
         tallies[pod.owner] = tally
         tally.pods.add(pod.name)
         tally.pooled += len(clients)
-        judged = owners.get(pod.owner)
-        # Never leaked by idle age alone: only a leaking owner's clients idle past its abandon age.
-        if (
-            judged is not None
-            and judged.cls is OwnerClass.LEAKING
-            and is_governed(pod, spec.selector, namespace)
-        ):
-            after = judged.abandon_after
-            n = sum(1 for c in clients if c.idle_seconds >= after)
+        # Never leaked by idle age alone (the rule plan's restarts follow too).
+        if is_governed(pod, spec.selector, namespace):
+            n = evidence.count_abandoned_pooled(clients, owners.get(pod.owner))
             tally.pooled_leaked += n
             pooled_leaked += n
     by_owner = sorted(
