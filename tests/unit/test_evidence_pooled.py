@@ -13,7 +13,13 @@ import pytest
 
 from connbudget.model.observations import PoolerClient
 from connbudget.policy import plan, usage
-from connbudget.policy.evidence import Evidence, OwnerClass, OwnerEvidence, seen_pooled
+from connbudget.policy.evidence import (
+    Evidence,
+    OwnerClass,
+    OwnerEvidence,
+    count_abandoned_pooled,
+    seen_pooled,
+)
 from unit.builders import NOW, NS, leaking, pod, pooling, sample, spec
 
 WEB1 = pod("web-1", "10.0.0.1")
@@ -134,3 +140,23 @@ def test_the_budgets_count_and_the_restarts_follow_one_rule_for_pooled_clients(
     )
     assert counted == sum(offenders.values())
     assert counted == (3 if owner.cls is OwnerClass.LEAKING else 0)
+
+
+def test_a_client_waiting_for_a_server_is_never_abandoned() -> None:
+    # Both clients' last request is older than the leaking owner's abandon age; one of them has
+    # sent a request since and waits for a server (the pool is full): it is in use.
+    waiting = [
+        replace(client(62_000 + k, connected=NOW - 600, last_request=NOW - 10, at=NOW), state=st)
+        for k, st in enumerate(("waiting", "active"))
+    ]
+    owner = leaking(after=3.0)
+    assert count_abandoned_pooled(waiting, owner) == 1
+    u = usage.compute_usage(
+        spec=spec(),
+        namespace=NS,
+        sample=sample([]),
+        pooled={"web-1": waiting},
+        pods=PODS,
+        owners={owner.owner: owner},
+    )
+    assert u.leaked == 1 + owner.abandoned

@@ -253,10 +253,11 @@ def count_abandoned_pooled(clients: Iterable[PoolerClient], owner: OwnerEvidence
 
     The one rule for the budget's count (``usage.compute_usage``) and for a restart for pooled
     clients (``plan``): a client counts only while its owner is Leaking, and only once idle
-    beyond that owner's abandon age. A pooled client is never leaked by its idle age alone: a
-    healthy app behind PgBouncer leaves its clients idle as long as it likes (measured: an app
-    whose clients sat idle 20 s had a pod evicted in a breach another workload caused, every
-    cooldown), and an owner's evidence (``seen_pooled``) is what tells its pool from a leak.
+    beyond that owner's abandon age (a client waiting for a server is not idle). A pooled client
+    is never leaked by its idle age alone: a healthy app behind PgBouncer leaves its clients idle
+    as long as it likes (measured: an app whose clients sat idle 20 s had a pod evicted in a
+    breach another workload caused, every cooldown), and an owner's evidence (``seen_pooled``) is
+    what tells its pool from a leak.
 
     Args:
         clients: the PgBouncer clients of one pod.
@@ -267,7 +268,9 @@ def count_abandoned_pooled(clients: Iterable[PoolerClient], owner: OwnerEvidence
     """
     if owner is None or owner.cls is not OwnerClass.LEAKING:
         return 0
-    return sum(1 for c in clients if c.idle_seconds >= owner.abandon_after)
+    # A waiting client has sent a request and waits for a server (most often when the pool is
+    # full, as in a breach): in use, as seen_pooled judges it, whatever its last request's age.
+    return sum(1 for c in clients if c.state != "waiting" and c.idle_seconds >= owner.abandon_after)
 
 
 def abandon_after(max_gap: float | None, *, floor: float) -> float:
