@@ -11,8 +11,13 @@ sits idle for many seconds between two uses. Three habits of real pools:
    requests, some pausing between two queries while they wait on an upstream;
 2. a reconnect storm: PostgreSQL restarted under a warmed pool, which opens its 8 connections
    again as its requests find the broken ones (over some 10-30 s at its request rate);
-3. spare idle connections: three pods of 10 connections each, used 2 at a time, each
-   connection idle about a minute between two uses.
+3. spare idle connections: three pods of 10 connections each, used 2 at a time. Lent in turn
+   (psycopg_pool), each connection sits idle about a minute between two uses: a regression
+   guard, since all of them are used. HikariCP with ``minimumIdle`` 10 (``maximumPoolSize``
+   10) opens its 10 at once, then lends the connection the thread used last or the first idle one
+   of its list, so the same 2 serve every request and the 8 others sit idle, never used, for as
+   long as the pod runs: 30 connections opened within seconds, 24 of them unused, which the
+   operator of bc863c9 took for a leak (``Leaking``) and terminated.
 
 Damage is counted from the apps' own logs (``sandbox.workloads.outcomes``) and from PostgreSQL
 (its log's ``terminating connection due to administrator command`` lines, and the app's backends
@@ -64,6 +69,9 @@ TERMINATED = "terminating connection due to administrator command"
 # between two queries (``/work?idle=S``).
 PAUSES = {"INFLIGHT_FRACTION": "0.3", "INFLIGHT_IDLE_MIN": "2", "INFLIGHT_IDLE_MAX": "8"}
 SAMPLE_EVERY = 0.5  # seconds between two looks at pg_stat_activity
+# Seconds after its start in which a backend runs its client's set-up (pgjdbc's ``SET
+# application_name``), which moves ``state_change`` once: not a use by the app.
+OPENING_SECONDS = 2.0
 
 
 @dataclass
@@ -82,6 +90,11 @@ class Backend:
     def uses(self) -> int:
         """Uses seen after it was opened (each moves ``state_change`` on)."""
         return max(0, len(self.changes) - 1)
+
+    @property
+    def used_after_opening(self) -> bool:
+        """Whether a statement ran on it later than its client's set-up just after opening."""
+        return any(change - self.start > OPENING_SECONDS for change in self.changes)
 
 
 @dataclass
@@ -195,16 +208,19 @@ def deploy_pool(
     gap: tuple[float, float],
     seconds: float,
     replicas: int = 1,
+    kind: str = "psycopg",
+    app_env: dict[str, str] | None = None,
 ) -> list[str]:
-    """The psycopg_pool app with ``size`` connections, driven by ``lanes`` closed-loop lanes per
-    pod (a request, then a pause of ``gap`` seconds) for ``seconds``; return its pods."""
+    """The pool app ``kind`` (psycopg_pool unless told) with ``size`` connections (``app_env``
+    for another kind), driven by ``lanes`` closed-loop lanes per pod (a request, then a pause of
+    ``gap`` seconds) for ``seconds``; return its pods."""
     deploy_app(
         workloads,
         namespace,
         APP,
-        kind="psycopg",
+        kind=kind,
         driver_env=pool_settings(lanes, gap, seconds, **PAUSES),
-        app_env={"POOL_SIZE": str(size)},
+        app_env=app_env if app_env is not None else {"POOL_SIZE": str(size)},
         replicas=replicas,
         labels=SHOP,
     )
@@ -453,10 +469,42 @@ def test_a_warmed_pool_reconnecting_after_a_postgres_restart_loses_nothing(
 
 SPARE_PODS = 3
 SPARE_POOL = 10
+SPARE_LANES = 2  # requests a pod serves at a time, at most
 SPARE_DRIVE = 80.0
 
 
+@dataclass(frozen=True)
+class SparePool:
+    """A pool app of ``SPARE_POOL`` connections, and how many of them each pod leaves unused."""
+
+    kind: str
+    app_env: dict[str, str]
+    # Least connections a pod opens and never uses: the scenario claimed, checked from outside.
+    unused: int
+
+
+SPARE_POOLS = [
+    # Lent in turn (first in, first out): all 10 used, each idle about a minute between two uses.
+    pytest.param(
+        SparePool("psycopg", {"POOL_SIZE": str(SPARE_POOL)}, unused=0),
+        id="psycopg_pool-lent-in-turn",
+    ),
+    # All 10 opened at start and kept (minimumIdle = maximumPoolSize); the same 2 lent again and
+    # again (the thread's last, else the first idle of its list), the other 8 never.
+    pytest.param(
+        SparePool(
+            "java-hikari",
+            {"HIKARI_MAXIMUM_POOL_SIZE": str(SPARE_POOL), "HIKARI_MINIMUM_IDLE": str(SPARE_POOL)},
+            unused=SPARE_POOL - SPARE_LANES,
+        ),
+        id="hikaricp-minimum-idle",
+    ),
+]
+
+
+@pytest.mark.parametrize("pool", SPARE_POOLS)
 def test_a_pool_with_spare_idle_connections_loses_nothing(
+    pool: SparePool,
     sandbox: Sandbox,
     workloads: Workloads,
     namespace: str,
@@ -469,16 +517,17 @@ def test_a_pool_with_spare_idle_connections_loses_nothing(
     verdicts = Verdicts()
     with watching(pg_dsn, SPARE_DRIVE + 120) as watch:
         started = time.time()
-        # 10 connections a pod, 2 requests at a time at most, a request every 5-20 s a lane:
-        # lent in turn, each connection sits idle about a minute between two uses.
+        # 10 connections a pod, 2 requests at a time at most, a request every 5-20 s a lane.
         pods = deploy_pool(
             workloads,
             namespace,
             size=SPARE_POOL,
-            lanes=2,
+            lanes=SPARE_LANES,
             gap=(5.0, 20.0),
             seconds=SPARE_DRIVE,
             replicas=SPARE_PODS,
+            kind=pool.kind,
+            app_env=pool.app_env,
         )
         assert len(pods) == SPARE_PODS, pods
         done = observe(
@@ -490,20 +539,29 @@ def test_a_pool_with_spare_idle_connections_loses_nothing(
     idle = sorted(
         round(after - before) for b in found for before, after in itertools.pairwise(b.changes)
     )
+    unused = {p: [b for b in found if b.app == p and not b.used_after_opening] for p in pods}
+    # How long the unused ones sat idle (until they vanished or the last look).
+    unused_idle = [
+        round(b.last_seen - b.changes[-1]) for u in unused.values() for b in u if b.changes
+    ]
     counts = outcomes(sandbox, namespace, pods)
     killed = terminated_in_pg_log(sandbox, offset)
     leaks = leak_events(budgets)
     summary = (
-        f"{len(found)} backends over {len(pods)} pods, {sum(b.uses == 0 for b in found)} never "
-        f"used after opening, longest idle stretches {idle[-5:]}s; requests {dict(counts)}, "
+        f"{pool.kind}: {len(found)} backends over {len(pods)} pods, never used after opening "
+        f"{[len(u) for u in unused.values()]} (idle up to {max(unused_idle, default=0)}s), "
+        f"longest idle stretches between uses {idle[-5:]}s; requests {dict(counts)}, "
         f"{failures(counts)} failed; {len(vanished)} backends vanished, {len(killed)} terminated "
         f"by an administrator (PostgreSQL's log); LeakDetected {leaks}; operator: "
         f"{verdicts.summary(started)}, {operator_terminated(operator)} terminated"
     )
     print(summary)
+    # The scenario is the one claimed: 3 pods of 10, served, with the pool's unused spares.
     assert done, f"the drivers did not finish: {summary}"
     assert len(found) >= SPARE_PODS * SPARE_POOL, summary
+    assert all(len(u) >= pool.unused for u in unused.values()), summary
     assert sum(counts.values()) >= 10, summary
+    # ... and nothing was lost.
     assert failures(counts) == 0, summary
     assert not vanished, summary
     assert not killed, summary
@@ -513,8 +571,9 @@ def test_a_pool_with_spare_idle_connections_loses_nothing(
 
 @pytest.fixture(autouse=True)
 def _apps_ready(sandbox: Sandbox) -> None:
-    """The real apps need their environments (``tests/setup`` installs them)."""
-    from sandbox.apps import envs
+    """The real apps need their environments and builds (``tests/setup`` installs them)."""
+    from sandbox.apps import builds, envs
 
     missing = [name for name in envs.ENVS if not envs.is_ready(name)]
-    assert not missing, f"app environments missing: {missing}; run tests/setup"
+    missing += [name for name in builds.BUILDS if not builds.is_ready(name)]
+    assert not missing, f"app environments or builds missing: {missing}; run tests/setup"
