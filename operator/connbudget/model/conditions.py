@@ -29,7 +29,6 @@ class Reason(enum.StrEnum):
     # Ready / DatabaseReachable
     PROBE_SUCCEEDED = "ProbeSucceeded"
     PROBE_FAILED = "ProbeFailed"
-    PROBE_STALE = "ProbeStale"
     SPEC_INVALID = "SpecInvalid"
     SECRET_MISSING = "SecretMissing"
     DSN_INVALID = "DsnInvalid"

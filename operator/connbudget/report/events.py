@@ -116,7 +116,3 @@ def describe(action: Action) -> str:
         f"scale {action.target.kind}/{action.target.name} from {action.current} to "
         f"{action.desired} replicas"
     )
-
-
-def summarize(actions: Sequence[Action]) -> str:
-    return "; ".join(describe(a) for a in actions)
