@@ -325,6 +325,26 @@ def test_no_pool_shape_is_ever_leaking_with_the_server_full(
     never_leaking(play_pressured(conns, until=T0 + seconds, every=poll, urgent=True))
 
 
+def test_a_busy_pool_pausing_before_its_pauses_are_learned_is_no_leak() -> None:
+    # Found by the property test: four pods of a busy pool (a request every 0.2-1 s, bursts of up
+    # to 8), 30 % of its requests pausing 2-10 s; before any such pause was learned, under
+    # pressure, 5 connections opened in a second beside 5 pausing ones made it Leaking, though it
+    # had reused its connections 50 times. Seeds 18 and 24 of this shape failed so.
+    for seed in (18, 24):
+        rnd = random.Random(seed)
+        pods = {f"p-{i}": T0 + rnd.uniform(0.0, 4.0) for i in range(4)}
+        requests = []
+        for pod, start in pods.items():
+            t = start + rnd.uniform(0.5, 1.0)
+            while t < T0 + 60:
+                for _ in range(rnd.randint(1, 8)):
+                    pause = rnd.uniform(2.0, 10.0) if rnd.random() < 0.3 else 0.0
+                    requests.append((t + rnd.uniform(0, 0.3), pod, pause, rnd.uniform(0.02, 0.5)))
+                t += rnd.uniform(0.2, 1.0)
+        conns = pool_life(pods=pods, min_size=0, max_size=20, requests=requests, lifo=False)
+        never_leaking(play_pressured(conns, until=T0 + 60))
+
+
 def test_a_hikari_style_pool_keeping_idle_spares_is_no_leak_with_the_server_full() -> None:
     # HikariCP's defaults: maximumPoolSize 10, minimumIdle 2 here; bursts of 8 every 15-60 s.
     rnd = random.Random(11)
