@@ -478,7 +478,7 @@ class Evidence:
         # shows reuses only for requests pausing between two queries (found by the property
         # test: four pods of a busy pool, 30 % of its requests pausing 2-10 s before any such
         # pause was learned, 5 arrivals over a second beside 5 pausing connections, 50 reuses).
-        reused = sum(1 for seen_at, _gap in log.gaps if seen_at >= recent)
+        reused = _since(log.gaps, recent)
         filled = False
         if urgent:
             # The server is nearly full: a fast leak fills it before any connection is idle
@@ -649,6 +649,17 @@ def _is_leaking(
         return False
     need = LEAK_MIN_SPAN_SECONDS if pressure else SUSTAINED_SPAN_SECONDS
     return counted[-1] - counted[0] >= need
+
+
+def _since(gaps: deque[tuple[float, float]], since: float) -> int:
+    """How many of ``gaps`` (in the order they were seen) were seen at or after ``since``:
+    counted from the newest, so a busy pool's 15 minutes of reuses cost only the window's."""
+    n = 0
+    for seen_at, _gap in reversed(gaps):
+        if seen_at < since:
+            break
+        n += 1
+    return n
 
 
 def _max_gap(log: _OwnerLog) -> float | None:
