@@ -442,13 +442,16 @@ def judge_actions(
     terms: Sequence[Term],
     evictions: Sequence[AuditEvent],
     ended: Sequence[PgLogLine],
+    frozen: Sequence[tuple[str, float, float]] = (),
 ) -> tuple[int, list[Violation]]:
     """Every action falls within a term of the replica that took it.
 
     From the replicas' own logs: each attempted action lies within one of its own terms (its log
-    line may lag by ``ACTION_LOG_LAG_SECONDS``). From outside the operator: each eviction (audit
-    log) and each termination (PostgreSQL's log) lies within some term, so nobody acted while no
-    replica led.
+    line may lag by ``ACTION_LOG_LAG_SECONDS``, and by the length of a freeze of that replica,
+    ``frozen`` as ``(replica, start, end)``, that ended just before it: an action done before
+    the freeze is logged after it). From outside the operator: each eviction (audit log) and
+    each termination (PostgreSQL's log) lies within some term, so nobody acted while no replica
+    led.
     """
     violations: list[Violation] = []
     judged = 0
@@ -457,7 +460,12 @@ def judge_actions(
             continue
         judged += 1
         own = [t for t in terms if t.holder == a.replica]
-        if not any(t.start <= a.t <= t.end + ACTION_LOG_LAG_SECONDS for t in own):
+        lag = ACTION_LOG_LAG_SECONDS + sum(
+            end - start
+            for replica, start, end in frozen
+            if replica == a.replica and end <= a.t <= end + ACTION_LOG_LAG_SECONDS
+        )
+        if not any(t.start <= a.t <= t.end + lag for t in own):
             holder = next((t.holder for t in terms if t.start <= a.t <= t.end), None)
             violations.append(
                 Violation(

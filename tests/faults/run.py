@@ -698,7 +698,15 @@ class Run:
             if line.pid not in ev.own_terminated and line.app != "connbudget-probe"
         ]
         n_acts, v = checks.judge_actions(
-            actions=acts, terms=terms, evictions=evictions, ended=ended_judged
+            actions=acts,
+            terms=terms,
+            evictions=evictions,
+            ended=ended_judged,
+            frozen=[
+                (f.holder, f.start, f.end)
+                for f in self.faults
+                if f.kind == "leader_freeze" and f.holder is not None
+            ],
         )
         violations += v
         outcomes = []

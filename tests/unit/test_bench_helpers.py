@@ -587,6 +587,26 @@ def test_an_action_outside_the_replicas_own_term_is_caught() -> None:
     ]
 
 
+def test_an_action_logged_right_after_its_replica_was_frozen_is_judged_before_the_freeze() -> None:
+    # The fault run: the leader was frozen 28.6 s with an eviction done; it logged the action
+    # 3 ms after it woke, in the next term, and the audit log had the eviction in its own term.
+    terms = [checks.Term("a", T0, T0 + 20), checks.Term("b", T0 + 35, T0 + 100)]
+    woke = checks.Action(T0 + 40.003, "a", "RestartPods", "Succeeded")
+    _, caught = checks.judge_actions(actions=[woke], terms=terms, evictions=[], ended=[])
+    assert [v.invariant for v in caught] == ["a replica acted outside its own lease term"]
+    frozen = [("a", T0 + 11.4, T0 + 40.0)]
+    _, got = checks.judge_actions(
+        actions=[woke], terms=terms, evictions=[], ended=[], frozen=frozen
+    )
+    assert got == []
+    # Acting long after it woke is still caught.
+    late = checks.Action(T0 + 60, "a", "RestartPods", "Succeeded")
+    _, got = checks.judge_actions(
+        actions=[late], terms=terms, evictions=[], ended=[], frozen=frozen
+    )
+    assert [v.invariant for v in got] == ["a replica acted outside its own lease term"]
+
+
 def test_actions_identity_and_tracebacks_are_read_from_a_replicas_log() -> None:
     import json
 
